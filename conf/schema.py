@@ -1,0 +1,223 @@
+"""The one config schema: nested dataclasses, validated at construction.
+
+Hydra composes YAML from the groups in this folder against these classes (registered in the
+ConfigStore), so a mistyped key fails at compose time; `OmegaConf.to_object` then runs each
+`__post_init__`, so a bad value (`sae.d_sae=-3`) fails before any work with its name in the error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+ARCHS = ("relu", "topk")
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{owner}.{name} must be > 0, got {value}")
+
+
+def _choice(owner: str, name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{owner}.{name}={value!r} is not one of {', '.join(valid)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "stdlib-gpt2"
+    """Label used in the MLflow experiment name and the data directory."""
+    source: str = "builtin"
+    """`builtin`: the offline default LM the project trains itself; `hub`: `from_pretrained(path)`."""
+    path: str = ""
+    """Hub id or local directory (source=hub)."""
+    revision: str = "main"
+    """Hub revision (source=hub); part of the activation cache key."""
+    dtype: str = "fp32"
+    """Dtype of the language model's forward pass (caching and evaluation)."""
+    # The builtin model's recipe (source=builtin); see sae/stdlib_lm.py and DESIGN §8.
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_ctx: int = 256
+    vocab_size: int = 4096
+    train_tokens: int = 1_600_000
+    batch_size: int = 8
+    lr: float = 2e-3
+    corpus_bytes: int = 0
+    """Limit on the builtin model's training text (0 = the whole stdlib); tests use a slice."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("model", "source", self.source, ("builtin", "hub"))
+        _choice("model", "dtype", self.dtype, DTYPES)
+        if self.source == "hub" and not self.path:
+            raise ValueError("model.path is required when model.source=hub (a Hub id or a dir)")
+        _positive("model", n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
+                  n_ctx=self.n_ctx, vocab_size=self.vocab_size, batch_size=self.batch_size,
+                  lr=self.lr)
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """`stdlib` (the standard library's source, offline) or `files` (local txt/jsonl/parquet)."""
+    paths: list[str] = field(default_factory=list)
+    """Local files for source=files."""
+    holdout: float = 0.03
+    """Fraction of documents held out (by a stable hash) for evaluation."""
+    context_length: int = 256
+    """Tokens per packed context."""
+    prepend_bos: bool = True
+    """Start every context with BOS, as the model saw in training."""
+    max_bytes: int = 0
+    """Stop reading documents after this many bytes (0 = no limit)."""
+
+    def __post_init__(self) -> None:
+        _choice("data", "source", self.source, ("stdlib", "files"))
+        _positive("data", context_length=self.context_length)
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"data.holdout must be in (0, 1), got {self.holdout}")
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.paths is required when data.source=files")
+
+
+@dataclass
+class CacheConfig:
+    dir: str | None = None
+    """An existing cache in the DESIGN §4 layout to train on; None = build one from model+data."""
+    tokens: int = 1_048_576
+    """Training tokens to cache (rounded up to whole contexts)."""
+    dtype: str = "bf16"
+    """Stored activation dtype (bf16 or fp16 bytes in a fixed_size_binary column)."""
+    shard_tokens: int = 131_072
+    """Rows per Parquet shard."""
+    batch_size: int = 32
+    """Contexts per forward pass while caching."""
+    exclude_special: bool = True
+    """Leave BOS/EOS/pad rows out of training batches (they stay in the cache for contexts)."""
+
+    def __post_init__(self) -> None:
+        _choice("cache", "dtype", self.dtype, ("bf16", "fp16"))
+        _positive("cache", tokens=self.tokens, shard_tokens=self.shard_tokens,
+                  batch_size=self.batch_size)
+
+
+@dataclass
+class SAEConfig:
+    arch: str = "relu"
+    """`relu` (Anthropic April 2024: ReLU + decoder-norm-weighted L1) or `topk` (Gao et al. 2024)."""
+    d_sae: int = 1024
+    """Number of latents."""
+    l1_coeff: float = 3.0
+    """relu: sparsity coefficient λ."""
+    k: int = 16
+    """topk: active latents per token."""
+    aux_coeff: float = 1 / 32
+    """topk: weight of the AuxK loss on dead latents."""
+
+    def __post_init__(self) -> None:
+        _choice("sae", "arch", self.arch, ARCHS)
+        _positive("sae", d_sae=self.d_sae, k=self.k)
+        if self.k > self.d_sae:
+            raise ValueError(f"sae.k={self.k} must be <= sae.d_sae={self.d_sae}")
+        if self.l1_coeff < 0 or self.aux_coeff < 0:
+            raise ValueError("sae.l1_coeff and sae.aux_coeff must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 1_228_800
+    """Training tokens (the loader cycles over the cache if it holds fewer)."""
+    batch_size: int = 4096
+    lr: float = 1e-3
+    l1_warmup_frac: float = 0.05
+    lr_decay_frac: float = 0.2
+    grad_clip: float = 1.0
+    dtype: str = "bf16"
+    """bf16 autocast (fp32 master weights) or fp32."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    seed: int = 0
+    log_every: int = 10
+    shuffle_rows: int = 262_144
+    """Rows in the loader's shuffle buffer: memory is bounded by this, not by the cache size."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+
+    def __post_init__(self) -> None:
+        _choice("train", "dtype", self.dtype, ("bf16", "fp32"))
+        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _positive("train", tokens=self.tokens, batch_size=self.batch_size, lr=self.lr,
+                  log_every=self.log_every, shuffle_rows=self.shuffle_rows)
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = 65_536
+    """Held-out tokens (whole contexts) for reconstruction, loss recovered and feature stats."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    top_examples: int = 8
+    """Top-activating examples kept per feature."""
+    context_before: int = 12
+    context_after: int = 3
+    dense_threshold: float = 0.1
+    run_id: str | None = None
+    """`saeflow evaluate`: the MLflow run whose SAE to evaluate (None = the latest trained)."""
+
+    def __post_init__(self) -> None:
+        _positive("eval", tokens=self.tokens, batch_size=self.batch_size,
+                  top_examples=self.top_examples)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; None = SQLite under $SAEFLOW_HOME/mlflow."""
+    experiment: str | None = None
+    """MLflow experiment; None = `<model.name>/<hook>`."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hook: str = "blocks.2.resid_post"
+    """Hook point, `blocks.{L}.resid_pre|resid_post`."""
+    run_name: str | None = None
+    """MLflow run name of the SAE; None = `<arch>-<d_sae>`."""
+
+    def __post_init__(self) -> None:
+        m = re.match(r"^blocks\.(\d+)\.(resid_pre|resid_post)$", self.hook)
+        if not m:
+            raise ValueError(f"hook={self.hook!r} is not a hook point; valid: "
+                             "blocks.<layer>.resid_pre or blocks.<layer>.resid_post")
+        if self.model.source == "builtin":  # its depth is known before any work
+            if int(m.group(1)) >= self.model.n_layer:
+                raise ValueError(f"hook={self.hook!r} does not exist: model {self.model.name} has "
+                                 f"{self.model.n_layer} blocks (0..{self.model.n_layer - 1})")
+            if self.data.context_length > self.model.n_ctx:
+                raise ValueError(f"data.context_length={self.data.context_length} exceeds "
+                                 f"model.n_ctx={self.model.n_ctx}")
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore; `config.yaml` extends it, so every group is typed."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """The typed config from the plain dict the flows pass around (validated again)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))

@@ -1,0 +1,81 @@
+"""DuckDB over what the pipeline wrote (DESIGN §7): views `features`, `runs`, `metrics`.
+
+`features` reads every run's `features/run_id=<id>/feature_stats.parquet` (hive-partitioned, so
+`run_id` is a column); `runs` and `metrics` are tables handed in from MLflow's API (DuckDB cannot
+read MLflow's SQLite offline, STACK.md). The database is in memory: Parquet stays the source.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+FEATURE_COLUMNS = ("run_id VARCHAR, feature_id INTEGER, freq DOUBLE, mean_act DOUBLE, "
+                   "max_act DOUBLE, decoder_norm DOUBLE, top_examples STRUCT(text VARCHAR, "
+                   "activation FLOAT, seq_id BIGINT, pos INTEGER)[], top_logits VARCHAR[], "
+                   "nearest_feature INTEGER, nearest_cos DOUBLE")
+
+
+def connect(features_root: Path, runs: pa.Table, metrics: pa.Table | None = None
+            ) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the three views registered."""
+    con = duckdb.connect(":memory:")
+    files = sorted(Path(features_root).glob("run_id=*/feature_stats.parquet"))
+    if files:
+        pattern = str(Path(features_root) / "run_id=*" / "feature_stats.parquet")
+        con.execute("CREATE VIEW features AS SELECT run_id, * EXCLUDE (run_id) FROM "
+                    f"read_parquet('{_quote(pattern)}', hive_partitioning = true, "
+                    "union_by_name = true)")
+    else:
+        con.execute(f"CREATE TABLE features ({FEATURE_COLUMNS})")
+    con.register("_runs", runs)
+    con.execute("CREATE VIEW runs AS SELECT * FROM _runs")
+    if metrics is None:
+        metrics = pa.table({"run_id": pa.array([], pa.string()), "key": pa.array([], pa.string()),
+                            "step": pa.array([], pa.int64()), "value": pa.array([], pa.float64()),
+                            "timestamp": pa.array([], pa.int64())})
+    con.register("_metrics", metrics)
+    con.execute("CREATE VIEW metrics AS SELECT * FROM _metrics")
+    return con
+
+
+def _quote(s: str) -> str:
+    return s.replace("'", "''")
+
+
+def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:
+    """Run `sql` with `?` parameters bound (never pasted into the text)."""
+    return con.execute(sql, params or []).to_arrow_table()
+
+
+def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:
+    """table (aligned text, long cells cut), csv or json."""
+    rows = table.to_pylist()
+    if fmt == "json":
+        return json.dumps(rows, default=str, indent=1)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(table.column_names)
+        w.writerows([[_cell(v, 10**9) for v in r.values()] for r in rows])
+        return buf.getvalue()
+    if fmt != "table":
+        raise ValueError(f"format {fmt!r} is not one of table, csv, json")
+    cells = [table.column_names] + [[_cell(v, max_width) for v in r.values()] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(table.column_names))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + [f"({table.num_rows} rows)"])
+
+
+def _cell(v: Any, width: int) -> str:
+    s = "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+    s = s.replace("\n", "⏎")
+    return s if len(s) <= width else s[: width - 1] + "…"

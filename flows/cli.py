@@ -1,0 +1,110 @@
+"""`saeflow`: the public command line (DESIGN §10)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from tasks.home import home
+
+USAGE = """saeflow run [-m] [overrides]        the pipeline: cache -> train -> evaluate -> features
+saeflow cache|train|evaluate [overrides]   one stage
+saeflow sql "SELECT ..." [--format table|csv|json]
+saeflow serve                        Prefect deployments of the flows, for the Prefect UI"""
+
+
+def _environment() -> None:
+    """Defaults that must be in place before Prefect is imported: its state under the data dir,
+    no telemetry (which logs 'database is locked' tracebacks, STACK.md)."""
+    os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+
+
+def _summary(result: dict[str, Any]) -> str:
+    m, study = result["metrics"], result["study"]
+    uri = study["tracking_uri"]
+    return "\n".join([
+        "",
+        f"MLflow run     {result['trained']['run_id']} (parent {study['parent_run_id']})",
+        f"  tracking URI {uri}",
+        f"  open the UI  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+        f"checkpoint     {result['trained']['checkpoint']}",
+        f"feature table  {result['features']['path']}",
+        f"activations    {result['train_cache']['dir']}"
+        + (" (reused)" if result["train_cache"]["reused"] else ""),
+        f"eval           explained_variance={m['explained_variance']:.3f} "
+        f"loss_recovered={m['loss_recovered']:.3f} dead_frac={m['dead_frac']:.3f} "
+        f"l0={m['l0']:.1f} ce_clean={m['ce_clean']:.3f} ce_sae={m['ce_sae']:.3f}",
+        "query          saeflow sql \"select run_id, count(*) from features group by run_id\"",
+    ])
+
+
+def _stage(name: str, overrides: list[str], multirun: bool) -> int:
+    from flows.config import expand_sweep, load
+
+    jobs = expand_sweep(overrides) if multirun else [overrides]
+    for job in jobs:
+        load(job)  # validate every job before any work
+    _environment()
+    from flows import pipeline as p
+
+    flow = {"run": p.pipeline, "cache": p.cache_flow, "train": p.train_flow,
+            "evaluate": p.evaluate_flow}[name]
+    for job in jobs:
+        result = flow(job)
+        if name == "run":
+            print(_summary(result))
+        else:
+            print(result)
+    return 0
+
+
+def _sql(sql: str, fmt: str) -> int:
+    from dashboards.sql import connect, query, render
+    from tasks.tracking import metrics_table, runs_table
+
+    metrics = metrics_table() if "metrics" in sql.lower() else None
+    con = connect(home() / "features", runs_table(), metrics)
+    print(render(query(con, sql), fmt))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="saeflow", usage=USAGE)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "cache", "train", "evaluate"):
+        s = sub.add_parser(name)
+        s.add_argument("-m", "--multirun", action="store_true")
+        s.add_argument("overrides", nargs="*")
+    s = sub.add_parser("sql")
+    s.add_argument("query")
+    s.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    sub.add_parser("serve")
+    args = parser.parse_args(argv)
+    from flows.config import ConfigError
+
+    try:
+        if args.command == "sql":
+            return _sql(args.query, args.format)
+        if args.command == "serve":
+            _environment()
+            from flows.serve import serve
+
+            return serve()
+        return _stage(args.command, args.overrides, args.multirun)
+    except ConfigError as e:
+        print(f"saeflow: bad config: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saeflow: interrupted; finished work is kept, re-run to continue", file=sys.stderr)
+        return 130
+    except Exception as e:
+        print(f"saeflow: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

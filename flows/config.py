@@ -1,0 +1,68 @@
+"""Hydra at the edge: overrides -> a validated `Config` and the plain dict the flows pass around."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import conf
+from conf.schema import Config, register
+
+CONF_DIR = Path(conf.__file__).parent
+
+
+class ConfigError(ValueError):
+    """An override or value that the schema rejects; the message names it."""
+
+
+def load(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, Any]]:
+    """Compose `conf/config.yaml` with `overrides`, validate, return (typed config, plain dict).
+
+    Uses the compose API, not `@hydra.main`: the latter parses the process's argv and exits,
+    which breaks inside a Prefect worker (STACK.md).
+    """
+    register()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+        typed = OmegaConf.to_object(cfg)  # runs every __post_init__ check
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(_clean(e)) from None
+    return typed, OmegaConf.to_container(cfg, resolve=True)
+
+
+def _clean(e: Exception) -> str:
+    """First lines of Hydra/OmegaConf errors, without their 'full_key/object_type' noise."""
+    text = str(e)
+    if e.__cause__ is not None and str(e.__cause__) not in text:
+        text += f"\n{e.__cause__}"  # Hydra puts the reason (e.g. a type mismatch) here
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.lstrip().startswith(("full_key", "object_type",
+                                                             "reference_type"))]
+    return "\n".join(keep[:6]) or type(e).__name__
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra multirun syntax -> one override list per job: `a=1,2 b=x,y` gives 4 jobs."""
+    from itertools import product
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(_clean(e)) from None
+    choices = []
+    for o in parsed:
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices.append([f"{key}={v}" for v in values])
+    return [list(combo) for combo in product(*choices)]

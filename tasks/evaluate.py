@@ -1,0 +1,82 @@
+"""Evaluate a trained SAE on held-out tokens (eval/* metrics) and write its feature table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf.schema import from_dict
+from sae.cache import sequences
+from sae.evaluate import ce_baselines, evaluate_sae
+from sae.features import feature_stats
+from sae.hooks import HookPoint, load_lm, parse_hook
+from sae.models import load_sae
+from tasks import tracking
+from tasks.common import logger
+from tasks.home import home
+
+
+def _contexts(eval_dir: Path, hook: str, batch_size: int):
+    return [(ids, special) for ids, special, _ in sequences(eval_dir, hook, batch_size)]
+
+
+def _baselines(lm, hp: HookPoint, eval_dir: Path, contexts) -> dict[str, float]:
+    """ce_clean / ce_zero depend on the model and the eval set only: computed once, kept beside
+    the eval cache (the manifest ignores files it does not list)."""
+    path = eval_dir / f"ce-baselines-{hp.name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = ce_baselines(lm, hp, contexts)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)
+    return out
+
+
+@task(name="evaluate_sae", cache_policy=NO_CACHE)
+def evaluate(cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any],
+             trained: dict[str, Any]) -> dict[str, float]:
+    """eval/* metrics of the SAE in `trained` on the eval cache's contexts, logged to its run."""
+    c, log = from_dict(cfg), logger()
+    lm, _ = load_lm(model["path"], model["revision"], c.model.dtype)
+    hp = parse_hook(lm, c.hook)
+    eval_dir = Path(eval_cache["dir"])
+    contexts = _contexts(eval_dir, c.hook, c.eval.batch_size)
+    baselines = _baselines(lm, hp, eval_dir, contexts)
+    sae = load_sae(Path(trained["checkpoint"]))
+    metrics = evaluate_sae(lm, hp, sae, contexts, baselines, c.eval.dense_threshold)
+    metrics["dead_window_tokens"] = metrics.get("tokens", 0.0)
+    tracking.log_metrics(trained["run_id"], {f"eval/{k}": v for k, v in metrics.items()},
+                         uri=c.tracking.uri)
+    tracking.set_tags(trained["run_id"], {"eval_cache_key": eval_cache["key"]}, c.tracking.uri)
+    log.info("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+@task(name="feature_stats", cache_policy=NO_CACHE)
+def features(cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any],
+             trained: dict[str, Any]) -> dict[str, Any]:
+    """One row per latent (DESIGN §6) as Parquet under features/run_id=<id>/, and as an artifact."""
+    c = from_dict(cfg)
+    lm, tok = load_lm(model["path"], model["revision"], c.model.dtype)
+    sae = load_sae(Path(trained["checkpoint"]))
+    unembed = lm.get_output_embeddings()
+    table = feature_stats(
+        sae, sequences(Path(eval_cache["dir"]), c.hook, c.eval.batch_size),
+        decode=lambda ids: tok.decode(ids), vocab=lambda i: tok.decode([i]),
+        unembed=None if unembed is None else unembed.weight.detach(),
+        n_top=c.eval.top_examples, before=c.eval.context_before, after=c.eval.context_after)
+    out = home() / "features" / f"run_id={trained['run_id']}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "feature_stats.parquet"
+    pq.write_table(table, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    tracking.log_artifact(trained["run_id"], path, None, c.tracking.uri)
+    logger().info(f"feature stats of {table.num_rows} latents -> {path}")
+    return {"path": str(path), "n_features": table.num_rows}

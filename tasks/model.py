@@ -1,0 +1,57 @@
+"""The language model a study reads: the builtin offline default, or any Hub id / local dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf.schema import ModelConfig, from_dict
+from sae.stdlib_lm import LMSpec, build_stdlib_lm
+from tasks.common import logger
+from tasks.home import home
+
+
+def lm_spec(c: ModelConfig) -> LMSpec:
+    fields = {f.name for f in dataclasses.fields(LMSpec)}
+    return LMSpec(**{k: v for k, v in dataclasses.asdict(c).items() if k in fields})
+
+
+def _weights_hash(path: Path) -> str:
+    """Hash of a local model's weight files (names, sizes, contents): its identity in cache keys."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+@task(name="prepare_model", cache_policy=NO_CACHE)
+def prepare_model(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Build (once) or locate the model; return its `path` for `from_pretrained` and its
+    `identity` (weights hash or Hub commit) for activation cache keys."""
+    c = from_dict(cfg).model
+    if c.source == "hub":
+        local = Path(c.path).expanduser()
+        if local.is_dir():
+            return {"path": str(local.resolve()), "revision": None, "identity": _weights_hash(local)}
+        from transformers import AutoConfig
+
+        commit = getattr(AutoConfig.from_pretrained(c.path, revision=c.revision), "_commit_hash",
+                         None)
+        return {"path": c.path, "revision": c.revision, "identity": f"{c.path}@{commit or c.revision}"}
+    spec = lm_spec(c)
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    out = home() / "models" / f"{c.name}-{digest.hexdigest()[:10]}"
+    log = logger()
+    build = build_stdlib_lm(out, spec, log=log.info)
+    log.info(f"model {c.name} at {out}: held-out CE {build['heldout_ce']:.3f} nats vs unigram "
+             f"{build['unigram_ce']:.3f}")
+    return {"path": str(out), "revision": None, "identity": build["weights_sha256"],
+            "heldout_ce": build["heldout_ce"], "unigram_ce": build["unigram_ce"]}

@@ -1,0 +1,59 @@
+"""The study's MLflow experiment and its parent run (one per pipeline or sweep)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf.schema import from_dict
+from tasks import tracking
+from tasks.home import home
+from tasks.train import flatten
+
+
+def experiment_name(cfg: dict[str, Any]) -> str:
+    c = from_dict(cfg)
+    return c.tracking.experiment or f"{c.model.name}/{c.hook}"
+
+
+@task(name="open_study", cache_policy=NO_CACHE)
+def open_study(cfg: dict[str, Any], kind: str = "pipeline") -> dict[str, str]:
+    """Create (once) the experiment and start the parent run; returns their ids."""
+    uri = from_dict(cfg).tracking.uri
+    exp_id = tracking.ensure_experiment(experiment_name(cfg), uri)
+    parent = tracking.start_run(exp_id, kind, uri=uri, tags={"saeflow.stage": kind})
+    tracking.log_params(parent, flatten(cfg), uri)
+    return {"experiment_id": exp_id, "parent_run_id": parent,
+            "tracking_uri": tracking.tracking_uri(uri)}
+
+
+@task(name="close_study", cache_policy=NO_CACHE)
+def close_study(cfg: dict[str, Any], parent_run_id: str, status: str = "FINISHED",
+                tags: dict[str, str] | None = None) -> None:
+    uri = from_dict(cfg).tracking.uri
+    if tags:
+        tracking.set_tags(parent_run_id, tags, uri)
+    tracking.end_run(parent_run_id, status, uri)
+
+
+@task(name="find_sae", cache_policy=NO_CACHE)
+def find_sae(cfg: dict[str, Any]) -> dict[str, str]:
+    """{run_id, checkpoint} of `eval.run_id`, or of the study's latest finished SAE run."""
+    c = from_dict(cfg)
+    run_id = c.eval.run_id
+    if run_id is None:
+        exp = tracking.client(c.tracking.uri).get_experiment_by_name(experiment_name(cfg))
+        runs = [] if exp is None else tracking.client(c.tracking.uri).search_runs(
+            [exp.experiment_id], "tags.`saeflow.stage` != 'pipeline' and "
+            "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+        runs = [r for r in runs if (home() / "saes" / r.info.run_id).is_dir()]
+        if not runs:
+            raise FileNotFoundError(f"no trained SAE in experiment {experiment_name(cfg)!r}; "
+                                    "train one first or pass eval.run_id=<MLflow run id>")
+        run_id = runs[0].info.run_id
+    checkpoint = home() / "saes" / run_id
+    if not (checkpoint / "sae.safetensors").is_file():
+        raise FileNotFoundError(f"run {run_id} has no checkpoint at {checkpoint}")
+    return {"run_id": run_id, "checkpoint": str(checkpoint)}

@@ -1,0 +1,180 @@
+"""MLflow, and only here (STYLE.md): the store, runs, params, metrics, artifacts, run tables.
+
+Everything goes through `MlflowClient` with explicit run ids rather than the fluent active-run
+stack, so tasks in different threads or processes can log to the same runs safely.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from tasks.home import home
+
+_BATCH = 900  # MLflow accepts at most 1000 metrics / 100 params per log_batch call
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The configured URI, else the embedded SQLite store under the data directory."""
+    if uri:
+        return uri
+    root = home() / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri(uri))
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """Experiment id for `name`, created once (with artifacts under the data directory)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None if uri else (home() / "mlflow" / "artifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    """The saeflow checkout's commit, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(experiment_id: str, run_name: str, *, uri: str | None = None,
+              parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """Create a run (nested under `parent_run_id` when given) and return its id."""
+    all_tags = {"git_commit": git_commit(), **(tags or {})}
+    flow_run = os.environ.get("PREFECT__FLOW_RUN_ID") or _prefect_flow_run_id()
+    if flow_run:
+        all_tags["prefect.flow_run_id"] = flow_run
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    return client(uri).create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+def _prefect_flow_run_id() -> str | None:
+    try:
+        from prefect.context import get_run_context
+
+        ctx = get_run_context()
+        run = getattr(ctx, "flow_run", None) or getattr(ctx, "task_run", None)
+        return str(getattr(run, "flow_run_id", None) or getattr(run, "id", "")) or None
+    except Exception:  # outside a flow or task: no lineage to record
+        return None
+
+
+def log_params(run_id: str, params: dict[str, Any], uri: str | None = None) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client(uri).log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0,
+                uri: str | None = None) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), _BATCH):
+        client(uri).log_batch(run_id, metrics=items[i:i + _BATCH])
+
+
+def log_history(run_id: str, history: list[tuple[int, dict[str, float]]],
+                uri: str | None = None) -> None:
+    """Many steps' metrics in few calls: [(step, {key: value}), ...]."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for step, ms in history for k, v in ms.items()]
+    for i in range(0, len(items), _BATCH):
+        client(uri).log_batch(run_id, metrics=items[i:i + _BATCH])
+
+
+def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None,
+                 uri: str | None = None) -> None:
+    c = client(uri)
+    if Path(path).is_dir():
+        c.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    client(uri).set_terminated(run_id, status)
+
+
+def _column(name: str) -> str:
+    """MLflow key -> SQL column: `eval/loss_recovered` -> `eval_loss_recovered` (DESIGN §10)."""
+    return re.sub(r"[/.\-]", "_", name)
+
+
+def runs_table(uri: str | None = None) -> pa.Table:
+    """One row per run: run_id, run_name, experiment, status, parent_run_id, start_time, tags
+    used for lineage, then a column per param (numeric where every value parses) and per final
+    metric."""
+    c = client(uri)
+    exps = {e.experiment_id: e.name for e in c.search_experiments()}
+    rows: list[dict[str, Any]] = []
+    for run in c.search_runs(list(exps), max_results=50_000):
+        info, data = run.info, run.data
+        row: dict[str, Any] = {
+            "run_id": info.run_id, "run_name": info.run_name,
+            "experiment": exps.get(info.experiment_id), "status": info.status,
+            "parent_run_id": data.tags.get("mlflow.parentRunId"),
+            "start_time": info.start_time, "cache_key": data.tags.get("cache_key"),
+            "git_commit": data.tags.get("git_commit"),
+        }
+        row |= {_column(k): _number(v) for k, v in data.params.items()}
+        row |= {_column(k): v for k, v in data.metrics.items()}
+        rows.append(row)
+    return _table(rows, ["run_id", "run_name", "experiment", "status", "parent_run_id"])
+
+
+def metrics_table(uri: str | None = None) -> pa.Table:
+    """Step history of every metric of every run: run_id, key, step, value, timestamp."""
+    c = client(uri)
+    rows = []
+    for run in c.search_runs([e.experiment_id for e in c.search_experiments()]):
+        for key in run.data.metrics:
+            for m in c.get_metric_history(run.info.run_id, key):
+                rows.append({"run_id": run.info.run_id, "key": key, "step": m.step,
+                             "value": m.value, "timestamp": m.timestamp})
+    return _table(rows, ["run_id", "key", "step", "value", "timestamp"])
+
+
+def _number(v: str) -> Any:
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+def _table(rows: list[dict[str, Any]], first: list[str]) -> pa.Table:
+    """Rows with differing keys -> one table; a column mixing numbers and text becomes text."""
+    names = first + sorted({k for r in rows for k in r} - set(first))
+    cols = {}
+    for n in names:
+        values = [r.get(n) for r in rows]
+        try:
+            cols[n] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            cols[n] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.table(cols) if rows else pa.table({n: pa.array([], pa.string()) for n in first})
