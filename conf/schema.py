@@ -140,8 +140,9 @@ class TrainConfig:
     l1_warmup_frac: float = 0.05
     lr_decay_frac: float = 0.2
     grad_clip: float = 1.0
-    dtype: str = "bf16"
-    """bf16 autocast (fp32 master weights) or fp32."""
+    dtype: str = "auto"
+    """bf16 autocast (fp32 master weights), fp32, or auto: bf16 where the device has fast bf16
+    matmuls (CUDA, CPUs with AVX512-BF16/AMX), else fp32 (measured: bf16 is far slower on AVX2)."""
     device: str = "auto"
     """auto | cpu | cuda."""
     seed: int = 0
@@ -152,7 +153,7 @@ class TrainConfig:
     """torch CPU threads (0 = torch's default)."""
 
     def __post_init__(self) -> None:
-        _choice("train", "dtype", self.dtype, ("bf16", "fp32"))
+        _choice("train", "dtype", self.dtype, ("auto", "bf16", "fp32"))
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
         _positive("train", tokens=self.tokens, batch_size=self.batch_size, lr=self.lr,
                   log_every=self.log_every, shuffle_rows=self.shuffle_rows)

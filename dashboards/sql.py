@@ -51,7 +51,7 @@ def _quote(s: str) -> str:
 
 def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:
     """Run `sql` with `?` parameters bound (never pasted into the text)."""
-    return con.execute(sql, params or []).to_arrow_table()
+    return con.sql(sql, params=params or None).to_arrow_table()
 
 
 def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:

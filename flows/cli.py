@@ -68,7 +68,7 @@ def _sql(sql: str, fmt: str) -> int:
 
     metrics = metrics_table() if "metrics" in sql.lower() else None
     con = connect(home() / "features", runs_table(), metrics)
-    print(render(query(con, sql), fmt))
+    print(render(query(con, sql), fmt).rstrip("\n"))
     return 0
 
 

@@ -1,0 +1,51 @@
+"""Every config file composes against the schema; bad overrides fail with their name."""
+
+from __future__ import annotations
+
+import pytest
+
+from conf.schema import Config, from_dict
+from flows.config import CONF_DIR, ConfigError, expand_sweep, load
+
+GROUPS = ["model", "data", "sae", "train", "eval", "tracking"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+EXTRA = {("data", "files"): ["data.paths=[a.txt]"], ("model", "tiny"): ["hook=blocks.0.resid_post"]}
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_file_composes(group: str, option: str) -> None:
+    typed, plain = load([f"{group}={option}", *EXTRA.get((group, option), [])])
+    assert isinstance(typed, Config)
+    assert from_dict(plain) == typed  # the dict the flows pass round-trips exactly
+
+
+def test_defaults_are_the_offline_study() -> None:
+    c, _ = load([])
+    assert (c.model.source, c.data.source, c.sae.arch, c.hook) == (
+        "builtin", "stdlib", "relu", "blocks.2.resid_post")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sae.d_sae=-3", "sae.d_sae must be > 0, got -3"),
+    ("model=nope", "Could not find 'model/nope'"),
+    ("sae=nope", "Available options in 'sae'"),
+    ("sae.dsae=3", "Could not override 'sae.dsae'"),
+    ("train.tokens=abc", "could not be converted to Integer"),
+    ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda"),
+    ("train.dtype=int8", "train.dtype='int8'"),
+    ("sae.k=5000", "sae.k=5000 must be <= sae.d_sae=1024"),
+    ("hook=blocks.9.resid_post", "has 4 blocks"),
+    ("hook=mlp", "is not a hook point"),
+    ("data.holdout=1.5", "data.holdout must be in (0, 1)"),
+    ("cache.dtype=fp32", "cache.dtype='fp32'"),
+    ("data.context_length=4096", "exceeds model.n_ctx=256"),
+])
+def test_bad_override_names_the_problem(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load([override])
+    assert message in str(e.value)
+
+
+def test_sweep_expansion() -> None:
+    jobs = expand_sweep(["sae=topk", "sae.k=8,16", "sae.d_sae=64,128"])
+    assert len(jobs) == 4 and ["sae=topk", "sae.k=8", "sae.d_sae=128"] in jobs
