@@ -59,7 +59,7 @@ def evaluate_sae(model: nn.Module, hp: HookPoint, sae: SAE, contexts: Contexts,
     sae = sae.to(device).eval()
 
     def reconstruct(acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = acts[mask].float()  # (N, d_in): the non-special positions
+        x = acts[mask].to(sae.W_enc.dtype)  # (N, d_in): the non-special positions
         f = sae.encode(x)
         x_hat = sae.decode(f)
         stats.update(x, x_hat, f)

@@ -75,7 +75,7 @@ def train_sae(cfg: dict[str, Any], cache: dict[str, Any], experiment_id: str,
     m = Manifest.load(Path(cache["dir"]))
     d_in = m.d_in(c.hook)
     hparams = {k: getattr(c.sae, k) for k in HPARAMS[c.sae.arch]}
-    sae = build_sae(c.sae.arch, d_in, c.sae.d_sae, **hparams)
+    sae = build_sae(c.sae.arch, d_in, c.sae.d_sae, seed=c.train.seed, **hparams)
     run_id = tracking.start_run(experiment_id, c.run_name or f"{c.sae.arch}-{c.sae.d_sae}",
                                 uri=uri, parent_run_id=parent_run_id,
                                 tags={"cache_key": cache["key"], "saeflow.stage": "train"})

@@ -1,0 +1,137 @@
+"""What every SAE architecture shares: parameters, output tuple, save format, hooks.
+
+An SAE maps an activation x (d_in,) to latents f (d_sae,) and back:
+
+    f  = encode(x)                  (N, d_in) -> (N, d_sae), architecture-specific
+    x̂  = f @ W_dec + b_dec          (N, d_sae) -> (N, d_in)
+
+Parameters (all fp32): W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,).
+Row i of W_dec is latent i's decoder direction. On disk (`save`): `sae.safetensors` (these four
+tensors, fp32) and `cfg.json` (`config()`, plus caller metadata under "meta"); `sae.models.load_sae`
+reads them back. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+WEIGHTS = "sae.safetensors"
+CONFIG = "cfg.json"
+
+
+class SAEOutput(NamedTuple):
+    """What `SAE.forward` returns. Scalars are 0-dim tensors in the units of the input x."""
+
+    x_hat: Tensor
+    """(N, d_in) reconstruction."""
+    f: Tensor
+    """(N, d_sae) latent activations."""
+    loss: Tensor
+    """() the objective the trainer minimises (see each architecture's docstring)."""
+    mse: Tensor
+    """() mean over tokens of ‖x − x̂‖² / d_in (DESIGN §6)."""
+    aux: Tensor
+    """() relu: the sparsity penalty mean_N Σ_i f_i·‖W_dec,i‖ (before λ); topk: the AuxK loss."""
+
+
+class SAE(nn.Module):
+    """Base class: subclasses set `arch`, implement `encode`, `forward` and `hparams`.
+
+    `forward` in training mode also updates `tokens_since_fired` (d_sae,), the number of
+    training tokens since each latent was last non-zero (never saved; reset on load). The trainer
+    reads it for `dead_frac`, TopK for AuxK.
+    """
+
+    arch: ClassVar[str]
+
+    def __init__(self, d_in: int, d_sae: int):
+        super().__init__()
+        for name, value in (("d_in", d_in), ("d_sae", d_sae)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.d_in, self.d_sae = d_in, d_sae
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer(
+            "tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64), persistent=False
+        )
+
+    # --- the model ---------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """(N, d_in) -> f (N, d_sae)."""
+        raise NotImplementedError
+
+    def decode(self, f: Tensor) -> Tensor:
+        """x̂ = f @ W_dec + b_dec: (N, d_sae) -> (N, d_in)."""
+        return torch.addmm(self.b_dec, f, self.W_dec)
+
+    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
+        """x (N, d_in) -> SAEOutput; `sparsity_scale` multiplies the sparsity penalty (warm-up)."""
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Any]:
+        """The architecture's hyper-parameters, as `build_sae` keyword arguments."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """Everything `build_sae` needs to rebuild this SAE: arch, d_in, d_sae, hyper-params."""
+        return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae, **self.hparams()}
+
+    # --- training hooks ----------------------------------------------------------------------
+    def before_step(self) -> None:
+        """Called by the trainer after backward, before the optimiser step."""
+
+    def after_step(self) -> None:
+        """Called by the trainer after each optimiser step."""
+
+    @torch.no_grad()
+    def _record_firing(self, f: Tensor) -> None:
+        """Training forward only: reset the counter of latents non-zero on some token of f."""
+        fired = f.detach().amax(0) > 0  # (d_sae,); f >= 0 for every architecture here
+        self.tokens_since_fired.add_(f.shape[0]).masked_fill_(fired, 0)
+
+    # --- units and disk ----------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_scale(self, s: float) -> None:
+        """Fold an input scaling into the weights, in place: trained on x' = s·x, it now takes x.
+
+        The encoder's input is x' = s·x (relu) or x' − b_dec = s·(x − b_dec/s) (topk); both equal
+        x·(s·W_enc) [− (b_dec/s)·(s·W_enc)], so W_enc ← s·W_enc and b_dec ← b_dec/s give the same
+        pre-activations, hence the same f, and b_enc is unchanged. The reconstruction in raw units
+        is x̂'/s = f @ (W_dec/s) + b_dec/s, so W_dec ← W_dec/s. Decoder rows then have norm 1/s
+        (topk): fold only when training is over.
+        """
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"scale must be a finite positive number, got {s}")
+        self.W_enc.mul_(s)
+        self.b_dec.div_(s)
+        self.W_dec.div_(s)
+
+    def save(self, dir: Path, meta: dict[str, Any] | None = None) -> None:
+        """Write `dir/sae.safetensors` (fp32 weights) and `dir/cfg.json` (config + "meta")."""
+        dir = Path(dir)
+        dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(dir / WEIGHTS))
+        cfg = self.config() | ({"meta": meta} if meta is not None else {})
+        (dir / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def random_directions(n: int, d: int, norm: float) -> Tensor:
+    """(n, d) rows drawn uniformly on the sphere of radius `norm` (uses torch's global RNG)."""
+    w = torch.randn(n, d)
+    return w * (norm / w.norm(dim=-1, keepdim=True))
+
+
+def sq_err(x: Tensor, x_hat: Tensor) -> Tensor:
+    """(N,) ‖x − x̂‖² per token, in fp32 or wider whatever the autocast dtype of x̂."""
+    return (x_hat.to(torch.promote_types(x_hat.dtype, torch.float32)) - x).pow(2).sum(-1)
