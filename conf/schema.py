@@ -34,7 +34,7 @@ class ModelConfig:
     name: str = "stdlib-gpt2"
     """Label used in the MLflow experiment name and the data directory."""
     source: str = "builtin"
-    """`builtin`: the offline default LM the project trains itself; `hub`: `from_pretrained(path)`."""
+    """`builtin`: the offline default LM the project trains; `hub`: `from_pretrained(path)`."""
     path: str = ""
     """Hub id or local directory (source=hub)."""
     revision: str = "main"
@@ -59,9 +59,16 @@ class ModelConfig:
         _choice("model", "dtype", self.dtype, DTYPES)
         if self.source == "hub" and not self.path:
             raise ValueError("model.path is required when model.source=hub (a Hub id or a dir)")
-        _positive("model", n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
-                  n_ctx=self.n_ctx, vocab_size=self.vocab_size, batch_size=self.batch_size,
-                  lr=self.lr)
+        _positive(
+            "model",
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            n_ctx=self.n_ctx,
+            vocab_size=self.vocab_size,
+            batch_size=self.batch_size,
+            lr=self.lr,
+        )
 
 
 @dataclass
@@ -105,14 +112,15 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _choice("cache", "dtype", self.dtype, ("bf16", "fp16"))
-        _positive("cache", tokens=self.tokens, shard_tokens=self.shard_tokens,
-                  batch_size=self.batch_size)
+        _positive(
+            "cache", tokens=self.tokens, shard_tokens=self.shard_tokens, batch_size=self.batch_size
+        )
 
 
 @dataclass
 class SAEConfig:
     arch: str = "relu"
-    """`relu` (Anthropic April 2024: ReLU + decoder-norm-weighted L1) or `topk` (Gao et al. 2024)."""
+    """`relu` (Anthropic April 2024: ReLU, decoder-norm-weighted L1) or `topk` (Gao et al.)."""
     d_sae: int = 1024
     """Number of latents."""
     l1_coeff: float = 3.0
@@ -155,8 +163,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train", "dtype", self.dtype, ("auto", "bf16", "fp32"))
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
-        _positive("train", tokens=self.tokens, batch_size=self.batch_size, lr=self.lr,
-                  log_every=self.log_every, shuffle_rows=self.shuffle_rows)
+        _positive(
+            "train",
+            tokens=self.tokens,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            log_every=self.log_every,
+            shuffle_rows=self.shuffle_rows,
+        )
 
 
 @dataclass
@@ -174,8 +188,9 @@ class EvalConfig:
     """`saeflow evaluate`: the MLflow run whose SAE to evaluate (None = the latest trained)."""
 
     def __post_init__(self) -> None:
-        _positive("eval", tokens=self.tokens, batch_size=self.batch_size,
-                  top_examples=self.top_examples)
+        _positive(
+            "eval", tokens=self.tokens, batch_size=self.batch_size, top_examples=self.top_examples
+        )
 
 
 @dataclass
@@ -203,15 +218,21 @@ class Config:
     def __post_init__(self) -> None:
         m = re.match(r"^blocks\.(\d+)\.(resid_pre|resid_post)$", self.hook)
         if not m:
-            raise ValueError(f"hook={self.hook!r} is not a hook point; valid: "
-                             "blocks.<layer>.resid_pre or blocks.<layer>.resid_post")
+            raise ValueError(
+                f"hook={self.hook!r} is not a hook point; valid: "
+                "blocks.<layer>.resid_pre or blocks.<layer>.resid_post"
+            )
         if self.model.source == "builtin":  # its depth is known before any work
             if int(m.group(1)) >= self.model.n_layer:
-                raise ValueError(f"hook={self.hook!r} does not exist: model {self.model.name} has "
-                                 f"{self.model.n_layer} blocks (0..{self.model.n_layer - 1})")
+                raise ValueError(
+                    f"hook={self.hook!r} does not exist: model {self.model.name} has "
+                    f"{self.model.n_layer} blocks (0..{self.model.n_layer - 1})"
+                )
             if self.data.context_length > self.model.n_ctx:
-                raise ValueError(f"data.context_length={self.data.context_length} exceeds "
-                                 f"model.n_ctx={self.model.n_ctx}")
+                raise ValueError(
+                    f"data.context_length={self.data.context_length} exceeds "
+                    f"model.n_ctx={self.model.n_ctx}"
+                )
 
 
 def register() -> None:

@@ -16,30 +16,41 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-FEATURE_COLUMNS = ("run_id VARCHAR, feature_id INTEGER, freq DOUBLE, mean_act DOUBLE, "
-                   "max_act DOUBLE, decoder_norm DOUBLE, top_examples STRUCT(text VARCHAR, "
-                   "activation FLOAT, seq_id BIGINT, pos INTEGER)[], top_logits VARCHAR[], "
-                   "nearest_feature INTEGER, nearest_cos DOUBLE")
+FEATURE_COLUMNS = (
+    "run_id VARCHAR, feature_id INTEGER, freq DOUBLE, mean_act DOUBLE, "
+    "max_act DOUBLE, decoder_norm DOUBLE, top_examples STRUCT(text VARCHAR, "
+    "activation FLOAT, seq_id BIGINT, pos INTEGER)[], top_logits VARCHAR[], "
+    "nearest_feature INTEGER, nearest_cos DOUBLE"
+)
 
 
-def connect(features_root: Path, runs: pa.Table, metrics: pa.Table | None = None
-            ) -> duckdb.DuckDBPyConnection:
+def connect(
+    features_root: Path, runs: pa.Table, metrics: pa.Table | None = None
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the three views registered."""
     con = duckdb.connect(":memory:")
     files = sorted(Path(features_root).glob("run_id=*/feature_stats.parquet"))
     if files:
         pattern = str(Path(features_root) / "run_id=*" / "feature_stats.parquet")
-        con.execute("CREATE VIEW features AS SELECT run_id, * EXCLUDE (run_id) FROM "
-                    f"read_parquet('{_quote(pattern)}', hive_partitioning = true, "
-                    "union_by_name = true)")
+        con.execute(
+            "CREATE VIEW features AS SELECT run_id, * EXCLUDE (run_id) FROM "
+            f"read_parquet('{_quote(pattern)}', hive_partitioning = true, "
+            "union_by_name = true)"
+        )
     else:
         con.execute(f"CREATE TABLE features ({FEATURE_COLUMNS})")
     con.register("_runs", runs)
     con.execute("CREATE VIEW runs AS SELECT * FROM _runs")
     if metrics is None:
-        metrics = pa.table({"run_id": pa.array([], pa.string()), "key": pa.array([], pa.string()),
-                            "step": pa.array([], pa.int64()), "value": pa.array([], pa.float64()),
-                            "timestamp": pa.array([], pa.int64())})
+        metrics = pa.table(
+            {
+                "run_id": pa.array([], pa.string()),
+                "key": pa.array([], pa.string()),
+                "step": pa.array([], pa.int64()),
+                "value": pa.array([], pa.float64()),
+                "timestamp": pa.array([], pa.int64()),
+            }
+        )
     con.register("_metrics", metrics)
     con.execute("CREATE VIEW metrics AS SELECT * FROM _metrics")
     return con
@@ -69,10 +80,9 @@ def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:
         raise ValueError(f"format {fmt!r} is not one of table, csv, json")
     cells = [table.column_names] + [[_cell(v, max_width) for v in r.values()] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(table.column_names))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines + [f"({table.num_rows} rows)"])
+    return "\n".join([*lines, f"({table.num_rows} rows)"])
 
 
 def _cell(v: Any, width: int) -> str:

@@ -26,20 +26,22 @@ def _environment() -> None:
 def _summary(result: dict[str, Any]) -> str:
     m, study = result["metrics"], result["study"]
     uri = study["tracking_uri"]
-    return "\n".join([
-        "",
-        f"MLflow run     {result['trained']['run_id']} (parent {study['parent_run_id']})",
-        f"  tracking URI {uri}",
-        f"  open the UI  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
-        f"checkpoint     {result['trained']['checkpoint']}",
-        f"feature table  {result['features']['path']}",
-        f"activations    {result['train_cache']['dir']}"
-        + (" (reused)" if result["train_cache"]["reused"] else ""),
-        f"eval           explained_variance={m['explained_variance']:.3f} "
-        f"loss_recovered={m['loss_recovered']:.3f} dead_frac={m['dead_frac']:.3f} "
-        f"l0={m['l0']:.1f} ce_clean={m['ce_clean']:.3f} ce_sae={m['ce_sae']:.3f}",
-        "query          saeflow sql \"select run_id, count(*) from features group by run_id\"",
-    ])
+    return "\n".join(
+        [
+            "",
+            f"MLflow run     {result['trained']['run_id']} (parent {study['parent_run_id']})",
+            f"  tracking URI {uri}",
+            f"  open the UI  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+            f"checkpoint     {result['trained']['checkpoint']}",
+            f"feature table  {result['features']['path']}",
+            f"activations    {result['train_cache']['dir']}"
+            + (" (reused)" if result["train_cache"]["reused"] else ""),
+            f"eval           explained_variance={m['explained_variance']:.3f} "
+            f"loss_recovered={m['loss_recovered']:.3f} dead_frac={m['dead_frac']:.3f} "
+            f"l0={m['l0']:.1f} ce_clean={m['ce_clean']:.3f} ce_sae={m['ce_sae']:.3f}",
+            'query          saeflow sql "select run_id, count(*) from features group by run_id"',
+        ]
+    )
 
 
 def _stage(name: str, overrides: list[str], multirun: bool) -> int:
@@ -51,8 +53,12 @@ def _stage(name: str, overrides: list[str], multirun: bool) -> int:
     _environment()
     from flows import pipeline as p
 
-    flow = {"run": p.pipeline, "cache": p.cache_flow, "train": p.train_flow,
-            "evaluate": p.evaluate_flow}[name]
+    flow = {
+        "run": p.pipeline,
+        "cache": p.cache_flow,
+        "train": p.train_flow,
+        "evaluate": p.evaluate_flow,
+    }[name]
     for job in jobs:
         result = flow(job)
         if name == "run":

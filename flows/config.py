@@ -45,8 +45,11 @@ def _clean(e: Exception) -> str:
     if e.__cause__ is not None and str(e.__cause__) not in text:
         text += f"\n{e.__cause__}"  # Hydra puts the reason (e.g. a type mismatch) here
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not ln.lstrip().startswith(("full_key", "object_type",
-                                                             "reference_type"))]
+    keep = [
+        ln
+        for ln in lines
+        if not ln.lstrip().startswith(("full_key", "object_type", "reference_type"))
+    ]
     return "\n".join(keep[:6]) or type(e).__name__
 
 
@@ -63,6 +66,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     choices = []
     for o in parsed:
         key = o.get_key_element()
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        values = (
+            list(o.sweep_string_iterator())
+            if o.is_sweep_override()
+            else [o.get_value_element_as_str()]
+        )
         choices.append([f"{key}={v}" for v in values])
     return [list(combo) for combo in product(*choices)]

@@ -23,16 +23,21 @@ def cache_flow(overrides: list[str] | None = None) -> dict[str, Any]:
     """Cache the train and eval activations for the configured model, data and hook."""
     _, cfg = load(overrides or [])
     model = prepare_model(cfg)
-    return {"train": cache_activations(cfg, model, "train"),
-            "eval": cache_activations(cfg, model, "eval")}
+    return {
+        "train": cache_activations(cfg, model, "train"),
+        "eval": cache_activations(cfg, model, "eval"),
+    }
 
 
 @flow(name="train_sae")
 def train_flow(overrides: list[str] | None = None) -> dict[str, Any]:
     """Train one SAE (caching first if needed); `cache.dir=PATH` trains on any §4 cache."""
     typed, cfg = load(overrides or [])
-    cache = (cache_activations(cfg, {}, "train") if typed.cache.dir
-             else cache_activations(cfg, prepare_model(cfg), "train"))
+    cache = (
+        cache_activations(cfg, {}, "train")
+        if typed.cache.dir
+        else cache_activations(cfg, prepare_model(cfg), "train")
+    )
     study = open_study(cfg, "train")
     try:
         trained = train_sae(cfg, cache, study["experiment_id"], study["parent_run_id"])
@@ -50,8 +55,11 @@ def evaluate_flow(overrides: list[str] | None = None) -> dict[str, Any]:
     model = prepare_model(cfg)
     eval_cache = cache_activations(cfg, model, "eval")
     trained = find_sae(cfg)
-    return {"trained": trained, "metrics": evaluate(cfg, model, eval_cache, trained),
-            "features": features(cfg, model, eval_cache, trained)}
+    return {
+        "trained": trained,
+        "metrics": evaluate(cfg, model, eval_cache, trained),
+        "features": features(cfg, model, eval_cache, trained),
+    }
 
 
 @flow(name="pipeline")
@@ -70,5 +78,12 @@ def pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         close_study(cfg, study["parent_run_id"], "FAILED")
         raise
     close_study(cfg, study["parent_run_id"], tags={"sae_run_id": trained["run_id"]})
-    return {"model": model, "train_cache": train_cache, "eval_cache": eval_cache,
-            "study": study, "trained": trained, "metrics": metrics, "features": feats}
+    return {
+        "model": model,
+        "train_cache": train_cache,
+        "eval_cache": eval_cache,
+        "study": study,
+        "trained": trained,
+        "metrics": metrics,
+        "features": feats,
+    }

@@ -9,6 +9,10 @@ from flows.pipeline import cache_flow, evaluate_flow, pipeline, train_flow
 
 def serve() -> int:
     """Serve until interrupted; each deployment's form takes a list of Hydra overrides."""
-    prefect_serve(*(f.to_deployment(name="saeflow") for f in
-                    (pipeline, cache_flow, train_flow, evaluate_flow)))
+    prefect_serve(
+        *(
+            f.to_deployment(name="saeflow")
+            for f in (pipeline, cache_flow, train_flow, evaluate_flow)
+        )
+    )
     return 0

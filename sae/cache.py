@@ -86,8 +86,10 @@ class Manifest:
         try:
             body = json.loads(path.read_text())
             if body.get("format_version") != FORMAT_VERSION:
-                raise CacheError(f"{path}: format_version {body.get('format_version')!r}, "
-                                 f"this saeflow reads {FORMAT_VERSION}")
+                raise CacheError(
+                    f"{path}: format_version {body.get('format_version')!r}, "
+                    f"this saeflow reads {FORMAT_VERSION}"
+                )
             body.pop("n_sequences", None)
             body.pop("n_tokens", None)
             body["shards"] = [Shard(**s) for s in body["shards"]]
@@ -111,7 +113,8 @@ def _to_binary(acts: torch.Tensor, dtype: str) -> pa.Array:
     raw = acts.to(STORE_DTYPES[dtype]).contiguous().view(torch.int16).numpy()  # (N, d)
     width = raw.shape[1] * raw.itemsize
     return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), raw.shape[0], [None, pa.py_buffer(raw.tobytes())])
+        pa.binary(width), raw.shape[0], [None, pa.py_buffer(raw.tobytes())]
+    )
 
 
 def _from_binary(col: pa.ChunkedArray | pa.Array, d_in: int, dtype: str) -> torch.Tensor:
@@ -120,13 +123,20 @@ def _from_binary(col: pa.ChunkedArray | pa.Array, d_in: int, dtype: str) -> torc
     parts = []
     for c in chunks:
         buf = np.frombuffer(c.buffers()[1], dtype=np.int16)  # no copy
-        flat = buf[c.offset * d_in:(c.offset + len(c)) * d_in]
+        flat = buf[c.offset * d_in : (c.offset + len(c)) * d_in]
         parts.append(torch.from_numpy(flat).view(STORE_DTYPES[dtype]).view(len(c), d_in))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def write_shard(dir: Path, index: int, first_seq: int, token_ids: torch.Tensor,
-                special: torch.Tensor, acts: dict[str, torch.Tensor], dtype: str) -> Shard:
+def write_shard(
+    dir: Path,
+    index: int,
+    first_seq: int,
+    token_ids: torch.Tensor,
+    special: torch.Tensor,
+    acts: dict[str, torch.Tensor],
+    dtype: str,
+) -> Shard:
     """Write one shard of whole sequences. token_ids, special: (S, T); acts[hook]: (S, T, d)."""
     s, t = token_ids.shape
     cols = {
@@ -143,14 +153,21 @@ def write_shard(dir: Path, index: int, first_seq: int, token_ids: torch.Tensor,
     name = f"shard-{index:05d}.parquet"
     tmp = dir / f".{name}.tmp"
     # The layout DESIGN §4 measured at ~3 GB/s: no compression, dictionary or stats on activations.
-    pq.write_table(table, tmp, compression="none", use_dictionary=False,
-                   write_statistics=["seq_id", "pos", "token_id"], row_group_size=s * t)
+    pq.write_table(
+        table,
+        tmp,
+        compression="none",
+        use_dictionary=False,
+        write_statistics=["seq_id", "pos", "token_id"],
+        row_group_size=s * t,
+    )
     os.replace(tmp, dir / name)
     return Shard(name, s * t, first_seq, s, _sha256(dir / name))
 
 
-def read_shard(dir: Path, shard: Shard, hooks: Iterable[str], manifest: Manifest
-               ) -> tuple[pa.Table, dict[str, torch.Tensor]]:
+def read_shard(
+    dir: Path, shard: Shard, hooks: Iterable[str], manifest: Manifest
+) -> tuple[pa.Table, dict[str, torch.Tensor]]:
     """(meta columns, {hook: (rows, d_in) tensor}) of one shard; errors name the shard."""
     path = Path(dir) / shard.file
     hooks = list(hooks)
@@ -175,8 +192,9 @@ def verify(dir: Path, manifest: Manifest | None = None) -> list[str]:
     return bad
 
 
-def sequences(dir: Path, hook: str, batch_size: int
-              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def sequences(
+    dir: Path, hook: str, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """In-order (token_ids (B,T), special (B,T), acts (B,T,d_in)) over the whole cache."""
     m = Manifest.load(dir)
     t, d = m.context_length, m.d_in(hook)
@@ -186,4 +204,4 @@ def sequences(dir: Path, hook: str, batch_size: int
         spec = torch.from_numpy(meta["special"].to_numpy(zero_copy_only=False)).view(-1, t)
         a = acts[hook].view(-1, t, d)
         for i in range(0, tok.shape[0], batch_size):
-            yield tok[i:i + batch_size], spec[i:i + batch_size], a[i:i + batch_size]
+            yield tok[i : i + batch_size], spec[i : i + batch_size], a[i : i + batch_size]

@@ -21,8 +21,12 @@ from sae.metrics import ReconstructionStats, loss_recovered
 Contexts = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (token_ids (B,T), special (B,T))
 
 
-def _mean_ce(model: nn.Module, hp: HookPoint, contexts: Contexts,
-             replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> float:
+def _mean_ce(
+    model: nn.Module,
+    hp: HookPoint,
+    contexts: Contexts,
+    replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+) -> float:
     """Mean next-token CE with `replace(acts, keep_mask)` applied at the hook (None = clean)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -45,13 +49,21 @@ def ce_baselines(model: nn.Module, hp: HookPoint, contexts: Contexts) -> dict[st
     def zero(acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return acts * ~mask.unsqueeze(-1)
 
-    return {"ce_clean": _mean_ce(model, hp, contexts, None),
-            "ce_zero": _mean_ce(model, hp, contexts, zero)}
+    return {
+        "ce_clean": _mean_ce(model, hp, contexts, None),
+        "ce_zero": _mean_ce(model, hp, contexts, zero),
+    }
 
 
 @torch.no_grad()
-def evaluate_sae(model: nn.Module, hp: HookPoint, sae: SAE, contexts: Contexts,
-                 baselines: dict[str, float], dense_threshold: float = 0.1) -> dict[str, float]:
+def evaluate_sae(
+    model: nn.Module,
+    hp: HookPoint,
+    sae: SAE,
+    contexts: Contexts,
+    baselines: dict[str, float],
+    dense_threshold: float = 0.1,
+) -> dict[str, float]:
     """One spliced forward pass per token: reconstruction stats of the live activations at the
     hook, `ce_sae`, and `loss_recovered` = (ce_zero − ce_sae) / (ce_zero − ce_clean)."""
     stats = ReconstructionStats(sae.d_sae, dense_threshold=dense_threshold)

@@ -14,11 +14,22 @@ from sae.cache import MANIFEST, CacheError, Manifest, write_shard
 from sae.hooks import HookPoint, activations_at
 
 
-def build_cache(dir: Path, model: nn.Module, hooks: list[HookPoint],
-                contexts: Iterator[list[int]], *, n_contexts: int, key: str, key_inputs: dict,
-                context_length: int, special_token_ids: list[int], dtype: str = "bf16",
-                shard_tokens: int = 131_072, batch_size: int = 32,
-                log: Callable[[str], None] = print) -> Manifest:
+def build_cache(
+    dir: Path,
+    model: nn.Module,
+    hooks: list[HookPoint],
+    contexts: Iterator[list[int]],
+    *,
+    n_contexts: int,
+    key: str,
+    key_inputs: dict,
+    context_length: int,
+    special_token_ids: list[int],
+    dtype: str = "bf16",
+    shard_tokens: int = 131_072,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+) -> Manifest:
     """Cache activations of `n_contexts` contexts at `hooks` into `dir` (DESIGN §4 layout).
 
     Resumes a partial cache: finished shards (listed in the manifest) are skipped, the contexts
@@ -30,8 +41,14 @@ def build_cache(dir: Path, model: nn.Module, hooks: list[HookPoint],
     if m is not None and m.key != key:
         raise CacheError(f"{dir} holds cache {m.key}, not {key}; refusing to mix them")
     if m is None:
-        m = Manifest(key=key, key_inputs=key_inputs, hooks={}, dtype=dtype,
-                     context_length=context_length, special_token_ids=special_token_ids)
+        m = Manifest(
+            key=key,
+            key_inputs=key_inputs,
+            hooks={},
+            dtype=dtype,
+            context_length=context_length,
+            special_token_ids=special_token_ids,
+        )
     if m.complete:
         return m
     done = m.n_sequences
@@ -48,8 +65,11 @@ def build_cache(dir: Path, model: nn.Module, hooks: list[HookPoint],
         ids = torch.tensor(chunk, dtype=torch.long)  # (S, T)
         acts = _forward(model, hooks, ids, batch_size)
         m.hooks = {h: a.shape[-1] for h, a in acts.items()}
-        m.shards.append(write_shard(dir, len(m.shards), m.n_sequences, ids,
-                                    torch.isin(ids, special), acts, dtype))
+        m.shards.append(
+            write_shard(
+                dir, len(m.shards), m.n_sequences, ids, torch.isin(ids, special), acts, dtype
+            )
+        )
         m.save(dir)  # after each shard: a kill loses at most the shard in flight
         seen += ids.numel()
         rate = seen / (time.perf_counter() - t0)
@@ -57,21 +77,24 @@ def build_cache(dir: Path, model: nn.Module, hooks: list[HookPoint],
         eta = (total - m.n_tokens) / max(rate, 1e-9)
         log(f"cache {key}: {m.n_tokens:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {eta:.0f}s")
     if m.n_sequences == 0:
-        raise ValueError("the data source produced no full context; "
-                         "give more text or a smaller data.context_length")
+        raise ValueError(
+            "the data source produced no full context; "
+            "give more text or a smaller data.context_length"
+        )
     m.complete = True
     m.save(dir)
     return m
 
 
 @torch.no_grad()
-def _forward(model: nn.Module, hooks: list[HookPoint], ids: torch.Tensor, batch_size: int
-             ) -> dict[str, torch.Tensor]:
+def _forward(
+    model: nn.Module, hooks: list[HookPoint], ids: torch.Tensor, batch_size: int
+) -> dict[str, torch.Tensor]:
     """{hook: (S, T, d)} for a shard's contexts, batch by batch, kept in fp32 until written."""
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
     for i in range(0, ids.shape[0], batch_size):
-        out = activations_at(model, hooks, ids[i:i + batch_size].to(device))
+        out = activations_at(model, hooks, ids[i : i + batch_size].to(device))
         for name, a in out.items():
             parts[name].append(a.float().cpu())
     return {name: torch.cat(p) for name, p in parts.items()}

@@ -1,12 +1,12 @@
 """Per-feature statistics over held-out contexts (DESIGN §6): one row per latent.
 
-    freq          fraction of (non-special) tokens on which f_i > 0
-    mean_act      mean of f_i over the tokens where it is active
-    max_act       max of f_i
-    decoder_norm  ‖W_dec,i‖
-    top_examples  the `n_top` highest activations, each a decoded context with the token «marked»
-    top_logits    tokens whose unembedding has the largest dot product with W_dec,i
-    nearest_feature, nearest_cos   the other latent with the highest decoder cosine
+freq          fraction of (non-special) tokens on which f_i > 0
+mean_act      mean of f_i over the tokens where it is active
+max_act       max of f_i
+decoder_norm  ‖W_dec,i‖
+top_examples  the `n_top` highest activations, each a decoded context with the token «marked»
+top_logits    tokens whose unembedding has the largest dot product with W_dec,i
+nearest_feature, nearest_cos   the other latent with the highest decoder cosine
 """
 
 from __future__ import annotations
@@ -45,9 +45,18 @@ class FeatureAccumulator:
 
 
 @torch.no_grad()
-def feature_stats(sae: SAE, batches: Iterable[Batch], decode: Callable[[list[int]], str],
-                  unembed: torch.Tensor | None, vocab: Callable[[int], str], *, n_top: int = 8,
-                  before: int = 12, after: int = 3, n_logits: int = 10) -> pa.Table:
+def feature_stats(
+    sae: SAE,
+    batches: Iterable[Batch],
+    decode: Callable[[list[int]], str],
+    unembed: torch.Tensor | None,
+    vocab: Callable[[int], str],
+    *,
+    n_top: int = 8,
+    before: int = 12,
+    after: int = 3,
+    n_logits: int = 10,
+) -> pa.Table:
     """Feature table for `sae` over `batches` of cached held-out contexts.
 
     `decode(ids) -> text`; `unembed` (V, d_in) or None; `vocab(id) -> token string`.
@@ -68,21 +77,28 @@ def feature_stats(sae: SAE, batches: Iterable[Batch], decode: Callable[[list[int
     freq = acc.fires / max(acc.n_tokens, 1)
     mean_act = torch.where(acc.fires > 0, acc.sums / acc.fires.clamp(min=1), 0.0)
     nearest, cos = _nearest(W_dec)
-    return pa.table({
-        "feature_id": pa.array(range(sae.d_sae), pa.int32()),
-        "freq": freq.numpy(),
-        "mean_act": mean_act.numpy(),
-        "max_act": acc.top_v[0].clamp(min=0).double().numpy(),
-        "decoder_norm": norms.double().numpy(),
-        "top_examples": _examples(acc, tokens, decode, before, after),
-        "top_logits": _top_logits(W_dec, unembed, vocab, n_logits),
-        "nearest_feature": nearest.int().numpy(),
-        "nearest_cos": cos.double().numpy(),
-    })
+    return pa.table(
+        {
+            "feature_id": pa.array(range(sae.d_sae), pa.int32()),
+            "freq": freq.numpy(),
+            "mean_act": mean_act.numpy(),
+            "max_act": acc.top_v[0].clamp(min=0).double().numpy(),
+            "decoder_norm": norms.double().numpy(),
+            "top_examples": _examples(acc, tokens, decode, before, after),
+            "top_logits": _top_logits(W_dec, unembed, vocab, n_logits),
+            "nearest_feature": nearest.int().numpy(),
+            "nearest_cos": cos.double().numpy(),
+        }
+    )
 
 
-def _examples(acc: FeatureAccumulator, tokens: torch.Tensor, decode: Callable[[list[int]], str],
-              before: int, after: int) -> pa.Array:
+def _examples(
+    acc: FeatureAccumulator,
+    tokens: torch.Tensor,
+    decode: Callable[[list[int]], str],
+    before: int,
+    after: int,
+) -> pa.Array:
     """list<struct<text, activation, seq_id, pos>> per latent; only examples with f > 0."""
     t = tokens.shape[1]
     rows = []
@@ -93,17 +109,31 @@ def _examples(acc: FeatureAccumulator, tokens: torch.Tensor, decode: Callable[[l
                 break
             s, p = divmod(flat, t)
             seq = tokens[s].tolist()
-            text = (decode(seq[max(0, p - before):p]) + "«" + decode(seq[p:p + 1]) + "»"
-                    + decode(seq[p + 1:p + 1 + after]))
+            text = (
+                decode(seq[max(0, p - before) : p])
+                + "«"
+                + decode(seq[p : p + 1])
+                + "»"
+                + decode(seq[p + 1 : p + 1 + after])
+            )
             ex.append({"text": text, "activation": v, "seq_id": s, "pos": p})
         rows.append(ex)
-    kind = pa.list_(pa.struct([("text", pa.string()), ("activation", pa.float32()),
-                               ("seq_id", pa.int64()), ("pos", pa.int32())]))
+    kind = pa.list_(
+        pa.struct(
+            [
+                ("text", pa.string()),
+                ("activation", pa.float32()),
+                ("seq_id", pa.int64()),
+                ("pos", pa.int32()),
+            ]
+        )
+    )
     return pa.array(rows, type=kind)
 
 
-def _top_logits(W_dec: torch.Tensor, unembed: torch.Tensor | None,
-                vocab: Callable[[int], str], n: int) -> pa.Array:
+def _top_logits(
+    W_dec: torch.Tensor, unembed: torch.Tensor | None, vocab: Callable[[int], str], n: int
+) -> pa.Array:
     """Tokens each decoder direction promotes most through the unembedding (logit lens)."""
     if unembed is None:
         return pa.array([[] for _ in range(W_dec.shape[0])], pa.list_(pa.string()))
@@ -116,7 +146,7 @@ def _nearest(W_dec: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torc
     unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
     idx, cos = [], []
     for start in range(0, unit.shape[0], chunk):
-        sim = unit[start:start + chunk] @ unit.T  # (chunk, d_sae)
+        sim = unit[start : start + chunk] @ unit.T  # (chunk, d_sae)
         rows = torch.arange(start, min(start + chunk, unit.shape[0]))
         sim[torch.arange(len(rows)), rows] = -2.0  # not itself
         c, j = sim.max(dim=1)

@@ -33,9 +33,10 @@ class HookPoint:
         return f"blocks.{self.layer}.{self.site}"
 
 
-def load_lm(path: str, revision: str | None = None, dtype: str = "fp32"
-            ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """`from_pretrained` a causal LM and its tokenizer (a Hub id or a local directory), eval mode."""
+def load_lm(
+    path: str, revision: str | None = None, dtype: str = "fp32"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """`from_pretrained` a causal LM and its tokenizer (Hub id or local directory), eval mode."""
     transformers.utils.logging.disable_progress_bar()  # keep the flow logs readable
     kwargs = {"revision": revision} if revision else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -51,8 +52,10 @@ def blocks(model: nn.Module) -> nn.ModuleList:
             obj = getattr(obj, attr, None)
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}; "
-                     f"looked for {', '.join(_BLOCK_PATHS)}")
+    raise ValueError(
+        f"cannot find the transformer blocks of {type(model).__name__}; "
+        f"looked for {', '.join(_BLOCK_PATHS)}"
+    )
 
 
 def parse_hook(model: nn.Module, hook: str) -> HookPoint:
@@ -60,8 +63,10 @@ def parse_hook(model: nn.Module, hook: str) -> HookPoint:
     n = len(blocks(model))
     m = HOOK_RE.match(hook)
     if not m or int(m.group(1)) >= n:
-        raise ValueError(f"hook {hook!r} does not exist on this {n}-block model; valid: "
-                         f"blocks.{{0..{n - 1}}}.resid_pre|resid_post (e.g. blocks.{n // 2}.resid_post)")
+        raise ValueError(
+            f"hook {hook!r} does not exist on this {n}-block model; valid: "
+            f"blocks.{{0..{n - 1}}}.resid_pre|resid_post (e.g. blocks.{n // 2}.resid_post)"
+        )
     return HookPoint(int(m.group(1)), m.group(2))
 
 
@@ -73,9 +78,11 @@ def _attach(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.
     """Register `fn(acts) -> replacement | None` at the hook point; returns the handle."""
     block = blocks(model)[hp.layer]
     if hp.site == "resid_pre":
+
         def pre(_m, args, kwargs):
             new = fn(args[0])
             return None if new is None else ((new, *args[1:]), kwargs)
+
         return block.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(_m, _args, out):
@@ -84,12 +91,14 @@ def _attach(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.
         if new is None:
             return None
         return (new, *out[1:]) if isinstance(out, tuple) else new
+
     return block.register_forward_hook(post)
 
 
 @torch.no_grad()
-def activations_at(model: nn.Module, hooks: list[HookPoint], input_ids: torch.Tensor
-                   ) -> dict[str, torch.Tensor]:
+def activations_at(
+    model: nn.Module, hooks: list[HookPoint], input_ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Residual activations (B, T, d_model) at each hook point, from one truncated forward pass."""
     out: dict[str, torch.Tensor] = {}
     last = max(hooks, key=lambda h: (h.layer, h.site == "resid_post"))
@@ -99,6 +108,7 @@ def activations_at(model: nn.Module, hooks: list[HookPoint], input_ids: torch.Te
             out[hp.name] = acts.detach()
             if hp == last:
                 raise _StopForward
+
         return fn
 
     handles = [_attach(model, hp, grab(hp)) for hp in hooks]
@@ -113,8 +123,9 @@ def activations_at(model: nn.Module, hooks: list[HookPoint], input_ids: torch.Te
 
 
 @contextmanager
-def spliced(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]
-            ) -> Iterator[None]:
+def spliced(
+    model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
     """Within the block, the activation at `hp` is replaced by `fn(acts)` on every forward."""
     handle = _attach(model, hp, fn)
     try:
@@ -129,4 +140,5 @@ def next_token_ce(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     mask = torch.ones_like(input_ids)  # packed contexts: no padding
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
     return nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+        logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
+    )

@@ -16,8 +16,16 @@ import torch
 from sae.cache import Manifest, read_shard
 
 
-def batches(dir: Path, hook: str, batch_size: int, *, buffer_rows: int = 262_144, seed: int = 0,
-            exclude_special: bool = True, epochs: int | None = None) -> Iterator[torch.Tensor]:
+def batches(
+    dir: Path,
+    hook: str,
+    batch_size: int,
+    *,
+    buffer_rows: int = 262_144,
+    seed: int = 0,
+    exclude_special: bool = True,
+    epochs: int | None = None,
+) -> Iterator[torch.Tensor]:
     """Endless (or `epochs`) stream of (batch_size, d_in) activation batches in the stored dtype.
 
     Within an epoch every kept row is yielded exactly once; the last, smaller batch of an epoch

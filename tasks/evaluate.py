@@ -40,8 +40,9 @@ def _baselines(lm, hp: HookPoint, eval_dir: Path, contexts) -> dict[str, float]:
 
 
 @task(name="evaluate_sae", cache_policy=NO_CACHE)
-def evaluate(cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any],
-             trained: dict[str, Any]) -> dict[str, float]:
+def evaluate(
+    cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
+) -> dict[str, float]:
     """eval/* metrics of the SAE in `trained` on the eval cache's contexts, logged to its run."""
     c, log = from_dict(cfg), logger()
     lm, _ = load_lm(model["path"], model["revision"], c.model.dtype)
@@ -52,26 +53,33 @@ def evaluate(cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, A
     sae = load_sae(Path(trained["checkpoint"]))
     metrics = evaluate_sae(lm, hp, sae, contexts, baselines, c.eval.dense_threshold)
     metrics["dead_window_tokens"] = metrics.get("tokens", 0.0)
-    tracking.log_metrics(trained["run_id"], {f"eval/{k}": v for k, v in metrics.items()},
-                         uri=c.tracking.uri)
+    tracking.log_metrics(
+        trained["run_id"], {f"eval/{k}": v for k, v in metrics.items()}, uri=c.tracking.uri
+    )
     tracking.set_tags(trained["run_id"], {"eval_cache_key": eval_cache["key"]}, c.tracking.uri)
     log.info("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
 
 
 @task(name="feature_stats", cache_policy=NO_CACHE)
-def features(cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any],
-             trained: dict[str, Any]) -> dict[str, Any]:
+def features(
+    cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
+) -> dict[str, Any]:
     """One row per latent (DESIGN §6) as Parquet under features/run_id=<id>/, and as an artifact."""
     c = from_dict(cfg)
     lm, tok = load_lm(model["path"], model["revision"], c.model.dtype)
     sae = load_sae(Path(trained["checkpoint"]))
     unembed = lm.get_output_embeddings()
     table = feature_stats(
-        sae, sequences(Path(eval_cache["dir"]), c.hook, c.eval.batch_size),
-        decode=lambda ids: tok.decode(ids), vocab=lambda i: tok.decode([i]),
+        sae,
+        sequences(Path(eval_cache["dir"]), c.hook, c.eval.batch_size),
+        decode=lambda ids: tok.decode(ids),
+        vocab=lambda i: tok.decode([i]),
         unembed=None if unembed is None else unembed.weight.detach(),
-        n_top=c.eval.top_examples, before=c.eval.context_before, after=c.eval.context_after)
+        n_top=c.eval.top_examples,
+        before=c.eval.context_before,
+        after=c.eval.context_after,
+    )
     out = home() / "features" / f"run_id={trained['run_id']}"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "feature_stats.parquet"

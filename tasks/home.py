@@ -1,4 +1,4 @@
-"""The data directory: everything saeflow writes lives under `$SAEFLOW_HOME` (default ~/.saeflow)."""
+"""The data directory: everything saeflow writes lives under `$SAEFLOW_HOME` (~/.saeflow)."""
 
 from __future__ import annotations
 

@@ -40,18 +40,34 @@ def prepare_model(cfg: dict[str, Any]) -> dict[str, Any]:
     if c.source == "hub":
         local = Path(c.path).expanduser()
         if local.is_dir():
-            return {"path": str(local.resolve()), "revision": None, "identity": _weights_hash(local)}
+            return {
+                "path": str(local.resolve()),
+                "revision": None,
+                "identity": _weights_hash(local),
+            }
         from transformers import AutoConfig
 
-        commit = getattr(AutoConfig.from_pretrained(c.path, revision=c.revision), "_commit_hash",
-                         None)
-        return {"path": c.path, "revision": c.revision, "identity": f"{c.path}@{commit or c.revision}"}
+        commit = getattr(
+            AutoConfig.from_pretrained(c.path, revision=c.revision), "_commit_hash", None
+        )
+        return {
+            "path": c.path,
+            "revision": c.revision,
+            "identity": f"{c.path}@{commit or c.revision}",
+        }
     spec = lm_spec(c)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
     out = home() / "models" / f"{c.name}-{digest.hexdigest()[:10]}"
     log = logger()
     build = build_stdlib_lm(out, spec, log=log.info)
-    log.info(f"model {c.name} at {out}: held-out CE {build['heldout_ce']:.3f} nats vs unigram "
-             f"{build['unigram_ce']:.3f}")
-    return {"path": str(out), "revision": None, "identity": build["weights_sha256"],
-            "heldout_ce": build["heldout_ce"], "unigram_ce": build["unigram_ce"]}
+    log.info(
+        f"model {c.name} at {out}: held-out CE {build['heldout_ce']:.3f} nats vs unigram "
+        f"{build['unigram_ce']:.3f}"
+    )
+    return {
+        "path": str(out),
+        "revision": None,
+        "identity": build["weights_sha256"],
+        "heldout_ce": build["heldout_ce"],
+        "unigram_ce": build["unigram_ce"],
+    }

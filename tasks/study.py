@@ -25,13 +25,20 @@ def open_study(cfg: dict[str, Any], kind: str = "pipeline") -> dict[str, str]:
     exp_id = tracking.ensure_experiment(experiment_name(cfg), uri)
     parent = tracking.start_run(exp_id, kind, uri=uri, tags={"saeflow.stage": kind})
     tracking.log_params(parent, flatten(cfg), uri)
-    return {"experiment_id": exp_id, "parent_run_id": parent,
-            "tracking_uri": tracking.tracking_uri(uri)}
+    return {
+        "experiment_id": exp_id,
+        "parent_run_id": parent,
+        "tracking_uri": tracking.tracking_uri(uri),
+    }
 
 
 @task(name="close_study", cache_policy=NO_CACHE)
-def close_study(cfg: dict[str, Any], parent_run_id: str, status: str = "FINISHED",
-                tags: dict[str, str] | None = None) -> None:
+def close_study(
+    cfg: dict[str, Any],
+    parent_run_id: str,
+    status: str = "FINISHED",
+    tags: dict[str, str] | None = None,
+) -> None:
     uri = from_dict(cfg).tracking.uri
     if tags:
         tracking.set_tags(parent_run_id, tags, uri)
@@ -45,13 +52,21 @@ def find_sae(cfg: dict[str, Any]) -> dict[str, str]:
     run_id = c.eval.run_id
     if run_id is None:
         exp = tracking.client(c.tracking.uri).get_experiment_by_name(experiment_name(cfg))
-        runs = [] if exp is None else tracking.client(c.tracking.uri).search_runs(
-            [exp.experiment_id], "tags.`saeflow.stage` != 'pipeline' and "
-            "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+        runs = (
+            []
+            if exp is None
+            else tracking.client(c.tracking.uri).search_runs(
+                [exp.experiment_id],
+                "tags.`saeflow.stage` != 'pipeline' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"],
+            )
+        )
         runs = [r for r in runs if (home() / "saes" / r.info.run_id).is_dir()]
         if not runs:
-            raise FileNotFoundError(f"no trained SAE in experiment {experiment_name(cfg)!r}; "
-                                    "train one first or pass eval.run_id=<MLflow run id>")
+            raise FileNotFoundError(
+                f"no trained SAE in experiment {experiment_name(cfg)!r}; "
+                "train one first or pass eval.run_id=<MLflow run id>"
+            )
         run_id = runs[0].info.run_id
     checkpoint = home() / "saes" / run_id
     if not (checkpoint / "sae.safetensors").is_file():

@@ -48,15 +48,26 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
 def git_commit() -> str:
     """The saeflow checkout's commit, or 'unknown' outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def start_run(experiment_id: str, run_name: str, *, uri: str | None = None,
-              parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+def start_run(
+    experiment_id: str,
+    run_name: str,
+    *,
+    uri: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
     """Create a run (nested under `parent_run_id` when given) and return its id."""
     all_tags = {"git_commit": git_commit(), **(tags or {})}
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID") or _prefect_flow_run_id()
@@ -81,32 +92,35 @@ def _prefect_flow_run_id() -> str | None:
 def log_params(run_id: str, params: dict[str, Any], uri: str | None = None) -> None:
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        client(uri).log_batch(run_id, params=items[i:i + 100])
+        client(uri).log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0,
-                uri: str | None = None) -> None:
+def log_metrics(
+    run_id: str, metrics: dict[str, float], step: int = 0, uri: str | None = None
+) -> None:
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     for i in range(0, len(items), _BATCH):
-        client(uri).log_batch(run_id, metrics=items[i:i + _BATCH])
+        client(uri).log_batch(run_id, metrics=items[i : i + _BATCH])
 
 
-def log_history(run_id: str, history: list[tuple[int, dict[str, float]]],
-                uri: str | None = None) -> None:
+def log_history(
+    run_id: str, history: list[tuple[int, dict[str, float]]], uri: str | None = None
+) -> None:
     """Many steps' metrics in few calls: [(step, {key: value}), ...]."""
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for step, ms in history for k, v in ms.items()]
     for i in range(0, len(items), _BATCH):
-        client(uri).log_batch(run_id, metrics=items[i:i + _BATCH])
+        client(uri).log_batch(run_id, metrics=items[i : i + _BATCH])
 
 
 def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
     client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def log_artifact(run_id: str, path: Path, artifact_path: str | None = None,
-                 uri: str | None = None) -> None:
+def log_artifact(
+    run_id: str, path: Path, artifact_path: str | None = None, uri: str | None = None
+) -> None:
     c = client(uri)
     if Path(path).is_dir():
         c.log_artifacts(run_id, str(path), artifact_path)
@@ -133,10 +147,13 @@ def runs_table(uri: str | None = None) -> pa.Table:
     for run in c.search_runs(list(exps), max_results=50_000):
         info, data = run.info, run.data
         row: dict[str, Any] = {
-            "run_id": info.run_id, "run_name": info.run_name,
-            "experiment": exps.get(info.experiment_id), "status": info.status,
+            "run_id": info.run_id,
+            "run_name": info.run_name,
+            "experiment": exps.get(info.experiment_id),
+            "status": info.status,
             "parent_run_id": data.tags.get("mlflow.parentRunId"),
-            "start_time": info.start_time, "cache_key": data.tags.get("cache_key"),
+            "start_time": info.start_time,
+            "cache_key": data.tags.get("cache_key"),
             "git_commit": data.tags.get("git_commit"),
         }
         row |= {_column(k): _number(v) for k, v in data.params.items()}
@@ -152,8 +169,15 @@ def metrics_table(uri: str | None = None) -> pa.Table:
     for run in c.search_runs([e.experiment_id for e in c.search_experiments()]):
         for key in run.data.metrics:
             for m in c.get_metric_history(run.info.run_id, key):
-                rows.append({"run_id": run.info.run_id, "key": key, "step": m.step,
-                             "value": m.value, "timestamp": m.timestamp})
+                rows.append(
+                    {
+                        "run_id": run.info.run_id,
+                        "key": key,
+                        "step": m.step,
+                        "value": m.value,
+                        "timestamp": m.timestamp,
+                    }
+                )
     return _table(rows, ["run_id", "key", "step", "value", "timestamp"])
 
 

@@ -35,10 +35,19 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def fit_config(c: Config) -> FitConfig:
     t = c.train
-    return FitConfig(tokens=t.tokens, batch_size=t.batch_size, lr=t.lr,
-                     l1_warmup_frac=t.l1_warmup_frac, lr_decay_frac=t.lr_decay_frac,
-                     grad_clip=t.grad_clip, dtype=t.dtype, device=t.device, seed=t.seed,
-                     log_every=t.log_every, threads=t.threads)
+    return FitConfig(
+        tokens=t.tokens,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        l1_warmup_frac=t.l1_warmup_frac,
+        lr_decay_frac=t.lr_decay_frac,
+        grad_clip=t.grad_clip,
+        dtype=t.dtype,
+        device=t.device,
+        seed=t.seed,
+        log_every=t.log_every,
+        threads=t.threads,
+    )
 
 
 class _Logger:
@@ -56,9 +65,11 @@ class _Logger:
         if time.monotonic() - self.last_print > 10:
             self.last_print = time.monotonic()
             seen, rate = metrics.get("tokens", 0), metrics.get("tokens_per_s", 0) or 1
-            logger().info(f"step {step}: loss {metrics['loss']:.4f} l0 {metrics['l0']:.1f} "
-                          f"{seen:,.0f}/{self.tokens:,} tokens, {rate:,.0f} tok/s, "
-                          f"ETA {(self.tokens - seen) / rate:.0f}s")
+            logger().info(
+                f"step {step}: loss {metrics['loss']:.4f} l0 {metrics['l0']:.1f} "
+                f"{seen:,.0f}/{self.tokens:,} tokens, {rate:,.0f} tok/s, "
+                f"ETA {(self.tokens - seen) / rate:.0f}s"
+            )
 
     def flush(self) -> None:
         if self.buf:
@@ -67,8 +78,9 @@ class _Logger:
 
 
 @task(name="train_sae", cache_policy=NO_CACHE)
-def train_sae(cfg: dict[str, Any], cache: dict[str, Any], experiment_id: str,
-              parent_run_id: str | None = None) -> dict[str, Any]:
+def train_sae(
+    cfg: dict[str, Any], cache: dict[str, Any], experiment_id: str, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Train `cfg.sae` on the cache; returns {run_id, checkpoint}. The run ends FINISHED, or
     FAILED with the error, and the checkpoint lands in $SAEFLOW_HOME/saes/<run_id>."""
     c, uri = from_dict(cfg), from_dict(cfg).tracking.uri
@@ -76,21 +88,36 @@ def train_sae(cfg: dict[str, Any], cache: dict[str, Any], experiment_id: str,
     d_in = m.d_in(c.hook)
     hparams = {k: getattr(c.sae, k) for k in HPARAMS[c.sae.arch]}
     sae = build_sae(c.sae.arch, d_in, c.sae.d_sae, seed=c.train.seed, **hparams)
-    run_id = tracking.start_run(experiment_id, c.run_name or f"{c.sae.arch}-{c.sae.d_sae}",
-                                uri=uri, parent_run_id=parent_run_id,
-                                tags={"cache_key": cache["key"], "saeflow.stage": "train"})
-    tracking.log_params(run_id, flatten(cfg) | {"sae.d_in": d_in, "cache.key": cache["key"]},
-                        uri)
+    run_id = tracking.start_run(
+        experiment_id,
+        c.run_name or f"{c.sae.arch}-{c.sae.d_sae}",
+        uri=uri,
+        parent_run_id=parent_run_id,
+        tags={"cache_key": cache["key"], "saeflow.stage": "train"},
+    )
+    tracking.log_params(run_id, flatten(cfg) | {"sae.d_in": d_in, "cache.key": cache["key"]}, uri)
     on_step = _Logger(run_id, uri, c.train.tokens)
     try:
-        stream = batches(Path(cache["dir"]), c.hook, c.train.batch_size,
-                         buffer_rows=c.train.shuffle_rows, seed=c.train.seed,
-                         exclude_special=c.cache.exclude_special)
+        stream = batches(
+            Path(cache["dir"]),
+            c.hook,
+            c.train.batch_size,
+            buffer_rows=c.train.shuffle_rows,
+            seed=c.train.seed,
+            exclude_special=c.cache.exclude_special,
+        )
         sae = fit(sae, stream, fit_config(c), on_step)
         on_step.flush()
         out = home() / "saes" / run_id
-        sae.save(out, meta={"hook": c.hook, "cache_key": cache["key"], "run_id": run_id,
-                            "model": c.model.name})
+        sae.save(
+            out,
+            meta={
+                "hook": c.hook,
+                "cache_key": cache["key"],
+                "run_id": run_id,
+                "model": c.model.name,
+            },
+        )
         tracking.log_artifact(run_id, out, "checkpoint", uri)
     except BaseException as e:
         on_step.flush()

@@ -16,9 +16,19 @@ os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 # other core (STACK.md).
 torch.set_num_threads(1)
 
-TINY = ["model=tiny", "hook=blocks.0.resid_post", "cache.tokens=16384", "cache.shard_tokens=4096",
-        "eval.tokens=4096", "eval.batch_size=8", "sae.d_sae=64", "train.tokens=32768",
-        "train.batch_size=512", "train.shuffle_rows=4096", "train.log_every=4"]
+TINY = [
+    "model=tiny",
+    "hook=blocks.0.resid_post",
+    "cache.tokens=16384",
+    "cache.shard_tokens=4096",
+    "eval.tokens=4096",
+    "eval.batch_size=8",
+    "sae.d_sae=64",
+    "train.tokens=32768",
+    "train.batch_size=512",
+    "train.shuffle_rows=4096",
+    "train.log_every=4",
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

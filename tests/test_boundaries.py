@@ -10,8 +10,10 @@ IMPORT = re.compile(r"^\s*(?:import|from)\s+([a-z_]+)", re.M)
 
 
 def _imports(package: str) -> dict[str, set[str]]:
-    return {str(p.relative_to(ROOT)): set(IMPORT.findall(p.read_text()))
-            for p in (ROOT / package).rglob("*.py")}
+    return {
+        str(p.relative_to(ROOT)): set(IMPORT.findall(p.read_text()))
+        for p in (ROOT / package).rglob("*.py")
+    }
 
 
 def test_sae_is_pure_torch() -> None:
@@ -31,7 +33,8 @@ def test_nothing_loads_pickles() -> None:
         if ".venv" in p.parts or p.name == "test_boundaries.py":
             continue
         for line in p.read_text().splitlines():
-            assert not re.search(r"\b(import pickle|pickle\.loads?\(|dill|joblib\.load)",
-                                 line), f"{p}: {line}"
+            assert not re.search(r"\b(import pickle|pickle\.loads?\(|dill|joblib\.load)", line), (
+                f"{p}: {line}"
+            )
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{p}: {line}"

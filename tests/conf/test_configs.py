@@ -22,24 +22,31 @@ def test_every_config_file_composes(group: str, option: str) -> None:
 def test_defaults_are_the_offline_study() -> None:
     c, _ = load([])
     assert (c.model.source, c.data.source, c.sae.arch, c.hook) == (
-        "builtin", "stdlib", "relu", "blocks.2.resid_post")
+        "builtin",
+        "stdlib",
+        "relu",
+        "blocks.2.resid_post",
+    )
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("sae.d_sae=-3", "sae.d_sae must be > 0, got -3"),
-    ("model=nope", "Could not find 'model/nope'"),
-    ("sae=nope", "Available options in 'sae'"),
-    ("sae.dsae=3", "Could not override 'sae.dsae'"),
-    ("train.tokens=abc", "could not be converted to Integer"),
-    ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda"),
-    ("train.dtype=int8", "train.dtype='int8'"),
-    ("sae.k=5000", "sae.k=5000 must be <= sae.d_sae=1024"),
-    ("hook=blocks.9.resid_post", "has 4 blocks"),
-    ("hook=mlp", "is not a hook point"),
-    ("data.holdout=1.5", "data.holdout must be in (0, 1)"),
-    ("cache.dtype=fp32", "cache.dtype='fp32'"),
-    ("data.context_length=4096", "exceeds model.n_ctx=256"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sae.d_sae=-3", "sae.d_sae must be > 0, got -3"),
+        ("model=nope", "Could not find 'model/nope'"),
+        ("sae=nope", "Available options in 'sae'"),
+        ("sae.dsae=3", "Could not override 'sae.dsae'"),
+        ("train.tokens=abc", "could not be converted to Integer"),
+        ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda"),
+        ("train.dtype=int8", "train.dtype='int8'"),
+        ("sae.k=5000", "sae.k=5000 must be <= sae.d_sae=1024"),
+        ("hook=blocks.9.resid_post", "has 4 blocks"),
+        ("hook=mlp", "is not a hook point"),
+        ("data.holdout=1.5", "data.holdout must be in (0, 1)"),
+        ("cache.dtype=fp32", "cache.dtype='fp32'"),
+        ("data.context_length=4096", "exceeds model.n_ctx=256"),
+    ],
+)
 def test_bad_override_names_the_problem(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         load([override])

@@ -20,13 +20,18 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[s
     parent = tracking.start_run(exp, "pipeline")
     ids = []
     for d_sae, lr in [(8, 0.9), (16, 0.95)]:
-        run = tracking.start_run(exp, f"relu-{d_sae}", parent_run_id=parent,
-                                 tags={"cache_key": "abc"})
+        run = tracking.start_run(
+            exp, f"relu-{d_sae}", parent_run_id=parent, tags={"cache_key": "abc"}
+        )
         tracking.log_params(run, {"sae.d_sae": d_sae, "sae.arch": "relu"})
         tracking.log_history(run, [(s, {"train/loss": 1.0 / (s + 1)}) for s in range(3)])
         tracking.log_metrics(run, {"eval/loss_recovered": lr})
-        feats = pa.table({"feature_id": pa.array(range(d_sae), pa.int32()),
-                          "freq": [0.0] * 2 + [0.1] * (d_sae - 2)})
+        feats = pa.table(
+            {
+                "feature_id": pa.array(range(d_sae), pa.int32()),
+                "freq": [0.0] * 2 + [0.1] * (d_sae - 2),
+            }
+        )
         out = tmp_path / "features" / f"run_id={run}"
         out.mkdir(parents=True)
         pq.write_table(feats, out / "feature_stats.parquet")
@@ -37,19 +42,33 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[s
 def test_views_join_features_to_runs(store) -> None:
     home, ids = store
     con = connect(home / "features", tracking.runs_table(), tracking.metrics_table())
-    t = query(con, "select r.sae_d_sae, count(*) as n, sum((f.freq = 0)::int) as dead, "
-                   "any_value(r.eval_loss_recovered) as lr from features f join runs r "
-                   "using (run_id) group by all order by 1")
-    assert t.to_pylist() == [{"sae_d_sae": 8, "n": 8, "dead": 2, "lr": 0.9},
-                             {"sae_d_sae": 16, "n": 16, "dead": 2, "lr": 0.95}]
-    runs = query(con, "select run_name, parent_run_id, cache_key from runs "
-                      "where parent_run_id is not null order by run_name").to_pylist()
+    t = query(
+        con,
+        "select r.sae_d_sae, count(*) as n, sum((f.freq = 0)::int) as dead, "
+        "any_value(r.eval_loss_recovered) as lr from features f join runs r "
+        "using (run_id) group by all order by 1",
+    )
+    assert t.to_pylist() == [
+        {"sae_d_sae": 8, "n": 8, "dead": 2, "lr": 0.9},
+        {"sae_d_sae": 16, "n": 16, "dead": 2, "lr": 0.95},
+    ]
+    runs = query(
+        con,
+        "select run_name, parent_run_id, cache_key from runs "
+        "where parent_run_id is not null order by run_name",
+    ).to_pylist()
     assert [r["run_name"] for r in runs] == ["relu-16", "relu-8"]
     assert {r["cache_key"] for r in runs} == {"abc"}
-    steps = query(con, "select step, value from metrics where run_id = ? and key = 'train/loss' "
-                       "order by step", [ids[0]]).to_pylist()
-    assert steps == [{"step": 0, "value": 1.0}, {"step": 1, "value": 0.5},
-                     {"step": 2, "value": pytest.approx(1 / 3)}]
+    steps = query(
+        con,
+        "select step, value from metrics where run_id = ? and key = 'train/loss' order by step",
+        [ids[0]],
+    ).to_pylist()
+    assert steps == [
+        {"step": 0, "value": 1.0},
+        {"step": 1, "value": 0.5},
+        {"step": 2, "value": pytest.approx(1 / 3)},
+    ]
 
 
 def test_empty_store_has_typed_views(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,13 +30,23 @@ def test_pipeline_tracks_run_metrics_checkpoint_and_features(study, saeflow_home
     assert run.data.tags["prefect.flow_run_id"]
     assert run.data.params["sae.d_sae"] == "64" and run.data.params["hook"] == "blocks.0.resid_post"
     m = run.data.metrics
-    for key in ["mse", "fvu", "explained_variance", "l0", "dead_frac", "ce_clean", "ce_sae",
-                "ce_zero", "loss_recovered"]:
+    for key in [
+        "mse",
+        "fvu",
+        "explained_variance",
+        "l0",
+        "dead_frac",
+        "ce_clean",
+        "ce_sae",
+        "ce_zero",
+        "loss_recovered",
+    ]:
         assert f"eval/{key}" in m, key
     assert m["eval/explained_variance"] == pytest.approx(1 - m["eval/fvu"])
     assert m["eval/ce_clean"] < m["eval/ce_zero"]
     assert m["eval/loss_recovered"] == pytest.approx(
-        (m["eval/ce_zero"] - m["eval/ce_sae"]) / (m["eval/ce_zero"] - m["eval/ce_clean"]))
+        (m["eval/ce_zero"] - m["eval/ce_sae"]) / (m["eval/ce_zero"] - m["eval/ce_clean"])
+    )
     assert 0 < m["eval/l0"] <= 64
     history = c.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) >= 5 and history[-1].value < history[0].value
@@ -51,12 +61,18 @@ def test_sql_joins_features_to_runs(study, saeflow_home: Path) -> None:
     from tasks import tracking
 
     con = connect(saeflow_home / "features", tracking.runs_table())
-    rows = query(con, "select r.sae_d_sae, r.eval_l0, count(*) as n from features f "
-                      "join runs r using (run_id) where r.run_id = ? group by all",
-                 [study["trained"]["run_id"]]).to_pylist()
+    rows = query(
+        con,
+        "select r.sae_d_sae, r.eval_l0, count(*) as n from features f "
+        "join runs r using (run_id) where r.run_id = ? group by all",
+        [study["trained"]["run_id"]],
+    ).to_pylist()
     assert rows[0]["n"] == 64 and rows[0]["sae_d_sae"] == 64
-    ex = query(con, "select top_examples[1].text as t, top_examples[1].activation as a "
-                    "from features where max_act > 0 order by max_act desc limit 1").to_pylist()
+    ex = query(
+        con,
+        "select top_examples[1].text as t, top_examples[1].activation as a "
+        "from features where max_act > 0 order by max_act desc limit 1",
+    ).to_pylist()
     assert "«" in ex[0]["t"] and "»" in ex[0]["t"] and ex[0]["a"] > 0
 
 
@@ -78,6 +94,15 @@ def test_cli_rejects_bad_override_before_work(saeflow_home: Path, capsys) -> Non
 
 
 def test_cli_sql_counts_features(study, capsys) -> None:
-    assert main(["sql", "select count(*) as n from features where run_id = "
-                 f"'{study['trained']['run_id']}'", "--format", "csv"]) == 0
+    assert (
+        main(
+            [
+                "sql",
+                f"select count(*) as n from features where run_id = '{study['trained']['run_id']}'",
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines() == ["n", "64"]

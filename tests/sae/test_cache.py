@@ -33,9 +33,21 @@ def _contexts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def _build(dir: Path, model, hooks, contexts, **kw) -> Manifest:
-    return build_cache(dir, model, hooks, iter(contexts), n_contexts=len(contexts), key="k",
-                       key_inputs={"test": True}, context_length=T, special_token_ids=[0],
-                       shard_tokens=4 * T, batch_size=3, log=lambda s: None, **kw)
+    return build_cache(
+        dir,
+        model,
+        hooks,
+        iter(contexts),
+        n_contexts=len(contexts),
+        key="k",
+        key_inputs={"test": True},
+        context_length=T,
+        special_token_ids=[0],
+        shard_tokens=4 * T,
+        batch_size=3,
+        log=lambda s: None,
+        **kw,
+    )
 
 
 def test_round_trip_equals_hidden_states(tmp_path: Path, gpt2) -> None:
@@ -65,7 +77,7 @@ def test_shard_layout(tmp_path: Path, gpt2) -> None:
     col = f.metadata.row_group(0).column(4)
     assert col.compression == "UNCOMPRESSED" and not col.is_stats_set
     t = pq.read_table(tmp_path / "shard-00000.parquet")
-    assert t["seq_id"].to_pylist()[:T + 1] == [0] * T + [1]
+    assert t["seq_id"].to_pylist()[: T + 1] == [0] * T + [1]
     assert t["pos"].to_pylist()[:T] == list(range(T))
     assert t["special"].to_pylist()[0] is True and t["special"].to_pylist()[1] is False
 
@@ -77,9 +89,20 @@ def test_resume_after_partial_build_is_identical(tmp_path: Path, gpt2) -> None:
     part.complete = False
     part.save(tmp_path / "part")
     logs: list[str] = []
-    resumed = build_cache(tmp_path / "part", gpt2, hooks, iter(ctx), n_contexts=10, key="k",
-                          key_inputs={"test": True}, context_length=T, special_token_ids=[0],
-                          shard_tokens=4 * T, batch_size=3, log=logs.append)
+    resumed = build_cache(
+        tmp_path / "part",
+        gpt2,
+        hooks,
+        iter(ctx),
+        n_contexts=10,
+        key="k",
+        key_inputs={"test": True},
+        context_length=T,
+        special_token_ids=[0],
+        shard_tokens=4 * T,
+        batch_size=3,
+        log=logs.append,
+    )
     assert "resuming" in logs[0]
     assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in full.shards]
 
@@ -92,12 +115,12 @@ def test_corrupt_shard_is_named(tmp_path: Path, gpt2) -> None:
     shard.write_bytes(bytes(data))
     assert verify(tmp_path, m) == ["shard-00001.parquet"]
     shard.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(CacheError, match="shard-00001.parquet"):
+    with pytest.raises(CacheError, match=r"shard-00001\.parquet"):
         read_shard(tmp_path, m.shards[1], ["blocks.1.resid_post"], m)
 
 
 def test_missing_manifest_and_unknown_hook(tmp_path: Path, gpt2) -> None:
-    with pytest.raises(CacheError, match="manifest.json is missing"):
+    with pytest.raises(CacheError, match=r"manifest\.json is missing"):
         Manifest.load(tmp_path)
     m = _build(tmp_path, gpt2, [HookPoint(1, "resid_post")], _contexts(4))
     with pytest.raises(CacheError, match=r"blocks.1.resid_post"):
@@ -130,8 +153,10 @@ def test_loader_yields_each_row_once_and_skips_special(tmp_path: Path, gpt2) -> 
 
 def test_activations_stop_after_deepest_hook(gpt2) -> None:
     calls: list[int] = []
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
-               for i, b in enumerate(gpt2.transformer.h)]
+    handles = [
+        b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+        for i, b in enumerate(gpt2.transformer.h)
+    ]
     try:
         out = activations_at(gpt2, [HookPoint(0, "resid_post")], torch.tensor(_contexts(2)))
     finally:

@@ -17,8 +17,21 @@ T, D, V = 12, 16, 40
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=D, n_head=2, n_positions=T,
-                                       vocab_size=V, bos_token_id=0, eos_token_id=0)).eval().double()
+    model = (
+        GPT2LMHeadModel(
+            GPT2Config(
+                n_layer=2,
+                n_embd=D,
+                n_head=2,
+                n_positions=T,
+                vocab_size=V,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        )
+        .eval()
+        .double()
+    )
     ids = torch.randint(1, V, (6, T))
     ids[:, 0] = 0  # BOS: special, never spliced
     ids[2, 5] = 0  # an EOS inside a context
@@ -61,12 +74,17 @@ def test_metrics_equal_direct_computation(setup) -> None:
         full[~special] = sae.decode(sae.encode(out[~special]))
         return full
 
-    ce_clean, ce_zero, ce_sae = _ce(model, ids), _ce(model, ids, lambda o: o * ~keep), \
-        _ce(model, ids, splice)
+    ce_clean, ce_zero, ce_sae = (
+        _ce(model, ids),
+        _ce(model, ids, lambda o: o * ~keep),
+        _ce(model, ids, splice),
+    )
     x, x_hat = x.double(), x_hat.double()
     err = (x - x_hat).pow(2).sum()
     want = {
-        "ce_clean": ce_clean, "ce_zero": ce_zero, "ce_sae": ce_sae,
+        "ce_clean": ce_clean,
+        "ce_zero": ce_zero,
+        "ce_sae": ce_sae,
         "loss_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean),
         "delta_ce": ce_sae - ce_clean,
         "mse": (err / x.numel()).item(),

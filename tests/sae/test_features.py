@@ -27,9 +27,17 @@ def test_planted_features() -> None:
     acts[1, 4, 1] = 2.0  # latent 1 fires once, on token 9
     acts[0, 0, 0] = 99.0  # a special position: ignored
     unembed = torch.eye(10, d_in)  # token j's unembedding = e_j (j < 4)
-    table = feature_stats(sae, [(ids, special, acts)], decode=lambda x: "".join(map(str, x)),
-                          unembed=unembed, vocab=str, n_top=2, before=2, after=1,
-                          n_logits=1).to_pylist()
+    table = feature_stats(
+        sae,
+        [(ids, special, acts)],
+        decode=lambda x: "".join(map(str, x)),
+        unembed=unembed,
+        vocab=str,
+        n_top=2,
+        before=2,
+        after=1,
+        n_logits=1,
+    ).to_pylist()
     f0, f1, f2 = table
     assert f0["freq"] == pytest.approx(2 / 8) and f0["mean_act"] == pytest.approx(2.0)
     assert f0["max_act"] == pytest.approx(3.0)
