@@ -148,7 +148,7 @@ def runs_table(uri: str | None = None) -> pa.Table:
         info, data = run.info, run.data
         row: dict[str, Any] = {
             "run_id": info.run_id,
-            "run_name": info.run_name,
+            "run_name": data.tags.get("mlflow.runName") or info.run_name,
             "experiment": exps.get(info.experiment_id),
             "status": info.status,
             "parent_run_id": data.tags.get("mlflow.parentRunId"),
@@ -156,7 +156,9 @@ def runs_table(uri: str | None = None) -> pa.Table:
             "cache_key": data.tags.get("cache_key"),
             "git_commit": data.tags.get("git_commit"),
         }
-        row |= {_column(k): _number(v) for k, v in data.params.items()}
+        # The fixed columns win over a param of the same name (the config's own `run_name`).
+        params = {_column(k): _number(v) for k, v in data.params.items()}
+        row |= {k: v for k, v in params.items() if k not in row}
         row |= {_column(k): v for k, v in data.metrics.items()}
         rows.append(row)
     return _table(rows, ["run_id", "run_name", "experiment", "status", "parent_run_id"])
@@ -182,6 +184,9 @@ def metrics_table(uri: str | None = None) -> pa.Table:
 
 
 def _number(v: str) -> Any:
+    """MLflow keeps params as text: give numbers back as numbers, `None` as NULL."""
+    if v == "None":
+        return None
     try:
         return int(v)
     except ValueError:

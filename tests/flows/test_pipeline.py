@@ -106,3 +106,32 @@ def test_cli_sql_counts_features(study, capsys) -> None:
         == 0
     )
     assert capsys.readouterr().out.splitlines() == ["n", "64"]
+
+
+def test_train_on_an_external_cache_then_evaluate_it(study) -> None:
+    from flows.pipeline import evaluate_flow, train_flow
+    from tasks import tracking
+
+    cache_dir = study["train_cache"]["dir"]
+    trained = train_flow([*TINY, "sae=topk", "sae.k=4", f"cache.dir={cache_dir}"])
+    assert trained["cache"] == {
+        "dir": cache_dir,
+        "key": study["train_cache"]["key"],
+        "n_tokens": 16384,
+        "reused": True,
+    }
+    run = tracking.client().get_run(trained["run_id"])
+    assert run.data.params["sae.arch"] == "topk" and run.info.status == "FINISHED"
+    evaluated = evaluate_flow(TINY)  # the latest trained SAE of the study: this one
+    assert evaluated["trained"]["run_id"] == trained["run_id"]
+    assert evaluated["metrics"]["l0"] == pytest.approx(4.0, abs=0.5)
+    logged = tracking.client().get_run(trained["run_id"]).data.metrics
+    assert logged["eval/l0"] == pytest.approx(evaluated["metrics"]["l0"])
+
+
+def test_missing_cache_dir_is_named(prefect_server, tmp_path: Path) -> None:
+    from flows.pipeline import train_flow
+    from sae.cache import CacheError
+
+    with pytest.raises(CacheError, match=r"manifest\.json is missing"):
+        train_flow([*TINY, f"cache.dir={tmp_path}"])
