@@ -74,9 +74,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "stdlib"
-    """`stdlib` (the standard library's source, offline) or `files` (local txt/jsonl/parquet)."""
+    """`stdlib` (the standard library's source, offline), `files` (local txt/jsonl/parquet) or
+    `hf` (a Hugging Face `datasets` dataset, streamed)."""
     paths: list[str] = field(default_factory=list)
-    """Local files for source=files."""
+    """Local files for source=files; `data_files` for source=hf (e.g. hf_name=json)."""
+    hf_name: str = ""
+    """source=hf: dataset name (`monology/pile-uncopyrighted`) or a builder (`json`, `parquet`)."""
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_column: str = "text"
     holdout: float = 0.03
     """Fraction of documents held out (by a stable hash) for evaluation."""
     context_length: int = 256
@@ -87,7 +93,9 @@ class DataConfig:
     """Stop reading documents after this many bytes (0 = no limit)."""
 
     def __post_init__(self) -> None:
-        _choice("data", "source", self.source, ("stdlib", "files"))
+        _choice("data", "source", self.source, ("stdlib", "files", "hf"))
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError("data.hf_name is required when data.source=hf")
         _positive("data", context_length=self.context_length)
         if not 0 < self.holdout < 1:
             raise ValueError(f"data.holdout must be in (0, 1), got {self.holdout}")
@@ -108,10 +116,18 @@ class CacheConfig:
     batch_size: int = 32
     """Contexts per forward pass while caching."""
     exclude_special: bool = True
-    """Leave BOS/EOS/pad rows out of training batches (they stay in the cache for contexts)."""
+    """Leave BOS/EOS/pad and outlier rows out of training batches (kept in the cache)."""
+    outlier_factor: float = 10.0
+    """Flag rows whose activation norm exceeds this × the shard's median (0 = never)."""
+    verify: bool = True
+    """Check every shard's sha256 before reusing a cache."""
+    repair: bool = False
+    """Recompute shards that fail their checksum instead of stopping with an error."""
 
     def __post_init__(self) -> None:
         _choice("cache", "dtype", self.dtype, ("bf16", "fp16"))
+        if self.outlier_factor < 0:
+            raise ValueError(f"cache.outlier_factor must be >= 0, got {self.outlier_factor}")
         _positive(
             "cache", tokens=self.tokens, shard_tokens=self.shard_tokens, batch_size=self.batch_size
         )
@@ -211,16 +227,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     hook: str = "blocks.2.resid_post"
-    """Hook point, `blocks.{L}.resid_pre|resid_post`."""
+    """Hook point, `blocks.{L}.resid_pre|attn_out|mlp_out|resid_post` (see sae/hooks.py)."""
     run_name: str | None = None
     """MLflow run name of the SAE; None = `<arch>-<d_sae>`."""
 
     def __post_init__(self) -> None:
-        m = re.match(r"^blocks\.(\d+)\.(resid_pre|resid_post)$", self.hook)
+        m = re.match(r"^blocks\.(\d+)\.(resid_pre|attn_out|mlp_out|resid_post)$", self.hook)
         if not m:
             raise ValueError(
                 f"hook={self.hook!r} is not a hook point; valid: "
-                "blocks.<layer>.resid_pre or blocks.<layer>.resid_post"
+                "blocks.<layer>.resid_pre|attn_out|mlp_out|resid_post"
             )
         if self.model.source == "builtin":  # its depth is known before any work
             if int(m.group(1)) >= self.model.n_layer:

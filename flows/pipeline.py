@@ -8,14 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 
 from flows.config import load
-from tasks.cache import cache_activations
+from tasks.cache import cache_shard, finish_cache, plan_cache
 from tasks.evaluate import evaluate, features
 from tasks.model import prepare_model
 from tasks.study import close_study, find_sae, open_study
 from tasks.train import train_sae
+
+
+def cache_activations(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[str, Any]:
+    """plan -> one mapped task per missing shard (a task runner may spread them) -> finish."""
+    plan = plan_cache(cfg, model, split)
+    if plan["todo"]:
+        shards = cache_shard.map(unmapped(cfg), unmapped(model), unmapped(plan), plan["todo"])
+        shards.result()  # waits; raises the first shard's error after its retries
+    return finish_cache(plan)
 
 
 @flow(name="cache_activations")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-META_COLUMNS = ["seq_id", "pos", "token_id", "special"]
+META_COLUMNS = ["seq_id", "pos", "token_id", "special", "outlier"]
 
 
 class CacheError(RuntimeError):
@@ -59,6 +60,16 @@ class Manifest:
     shards: list[Shard] = field(default_factory=list)
     complete: bool = False
     format_version: int = FORMAT_VERSION
+    n_planned: int = 0
+    """Sequences the finished cache will hold; shard i holds sequences [i·shard_seqs, …)."""
+    shard_seqs: int = 0
+    outlier_factor: float = 0.0
+    """Rows whose activation norm exceeds this × the shard's median are flagged (0 = off)."""
+
+    @property
+    def n_shards(self) -> int:
+        """Shards in the plan (the finished cache)."""
+        return -(-self.n_planned // self.shard_seqs) if self.shard_seqs else len(self.shards)
 
     @property
     def n_sequences(self) -> int:
@@ -136,14 +147,22 @@ def write_shard(
     special: torch.Tensor,
     acts: dict[str, torch.Tensor],
     dtype: str,
+    outlier: torch.Tensor | None = None,
 ) -> Shard:
-    """Write one shard of whole sequences. token_ids, special: (S, T); acts[hook]: (S, T, d)."""
+    """Write one shard of whole sequences. token_ids, special, outlier: (S, T); acts: (S, T, d).
+
+    The temp name is unique per process and thread: concurrent writers of the same shard (two
+    runs asking for one cache) each rename a complete, identical file into place.
+    """
     s, t = token_ids.shape
+    if outlier is None:
+        outlier = torch.zeros_like(special)
     cols = {
         "seq_id": pa.array(np.repeat(np.arange(first_seq, first_seq + s, dtype=np.int64), t)),
         "pos": pa.array(np.tile(np.arange(t, dtype=np.int32), s)),
         "token_id": pa.array(token_ids.reshape(-1).numpy().astype(np.int32)),
         "special": pa.array(special.reshape(-1).numpy()),
+        "outlier": pa.array(outlier.reshape(-1).numpy()),
     }
     meta = {"saeflow.dtype": dtype}
     for hook, a in acts.items():
@@ -151,7 +170,7 @@ def write_shard(
         meta[f"saeflow.d_in.{hook}"] = str(a.shape[-1])
     table = pa.table(cols).replace_schema_metadata(meta)
     name = f"shard-{index:05d}.parquet"
-    tmp = dir / f".{name}.tmp"
+    tmp = dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
     # The layout DESIGN §4 measured at ~3 GB/s: no compression, dictionary or stats on activations.
     pq.write_table(
         table,

@@ -1,17 +1,145 @@
-"""Run a language model over token contexts and write its activations as a resumable cache."""
+"""Fill an activation cache: plan, tokens, shards, manifest — each step safe to kill and re-run.
+
+    open_cache    the manifest with the plan (n_planned sequences, shard_seqs); reused if there
+    write_tokens  the packed contexts as `tokens.npy` (n, T) int32, atomically; reused if there
+    todo          shards still to compute: those not in the manifest (+ corrupt ones on repair)
+    compute_shard forward pass over shard i's contexts, written to a temp name and renamed
+    record_shard  add it to the manifest (read-modify-write under a file lock, atomic rename)
+    finish        mark the cache complete once every planned shard is listed
+
+Shard i always holds contexts [i·shard_seqs, (i+1)·shard_seqs) computed in the same batches, so
+shards can be computed in any order, by any number of workers, and a resumed cache is
+byte-identical to an uninterrupted one. `build_cache` runs the steps in one process.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from sae.cache import MANIFEST, CacheError, Manifest, write_shard
+from sae.cache import MANIFEST, CacheError, Manifest, Shard, verify, write_shard
 from sae.hooks import HookPoint, activations_at
+
+TOKENS = "tokens.npy"
+META_BYTES_PER_ROW = 8 + 4 + 4 + 1 + 1  # seq_id, pos, token_id, special, outlier
+
+
+@contextmanager
+def locked(dir: Path) -> Iterator[None]:
+    """An exclusive lock on the cache directory, across processes (flock on `.lock`)."""
+    with open(dir / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_cache(dir: Path, plan: Manifest) -> Manifest:
+    """The manifest in `dir`, created from `plan` (no shards yet) if there is none."""
+    dir.mkdir(parents=True, exist_ok=True)
+    with locked(dir):
+        if (dir / MANIFEST).is_file():
+            m = Manifest.load(dir)
+            if m.key != plan.key:
+                raise CacheError(f"{dir} holds cache {m.key}, not {plan.key}; refusing to mix")
+            return m
+        plan.save(dir)
+        return plan
+
+
+def write_tokens(dir: Path, contexts: Iterator[list[int]], n: int, t: int) -> np.ndarray:
+    """The first `n` contexts of length `t` as (n', t) int32, n' ≤ n if the data runs out."""
+    path = dir / TOKENS
+    if not path.is_file():
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.islice(contexts, n)), np.int32)
+        if flat.size < t:
+            raise ValueError(
+                f"the data source produced no full context of {t} tokens; "
+                "give more text or a smaller data.context_length"
+            )
+        tmp = dir / f".{TOKENS}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, flat.reshape(-1, t))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def todo(dir: Path, m: Manifest, repair: bool = False) -> list[int]:
+    """Indices of shards to compute. A listed shard failing its checksum raises, naming it,
+    unless `repair`, which drops it from the manifest so it is recomputed."""
+    if bad := verify(dir, m):
+        if not repair:
+            raise CacheError(
+                f"cache {dir}: shard(s) {', '.join(bad)} fail their checksum; "
+                "re-run with cache.repair=true to recompute just those"
+            )
+        with locked(dir):
+            m = Manifest.load(dir)
+            m.shards = [s for s in m.shards if s.file not in bad]
+            m.complete = False
+            m.save(dir)
+    done = {s.first_seq // m.shard_seqs for s in m.shards}
+    return [i for i in range(m.n_shards) if i not in done]
+
+
+def disk_needed(m: Manifest, shards: int) -> int:
+    """Bytes that `shards` more shards of this plan will take (an upper bound)."""
+    row = META_BYTES_PER_ROW + sum(d * 2 for d in m.hooks.values())
+    return shards * m.shard_seqs * m.context_length * row
+
+
+def compute_shard(
+    dir: Path,
+    model: nn.Module,
+    hooks: list[HookPoint],
+    tokens: np.ndarray,
+    index: int,
+    m: Manifest,
+    batch_size: int,
+    forward_lock: object | None = None,
+) -> Shard:
+    """Run the model over shard `index`'s contexts and write the shard (not yet recorded)."""
+    first = index * m.shard_seqs
+    ids = torch.from_numpy(np.array(tokens[first : first + m.shard_seqs], dtype=np.int64))
+    with forward_lock or _NoLock():  # hooks on a shared model must not interleave
+        acts = _forward(model, hooks, ids, batch_size)  # {hook: (S, T, d)}
+    special = torch.isin(ids, torch.tensor(m.special_token_ids, dtype=torch.long))
+    outlier = _outliers(acts, special, m.outlier_factor)
+    return write_shard(dir, index, first, ids, special, acts, m.dtype, outlier)
+
+
+def record_shard(dir: Path, shard: Shard) -> Manifest:
+    """Add `shard` to the manifest (replacing an entry for the same file)."""
+    with locked(dir):
+        m = Manifest.load(dir)
+        m.shards = sorted(
+            [s for s in m.shards if s.file != shard.file] + [shard], key=lambda s: s.first_seq
+        )
+        m.save(dir)
+        return m
+
+
+def finish(dir: Path) -> Manifest:
+    """Mark the cache complete; raises if a planned shard is missing."""
+    with locked(dir):
+        m = Manifest.load(dir)
+        if len(m.shards) != m.n_shards:
+            raise CacheError(f"cache {dir}: {len(m.shards)} of {m.n_shards} shards written")
+        m.complete = True
+        m.save(dir)
+        return m
 
 
 def build_cache(
@@ -19,78 +147,72 @@ def build_cache(
     model: nn.Module,
     hooks: list[HookPoint],
     contexts: Iterator[list[int]],
+    plan: Manifest,
     *,
-    n_contexts: int,
-    key: str,
-    key_inputs: dict,
-    context_length: int,
-    special_token_ids: list[int],
-    dtype: str = "bf16",
-    shard_tokens: int = 131_072,
     batch_size: int = 32,
+    repair: bool = False,
     log: Callable[[str], None] = print,
 ) -> Manifest:
-    """Cache activations of `n_contexts` contexts at `hooks` into `dir` (DESIGN §4 layout).
+    """Every step in this process; `plan.n_planned` contexts drawn from `contexts`."""
+    m = open_cache(dir, plan)
+    tokens = write_tokens(dir, contexts, m.n_planned, m.context_length)
+    m = shrink_plan(dir, len(tokens))
+    left = todo(dir, m, repair)
+    if len(left) < m.n_shards:
+        log(f"resuming cache {m.key}: {m.n_shards - len(left)} of {m.n_shards} shards done")
+    t0 = time.perf_counter()
+    for n, i in enumerate(left, 1):
+        record_shard(dir, compute_shard(dir, model, hooks, tokens, i, m, batch_size))
+        log(progress(m, n, len(left), time.perf_counter() - t0))
+    return finish(dir)
 
-    Resumes a partial cache: finished shards (listed in the manifest) are skipped, the contexts
-    they hold are drawn from `contexts` and dropped, and work restarts at the first missing shard.
-    Stops early, with a complete but smaller cache, if `contexts` runs out.
-    """
-    dir.mkdir(parents=True, exist_ok=True)
-    m = Manifest.load(dir) if (dir / MANIFEST).is_file() else None
-    if m is not None and m.key != key:
-        raise CacheError(f"{dir} holds cache {m.key}, not {key}; refusing to mix them")
-    if m is None:
-        m = Manifest(
-            key=key,
-            key_inputs=key_inputs,
-            hooks={},
-            dtype=dtype,
-            context_length=context_length,
-            special_token_ids=special_token_ids,
-        )
-    if m.complete:
+
+def shrink_plan(dir: Path, n_available: int) -> Manifest:
+    """When the data ran out, the plan is the contexts there are."""
+    with locked(dir):
+        m = Manifest.load(dir)
+        if n_available < m.n_planned:
+            m.n_planned = n_available
+            m.save(dir)
         return m
-    done = m.n_sequences
-    if done:
-        log(f"resuming cache {key}: {len(m.shards)} shards ({done} contexts) already written")
-    contexts = itertools.islice(contexts, done, n_contexts)
-    shard_seqs = max(1, shard_tokens // context_length)
-    special = torch.tensor(special_token_ids, dtype=torch.long)
-    t0, seen = time.perf_counter(), 0
-    while True:
-        chunk = list(itertools.islice(contexts, shard_seqs))
-        if not chunk:
-            break
-        ids = torch.tensor(chunk, dtype=torch.long)  # (S, T)
-        acts = _forward(model, hooks, ids, batch_size)
-        m.hooks = {h: a.shape[-1] for h, a in acts.items()}
-        m.shards.append(
-            write_shard(
-                dir, len(m.shards), m.n_sequences, ids, torch.isin(ids, special), acts, dtype
-            )
-        )
-        m.save(dir)  # after each shard: a kill loses at most the shard in flight
-        seen += ids.numel()
-        rate = seen / (time.perf_counter() - t0)
-        total = n_contexts * context_length
-        eta = (total - m.n_tokens) / max(rate, 1e-9)
-        log(f"cache {key}: {m.n_tokens:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {eta:.0f}s")
-    if m.n_sequences == 0:
-        raise ValueError(
-            "the data source produced no full context; "
-            "give more text or a smaller data.context_length"
-        )
-    m.complete = True
-    m.save(dir)
-    return m
+
+
+def progress(m: Manifest, done: int, total: int, seconds: float) -> str:
+    """`cache KEY: shard 3/8, 393,216 tokens, 41,000 tok/s, ETA 12s`."""
+    tokens = done * m.shard_seqs * m.context_length
+    rate = tokens / max(seconds, 1e-9)
+    eta = (total - done) * seconds / max(done, 1)
+    return (
+        f"cache {m.key}: shard {done}/{total}, {tokens:,} tokens, {rate:,.0f} tok/s, ETA {eta:.0f}s"
+    )
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _outliers(acts: dict[str, torch.Tensor], special: torch.Tensor, factor: float) -> torch.Tensor:
+    """(S, T) rows whose norm at any hook exceeds `factor` × the median over ordinary rows."""
+    out = torch.zeros_like(special)
+    if factor <= 0:
+        return out
+    for a in acts.values():
+        norms = a.float().norm(dim=-1)  # (S, T)
+        ordinary = norms[~special]
+        if ordinary.numel():
+            out |= norms > factor * ordinary.median()
+    return out & ~special
 
 
 @torch.no_grad()
 def _forward(
     model: nn.Module, hooks: list[HookPoint], ids: torch.Tensor, batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """{hook: (S, T, d)} for a shard's contexts, batch by batch, kept in fp32 until written."""
+    """{hook: (S, T, d)} for a shard's contexts, batch by batch, in fp32 until written."""
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
     for i in range(0, ids.shape[0], batch_size):

@@ -17,7 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-SOURCES = ("stdlib", "files")
+SOURCES = ("stdlib", "files", "hf")
 SPLITS = ("train", "eval")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Directory names whose .py files are test suites (stdlib `test/`, `idlelib/idle_test/`,
@@ -77,12 +77,19 @@ def documents(
     paths: Sequence[str] = (),
     holdout: float = 0.03,
     max_bytes: int = 0,
+    hf_name: str = "",
+    hf_config: str | None = None,
+    hf_split: str = "train",
+    text_column: str = "text",
 ) -> Iterator[str]:
     """Yield the texts of one split of a source, in a deterministic order.
 
     source="stdlib": `stdlib_files()`, keyed by path relative to the stdlib root.
     source="files": `paths` of `.txt` (one document), `.jsonl` (`"text"` per line) or `.parquet`
     (`text` column, one document per row) files, or directories of them; keyed `f"{path}:{index}"`.
+    source="hf": the `datasets` dataset `hf_name` (config, split), streamed, `text_column` of
+    each row, keyed `f"{hf_name}:{row}"`; `paths` are its `data_files` (local builders such as
+    `hf_name="json"` read them offline).
     `max_bytes > 0` stops after that many UTF-8 bytes (the last document is cut to fit).
     """
     if split not in SPLITS:
@@ -94,13 +101,26 @@ def documents(
             raise ValueError("source='files' needs paths=[...] of .txt/.jsonl/.parquet files")
         keyed = _file_documents(_expand(paths))  # expanded now so a bad path fails at the call
     elif source == "hf":
-        raise ValueError(
-            f"source='hf' (Hugging Face datasets) is not yet supported; use one of {SOURCES}"
-        )
+        if not hf_name:
+            raise ValueError("source='hf' needs hf_name (a dataset name or a builder like 'json')")
+        keyed = _hf_documents(hf_name, hf_config, hf_split, text_column, list(paths))
     else:
         raise ValueError(f"unknown text source {source!r}; valid sources: {SOURCES}")
     selected = (text for key, text in keyed if split_of(key, holdout) == split)
     return _cap_bytes(selected, max_bytes) if max_bytes > 0 else selected
+
+
+def _hf_documents(
+    name: str, config: str | None, split: str, column: str, data_files: list[str]
+) -> Iterator[tuple[str, str]]:
+    """Rows of a Hugging Face dataset, streamed (no full download before the first row)."""
+    from datasets import load_dataset  # heavy import, only for this source
+
+    ds = load_dataset(name, config, split=split, streaming=True, data_files=data_files or None)
+    for i, row in enumerate(ds):
+        if column not in row:
+            raise ValueError(f"dataset {name!r} has no column {column!r}; it has {sorted(row)}")
+        yield f"{name}:{i}", row[column] or ""
 
 
 def _cap_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

@@ -1,22 +1,44 @@
-"""Cache activations of the model at the hook for one data split (DESIGN §4)."""
+"""Cache activations at the hook(s) for one data split (DESIGN §4), as Prefect tasks.
+
+`plan_cache` decides the content key, reuses a finished cache, else writes the plan and the
+tokens and lists the shards still to do; `cache_shard` (mapped, one per shard) computes and
+records one shard; `finish_cache` seals it. A task runner can spread the shards over workers.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from transformers import AutoConfig, AutoTokenizer
 
 from conf.schema import Config, from_dict
 from sae.cache import FORMAT_VERSION, CacheError, Manifest, cache_key, verify
-from sae.extract import build_cache
+from sae.extract import (
+    compute_shard,
+    disk_needed,
+    finish,
+    open_cache,
+    progress,
+    record_shard,
+    shrink_plan,
+    todo,
+    write_tokens,
+)
 from sae.hooks import load_lm, parse_hook
 from sae.text import documents, token_contexts
 from tasks.common import logger
 from tasks.home import home
+
+_MODELS: dict[tuple, tuple[Any, threading.Lock]] = {}
+_MODELS_LOCK = threading.Lock()
 
 
 def _file_hash(path: Path) -> str | None:
@@ -24,6 +46,10 @@ def _file_hash(path: Path) -> str | None:
         return None
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def hooks_of(c: Config) -> list[str]:
+    return [c.hook]
 
 
 def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
@@ -37,12 +63,16 @@ def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
             "dtype": c.model.dtype,
         },
         "tokenizer": _file_hash(Path(model["path"]) / "tokenizer.json") or model["identity"],
-        "hooks": [c.hook],
+        "hooks": hooks_of(c),
         "dtype": c.cache.dtype,
         "context_length": c.data.context_length,
         "data": {
             "source": c.data.source,
             "paths": sorted(c.data.paths),
+            "hf_name": c.data.hf_name,
+            "hf_config": c.data.hf_config,
+            "hf_split": c.data.hf_split,
+            "text_column": c.data.text_column,
             "holdout": c.data.holdout,
             "max_bytes": c.data.max_bytes,
             "split": split,
@@ -50,6 +80,9 @@ def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
         "n_contexts": math.ceil(n_tokens / c.data.context_length),
         "prepend_bos": c.data.prepend_bos,
         "special_policy": "flag bos/eos/pad; exclude from training",
+        "outlier_factor": c.cache.outlier_factor,
+        "shard_tokens": c.cache.shard_tokens,
+        "batch_size": c.cache.batch_size,  # batching can change the last bits of a forward pass
     }
 
 
@@ -57,65 +90,122 @@ def _external(c: Config) -> dict[str, Any]:
     """`cache.dir=PATH`: any cache in the §4 layout, checked, never written."""
     path = Path(c.cache.dir).expanduser().resolve()
     m = Manifest.load(path)
-    m.d_in(c.hook)
+    for h in hooks_of(c):
+        m.d_in(h)
     if not m.complete:
         raise CacheError(f"cache {path} is incomplete; finish it before training on it")
-    return {"dir": str(path), "key": m.key, "n_tokens": m.n_tokens, "reused": True}
+    return {"dir": str(path), "key": m.key, "n_tokens": m.n_tokens, "reused": True, "todo": []}
 
 
-@task(name="cache_activations", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def cache_activations(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[str, Any]:
-    """Cache the `split` ("train" or "eval") activations; a finished cache is reused untouched."""
+def _plan(c: Config, model: dict[str, Any], split: str, key: str) -> Manifest:
+    inputs = key_inputs(c, model, split)
+    hf = AutoConfig.from_pretrained(model["path"], revision=model["revision"])
+    tok = AutoTokenizer.from_pretrained(model["path"], revision=model["revision"])
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None}
+    return Manifest(
+        key=key,
+        key_inputs=inputs,
+        hooks={h: hf.hidden_size for h in hooks_of(c)},
+        dtype=c.cache.dtype,
+        context_length=c.data.context_length,
+        special_token_ids=sorted(special),
+        n_planned=inputs["n_contexts"],
+        shard_seqs=max(1, c.cache.shard_tokens // c.data.context_length),
+        outlier_factor=c.cache.outlier_factor,
+    )
+
+
+@task(name="plan_cache", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def plan_cache(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[str, Any]:
+    """Key, reuse check, plan, tokens, disk check; returns {dir, key, reused, todo, ...}."""
     c, log = from_dict(cfg), logger()
     if split == "train" and c.cache.dir:
         return _external(c)
-    inputs = key_inputs(c, model, split)
-    key = cache_key(inputs)
+    key = cache_key(key_inputs(c, model, split))
     out = home() / "activations" / key
     if (out / "manifest.json").is_file() and (m := Manifest.load(out)).complete:
-        if bad := verify(out, m):
+        if c.cache.verify and (bad := verify(out, m)) and not c.cache.repair:
             raise CacheError(
-                f"cache {out}: shards {bad} fail their checksum; delete them "
-                "(and their manifest entries) to recompute"
+                f"cache {out}: shard(s) {', '.join(bad)} fail their checksum; "
+                "re-run with cache.repair=true to recompute just those"
             )
-        log.info(f"{split} cache {key} already complete ({m.n_tokens:,} tokens): no work")
-        return {"dir": str(out), "key": key, "n_tokens": m.n_tokens, "reused": True}
-    lm, tokenizer = load_lm(model["path"], model["revision"], c.model.dtype)
-    hp = parse_hook(lm, c.hook)
+        if not (c.cache.verify and bad):
+            log.info(f"{split} cache {key} already complete ({m.n_tokens:,} tokens): no work")
+            return {"dir": str(out), "key": key, "n_tokens": m.n_tokens, "reused": True, "todo": []}
+    m = open_cache(out, _plan(c, model, split, key))
+    tok = AutoTokenizer.from_pretrained(model["path"], revision=model["revision"])
+    d = c.data
     docs = documents(
-        c.data.source, split, paths=c.data.paths, holdout=c.data.holdout, max_bytes=c.data.max_bytes
+        d.source,
+        split,
+        paths=d.paths,
+        holdout=d.holdout,
+        max_bytes=d.max_bytes,
+        hf_name=d.hf_name,
+        hf_config=d.hf_config,
+        hf_split=d.hf_split,
+        text_column=d.text_column,
     )
-    contexts = token_contexts(
-        tokenizer, docs, c.data.context_length, prepend_bos=c.data.prepend_bos
-    )
-    special = sorted(
-        {
-            t
-            for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            if t is not None
-        }
-    )
-    n = inputs["n_contexts"]
-    d_model = lm.config.hidden_size
+    contexts = token_contexts(tok, docs, m.context_length, prepend_bos=c.data.prepend_bos)
+    m = shrink_plan(out, len(write_tokens(out, contexts, m.n_planned, m.context_length)))
+    left = todo(out, m, c.cache.repair)
+    need, free = disk_needed(m, len(left)), shutil.disk_usage(out).free
     log.info(
-        f"caching {split}: {n * c.data.context_length:,} tokens at {c.hook} -> {out} "
-        f"(~{n * c.data.context_length * d_model * 2 / 1e6:,.0f} MB)"
+        f"caching {split}: {m.n_planned * m.context_length:,} tokens at {', '.join(m.hooks)} "
+        f"-> {out}; {len(left)} of {m.n_shards} shards to do, ~{need / 1e6:,.0f} MB "
+        f"({free / 1e9:,.1f} GB free)"
     )
-    m = build_cache(
-        out,
-        lm,
-        [hp],
-        contexts,
-        n_contexts=n,
-        key=key,
-        key_inputs=inputs,
-        context_length=c.data.context_length,
-        special_token_ids=special,
-        dtype=c.cache.dtype,
-        shard_tokens=c.cache.shard_tokens,
-        batch_size=c.cache.batch_size,
-        log=log.info,
-    )
-    if m.n_sequences < n:
-        log.warning(f"{split} data ran out: cached {m.n_sequences} of {n} contexts")
-    return {"dir": str(out), "key": key, "n_tokens": m.n_tokens, "reused": False}
+    if need > free:
+        raise OSError(
+            f"not enough disk for cache {key}: needs ~{need / 1e9:.2f} GB at {out}, "
+            f"{free / 1e9:.2f} GB free; free space or set SAEFLOW_HOME elsewhere"
+        )
+    return {
+        "dir": str(out),
+        "key": key,
+        "reused": False,
+        "todo": left,
+        "started": time.time(),
+        "n_todo": len(left),
+    }
+
+
+def _model(model: dict[str, Any], dtype: str) -> tuple[Any, threading.Lock]:
+    """One loaded model per process, shared by shard tasks in threads (with a forward lock)."""
+    key = (model["path"], model["revision"], dtype)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            lm, _ = load_lm(model["path"], model["revision"], dtype)
+            _MODELS[key] = (lm, threading.Lock())
+        return _MODELS[key]
+
+
+@task(name="cache_shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def cache_shard(
+    cfg: dict[str, Any], model: dict[str, Any], plan: dict[str, Any], index: int
+) -> dict[str, Any]:
+    """Compute and record shard `index` of the planned cache."""
+    c = from_dict(cfg)
+    out = Path(plan["dir"])
+    m = Manifest.load(out)
+    lm, lock = _model(model, c.model.dtype)
+    hooks = [parse_hook(lm, h) for h in m.hooks]
+    tokens = write_tokens(out, iter(()), m.n_planned, m.context_length)  # exists: mmap
+    shard = compute_shard(out, lm, hooks, tokens, index, m, c.cache.batch_size, lock)
+    m = record_shard(out, shard)
+    done = len(m.shards) - (m.n_shards - plan["n_todo"])  # by this run, any worker
+    logger().info(progress(m, max(done, 1), plan["n_todo"], time.time() - plan["started"]))
+    return {"file": shard.file, "rows": shard.rows}
+
+
+@task(name="finish_cache", cache_policy=NO_CACHE)
+def finish_cache(plan: dict[str, Any]) -> dict[str, Any]:
+    """Seal the cache once every shard is in; returns {dir, key, n_tokens, reused}."""
+    if plan["reused"]:
+        return {k: plan[k] for k in ("dir", "key", "n_tokens", "reused")}
+    m = finish(Path(plan["dir"]))
+    if m.n_planned < m.key_inputs["n_contexts"]:
+        logger().warning(
+            f"data ran out: cached {m.n_planned} of {m.key_inputs['n_contexts']} contexts"
+        )
+    return {"dir": plan["dir"], "key": plan["key"], "n_tokens": m.n_tokens, "reused": False}

@@ -32,21 +32,23 @@ def _contexts(n: int, seed: int = 0) -> list[list[int]]:
     return ids.tolist()
 
 
-def _build(dir: Path, model, hooks, contexts, **kw) -> Manifest:
-    return build_cache(
-        dir,
-        model,
-        hooks,
-        iter(contexts),
-        n_contexts=len(contexts),
+def _plan(n: int, hooks: list[HookPoint], **kw) -> Manifest:
+    return Manifest(
         key="k",
         key_inputs={"test": True},
+        hooks={h.name: D for h in hooks},
+        dtype="bf16",
         context_length=T,
         special_token_ids=[0],
-        shard_tokens=4 * T,
-        batch_size=3,
-        log=lambda s: None,
+        n_planned=n,
+        shard_seqs=4,
         **kw,
+    )
+
+
+def _build(dir: Path, model, hooks, contexts, log=lambda s: None, **kw) -> Manifest:
+    return build_cache(
+        dir, model, hooks, iter(contexts), _plan(len(contexts), hooks), batch_size=3, log=log, **kw
     )
 
 
@@ -82,29 +84,22 @@ def test_shard_layout(tmp_path: Path, gpt2) -> None:
     assert t["special"].to_pylist()[0] is True and t["special"].to_pylist()[1] is False
 
 
-def test_resume_after_partial_build_is_identical(tmp_path: Path, gpt2) -> None:
+def test_resume_recomputes_only_missing_shards(tmp_path: Path, gpt2) -> None:
     hooks, ctx = [HookPoint(1, "resid_post")], _contexts(10)
     full = _build(tmp_path / "full", gpt2, hooks, ctx)
-    part = _build(tmp_path / "part", gpt2, hooks, ctx[:4])  # "killed" after the first shard
-    part.complete = False
-    part.save(tmp_path / "part")
+    part_dir = tmp_path / "part"
+    _build(part_dir, gpt2, hooks, ctx)
+    m = Manifest.load(part_dir)  # as if killed after shard 0 and 2 of 3 were recorded
+    m.shards, m.complete = [m.shards[0], m.shards[2]], False
+    m.save(part_dir)
+    (part_dir / "shard-00001.parquet").unlink()
+    kept = (part_dir / "shard-00000.parquet").stat().st_mtime_ns
     logs: list[str] = []
-    resumed = build_cache(
-        tmp_path / "part",
-        gpt2,
-        hooks,
-        iter(ctx),
-        n_contexts=10,
-        key="k",
-        key_inputs={"test": True},
-        context_length=T,
-        special_token_ids=[0],
-        shard_tokens=4 * T,
-        batch_size=3,
-        log=logs.append,
-    )
-    assert "resuming" in logs[0]
+    resumed = _build(part_dir, gpt2, hooks, ctx, log=logs.append)
+    assert "1 of 3 shards done" not in logs[0] and "2 of 3 shards done" in logs[0]
     assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in full.shards]
+    assert (part_dir / "shard-00000.parquet").stat().st_mtime_ns == kept  # not recomputed
+    assert resumed.complete
 
 
 def test_corrupt_shard_is_named(tmp_path: Path, gpt2) -> None:

@@ -106,7 +106,7 @@ def test_files_source_splits_by_document_id(text_files):
 def test_bad_sources_and_paths_name_the_problem(tmp_path: Path):
     with pytest.raises(ValueError, match=r"'wiki'.*stdlib.*files"):
         documents("wiki", "train")
-    with pytest.raises(ValueError, match="not yet supported"):
+    with pytest.raises(ValueError, match="needs hf_name"):
         documents("hf", "train")
     with pytest.raises(ValueError, match="'dev'"):
         documents("stdlib", "dev")
@@ -160,3 +160,15 @@ def test_token_contexts_packs_with_eos_as_bos_fallback():
     assert len(list(token_contexts(_WordTokenizer(), docs, 5, max_contexts=7))) == 7
     no_bos = list(token_contexts(_WordTokenizer(), docs, 5, prepend_bos=False))
     assert no_bos[0] == [1, 2, 3, 0, 4]
+
+
+def test_hf_datasets_source_streams_a_local_builder(tmp_path: Path):
+    """The real `datasets` code path, offline: the `json` builder over local files."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(20)))
+    kw = {"paths": [str(path)], "hf_name": "json", "text_column": "body", "holdout": 0.3}
+    held_out, train = list(documents("hf", "eval", **kw)), list(documents("hf", "train", **kw))
+    assert sorted(held_out + train) == sorted(f"doc {i}" for i in range(20))
+    assert held_out == [f"doc {i}" for i in range(20) if split_of(f"json:{i}", 0.3) == "eval"]
+    with pytest.raises(ValueError, match=r"no column 'text'.*\['body'\]"):
+        list(documents("hf", "train", **(kw | {"text_column": "text"})))
