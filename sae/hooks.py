@@ -1,8 +1,19 @@
-"""Hook points on Hugging Face causal LMs: read the residual stream, stop early, splice.
+"""Hook points on Hugging Face causal LMs: read activations, stop early, splice.
 
-A hook point is named `blocks.{L}.resid_pre` (the input of block L) or `blocks.{L}.resid_post`
-(its output), whatever the model family calls its blocks. Reading uses a forward hook that raises
-`_StopForward` once the deepest hooked block has run, so caching pays for layers 0..L only.
+A hook point is named `blocks.{L}.{site}`, whatever the model family calls its blocks:
+
+    resid_pre   the input of block L (the residual stream before it)
+    attn_out    the output of block L's attention module (first element if it returns a tuple)
+    mlp_out     the output of block L's MLP module
+    resid_post  the output of block L (= resid_pre of block L+1)
+
+In a sequential block, resid_post = resid_pre + attn_out + mlp_out; a parallel-residual block
+(GPT-NeoX/Pythia) computes both from resid_pre and the sum is the same. Some families (Gemma 2/3)
+normalise the module outputs before adding them: attn_out/mlp_out are the raw module outputs.
+
+Modules are found by structure, not by class: the block list at a known path, then the
+attention/MLP submodule under a short list of attribute names. Reading raises `_StopForward`
+once every hooked point has been computed, so caching pays only for the layers it needs.
 """
 
 from __future__ import annotations
@@ -17,16 +28,22 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.(resid_pre|resid_post)$")
-# Where each family keeps its list of transformer blocks.
+SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # in the order a block computes them
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(SITES) + r")$")
+# Where each family keeps its list of transformer blocks (GPT-2, GPT-NeoX, Llama-style, OPT).
 _BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "model.decoder.layers")
+# Attribute names of a block's attention and MLP submodules, across families.
+_SUBMODULES = {
+    "attn_out": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp_out": ("mlp", "feed_forward", "ffn"),
+}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
 class HookPoint:
     layer: int
-    site: str  # resid_pre | resid_post
+    site: str  # resid_pre | attn_out | mlp_out | resid_post
 
     @property
     def name(self) -> str:
@@ -58,60 +75,97 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def _submodule(block: nn.Module, site: str) -> nn.Module | None:
+    """The block's attention (site attn_out) or MLP (mlp_out) module; None if it has none."""
+    for attr in _SUBMODULES[site]:
+        sub = getattr(block, attr, None)
+        if isinstance(sub, nn.Module):
+            return sub
+    return None
+
+
+def _valid_sites(model: nn.Module) -> list[str]:
+    """The sites this model has: the residual ones always, attn/mlp where the block has them."""
+    block = blocks(model)[0]
+    return [s for s in SITES if s not in _SUBMODULES or _submodule(block, s) is not None]
+
+
 def parse_hook(model: nn.Module, hook: str) -> HookPoint:
     """Check `hook` against the model; the error lists the valid hook points."""
-    n = len(blocks(model))
+    n, sites = len(blocks(model)), _valid_sites(model)
     m = HOOK_RE.match(hook)
-    if not m or int(m.group(1)) >= n:
+    if not m or int(m.group(1)) >= n or m.group(2) not in sites:
+        why = ""
+        if m and m.group(2) not in sites:
+            names = ", ".join(_SUBMODULES[m.group(2)])
+            why = f" (its blocks have no submodule named {names})"
         raise ValueError(
-            f"hook {hook!r} does not exist on this {n}-block model; valid: "
-            f"blocks.{{0..{n - 1}}}.resid_pre|resid_post (e.g. blocks.{n // 2}.resid_post)"
+            f"hook {hook!r} does not exist on this {n}-block {type(model).__name__}{why}; valid: "
+            f"blocks.{{0..{n - 1}}}.{'|'.join(sites)} (e.g. blocks.{n // 2}.resid_post)"
         )
     return HookPoint(int(m.group(1)), m.group(2))
 
 
 class _StopForward(Exception):
-    """Raised from a hook to skip every layer after the last one we need."""
+    """Raised from a hook to skip everything after the last activation we need."""
+
+
+def _module(model: nn.Module, hp: HookPoint) -> nn.Module:
+    """The module whose input (resid_pre) or output (other sites) is the activation at `hp`."""
+    parse_hook(model, hp.name)  # a hand-built HookPoint gets the same ValueError
+    block = blocks(model)[hp.layer]
+    if hp.site.startswith("resid"):
+        return block
+    sub = _submodule(block, hp.site)
+    assert sub is not None  # parse_hook found it
+    return sub
 
 
 def _attach(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]):
     """Register `fn(acts) -> replacement | None` at the hook point; returns the handle."""
-    block = blocks(model)[hp.layer]
+    module = _module(model, hp)
     if hp.site == "resid_pre":
 
         def pre(_m, args, kwargs):
-            new = fn(args[0])
-            return None if new is None else ((new, *args[1:]), kwargs)
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])  # a family that passes it by keyword
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-        return block.register_forward_pre_hook(pre, with_kwargs=True)
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(_m, _args, out):
+        # Blocks and attention modules may return (tensor, extras...): keep the extras.
         acts = out[0] if isinstance(out, tuple) else out
         new = fn(acts)
         if new is None:
             return None
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
-    return block.register_forward_hook(post)
+    return module.register_forward_hook(post)
 
 
 @torch.no_grad()
 def activations_at(
     model: nn.Module, hooks: list[HookPoint], input_ids: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Residual activations (B, T, d_model) at each hook point, from one truncated forward pass."""
+    """Activations (B, T, d) at each hook point, from one forward pass that stops as soon as
+    all of them are computed (inside block L for attn_out/mlp_out of layer L)."""
+    if not hooks:
+        raise ValueError("activations_at needs at least one hook point")
     out: dict[str, torch.Tensor] = {}
-    last = max(hooks, key=lambda h: (h.layer, h.site == "resid_post"))
+    wanted = {hp.name for hp in hooks}
 
     def grab(hp: HookPoint):
         def fn(acts: torch.Tensor) -> None:
             out[hp.name] = acts.detach()
-            if hp == last:
+            if out.keys() >= wanted:  # the deepest hooked point has just run
                 raise _StopForward
 
         return fn
 
-    handles = [_attach(model, hp, grab(hp)) for hp in hooks]
+    handles = [_attach(model, hp, grab(hp)) for hp in set(hooks)]
     try:
         model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
     except _StopForward:
@@ -119,6 +173,8 @@ def activations_at(
     finally:
         for h in handles:
             h.remove()
+    if missing := wanted - out.keys():
+        raise RuntimeError(f"hook points {sorted(missing)} never ran in the forward pass")
     return out
 
 
