@@ -123,6 +123,8 @@ class CacheConfig:
     """Check every shard's sha256 before reusing a cache."""
     repair: bool = False
     """Recompute shards that fail their checksum instead of stopping with an error."""
+    hooks: list[str] = field(default_factory=list)
+    """More hook points cached in the same forward pass as `hook` (for later SAEs)."""
 
     def __post_init__(self) -> None:
         _choice("cache", "dtype", self.dtype, ("bf16", "fp16"))
@@ -232,23 +234,28 @@ class Config:
     """MLflow run name of the SAE; None = `<arch>-<d_sae>`."""
 
     def __post_init__(self) -> None:
-        m = re.match(r"^blocks\.(\d+)\.(resid_pre|attn_out|mlp_out|resid_post)$", self.hook)
-        if not m:
-            raise ValueError(
-                f"hook={self.hook!r} is not a hook point; valid: "
-                "blocks.<layer>.resid_pre|attn_out|mlp_out|resid_post"
-            )
-        if self.model.source == "builtin":  # its depth is known before any work
-            if int(m.group(1)) >= self.model.n_layer:
-                raise ValueError(
-                    f"hook={self.hook!r} does not exist: model {self.model.name} has "
-                    f"{self.model.n_layer} blocks (0..{self.model.n_layer - 1})"
-                )
+        for name, hook in [("hook", self.hook)] + [("cache.hooks", h) for h in self.cache.hooks]:
+            self._check_hook(name, hook)
+        if self.model.source == "builtin":
             if self.data.context_length > self.model.n_ctx:
                 raise ValueError(
                     f"data.context_length={self.data.context_length} exceeds "
                     f"model.n_ctx={self.model.n_ctx}"
                 )
+
+    def _check_hook(self, name: str, hook: str) -> None:
+        m = re.match(r"^blocks\.(\d+)\.(resid_pre|attn_out|mlp_out|resid_post)$", hook)
+        if not m:
+            raise ValueError(
+                f"{name}={hook!r} is not a hook point; valid: "
+                "blocks.<layer>.resid_pre|attn_out|mlp_out|resid_post"
+            )
+        # A builtin model's depth is known before any work.
+        if self.model.source == "builtin" and int(m.group(1)) >= self.model.n_layer:
+            raise ValueError(
+                f"{name}={hook!r} does not exist: model {self.model.name} has "
+                f"{self.model.n_layer} blocks (0..{self.model.n_layer - 1})"
+            )
 
 
 def register() -> None:

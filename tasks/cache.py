@@ -49,7 +49,8 @@ def _file_hash(path: Path) -> str | None:
 
 
 def hooks_of(c: Config) -> list[str]:
-    return [c.hook]
+    """`hook` and `cache.hooks`, deduplicated, in a stable order (part of the key)."""
+    return list(dict.fromkeys([c.hook, *c.cache.hooks]))
 
 
 def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
@@ -132,7 +133,15 @@ def plan_cache(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[s
         if not (c.cache.verify and bad):
             log.info(f"{split} cache {key} already complete ({m.n_tokens:,} tokens): no work")
             return {"dir": str(out), "key": key, "n_tokens": m.n_tokens, "reused": True, "todo": []}
-    m = open_cache(out, _plan(c, model, split, key))
+    plan = _plan(c, model, split, key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need, free = disk_needed(plan, plan.n_shards), shutil.disk_usage(out.parent).free
+    if need > free:  # before any work: tokenising a corpus that cannot be stored wastes hours
+        raise OSError(
+            f"not enough disk for cache {key}: needs ~{need / 1e9:,.2f} GB at {out}, "
+            f"{free / 1e9:,.2f} GB free; free space, lower cache.tokens, or move SAEFLOW_HOME"
+        )
+    m = open_cache(out, plan)
     tok = AutoTokenizer.from_pretrained(model["path"], revision=model["revision"])
     d = c.data
     docs = documents(
@@ -149,17 +158,11 @@ def plan_cache(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[s
     contexts = token_contexts(tok, docs, m.context_length, prepend_bos=c.data.prepend_bos)
     m = shrink_plan(out, len(write_tokens(out, contexts, m.n_planned, m.context_length)))
     left = todo(out, m, c.cache.repair)
-    need, free = disk_needed(m, len(left)), shutil.disk_usage(out).free
     log.info(
         f"caching {split}: {m.n_planned * m.context_length:,} tokens at {', '.join(m.hooks)} "
         f"-> {out}; {len(left)} of {m.n_shards} shards to do, ~{need / 1e6:,.0f} MB "
         f"({free / 1e9:,.1f} GB free)"
     )
-    if need > free:
-        raise OSError(
-            f"not enough disk for cache {key}: needs ~{need / 1e9:.2f} GB at {out}, "
-            f"{free / 1e9:.2f} GB free; free space or set SAEFLOW_HOME elsewhere"
-        )
     return {
         "dir": str(out),
         "key": key,

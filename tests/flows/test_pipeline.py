@@ -135,3 +135,37 @@ def test_missing_cache_dir_is_named(prefect_server, tmp_path: Path) -> None:
 
     with pytest.raises(CacheError, match=r"manifest\.json is missing"):
         train_flow([*TINY, f"cache.dir={tmp_path}"])
+
+
+def test_many_hooks_one_pass_corruption_named_and_repaired(prefect_server, tiny_model) -> None:
+    from flows.pipeline import cache_flow
+    from sae.cache import CacheError, Manifest, verify
+
+    overrides = [*TINY, "cache.hooks=[blocks.1.mlp_out,blocks.0.resid_pre]"]
+    out = cache_flow(overrides)["train"]
+    m = Manifest.load(Path(out["dir"]))
+    assert m.complete and list(m.hooks) == [
+        "blocks.0.resid_post",
+        "blocks.1.mlp_out",
+        "blocks.0.resid_pre",
+    ]
+    shard = Path(out["dir"]) / m.shards[1].file
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=m.shards[1].file):
+        cache_flow(overrides)
+    assert cache_flow([*overrides, "cache.repair=true"])["train"]["reused"] is False
+    assert verify(Path(out["dir"])) == []
+    assert Manifest.load(Path(out["dir"])).shards[1].sha256 == m.shards[1].sha256
+
+
+def test_cache_refuses_when_the_disk_cannot_hold_it(
+    prefect_server, tiny_model, saeflow_home: Path
+) -> None:
+    from flows.pipeline import cache_flow
+
+    before = sorted(p.name for p in (saeflow_home / "activations").iterdir())
+    with pytest.raises(OSError, match="not enough disk for cache"):
+        cache_flow([*TINY, "cache.tokens=100000000000000"])
+    assert sorted(p.name for p in (saeflow_home / "activations").iterdir()) == before
