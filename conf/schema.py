@@ -236,12 +236,11 @@ class Config:
     def __post_init__(self) -> None:
         for name, hook in [("hook", self.hook)] + [("cache.hooks", h) for h in self.cache.hooks]:
             self._check_hook(name, hook)
-        if self.model.source == "builtin":
-            if self.data.context_length > self.model.n_ctx:
-                raise ValueError(
-                    f"data.context_length={self.data.context_length} exceeds "
-                    f"model.n_ctx={self.model.n_ctx}"
-                )
+        if self.model.source == "builtin" and self.data.context_length > self.model.n_ctx:
+            raise ValueError(
+                f"data.context_length={self.data.context_length} exceeds "
+                f"model.n_ctx={self.model.n_ctx}"
+            )
 
     def _check_hook(self, name: str, hook: str) -> None:
         m = re.match(r"^blocks\.(\d+)\.(resid_pre|attn_out|mlp_out|resid_post)$", hook)
