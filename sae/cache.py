@@ -200,6 +200,14 @@ def read_shard(
     return table.select(META_COLUMNS), acts
 
 
+def excluded(meta: pa.Table) -> np.ndarray:
+    """(rows,) bool: special tokens and outlier rows, as flagged at caching time."""
+    special = meta["special"].to_numpy(zero_copy_only=False)
+    if "outlier" not in meta.column_names:
+        return special
+    return special | meta["outlier"].to_numpy(zero_copy_only=False)
+
+
 def verify(dir: Path, manifest: Manifest | None = None) -> list[str]:
     """Shards whose file is missing or whose checksum differs from the manifest's."""
     manifest = manifest or Manifest.load(dir)
@@ -214,13 +222,16 @@ def verify(dir: Path, manifest: Manifest | None = None) -> list[str]:
 def sequences(
     dir: Path, hook: str, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """In-order (token_ids (B,T), special (B,T), acts (B,T,d_in)) over the whole cache."""
+    """In-order (token_ids (B,T), excluded (B,T), acts (B,T,d_in)) over the whole cache.
+
+    `excluded` marks special tokens and outlier rows: kept for context, never fed to an SAE.
+    """
     m = Manifest.load(dir)
     t, d = m.context_length, m.d_in(hook)
     for shard in m.shards:
         meta, acts = read_shard(dir, shard, [hook], m)
         tok = torch.from_numpy(meta["token_id"].to_numpy().astype(np.int64)).view(-1, t)
-        spec = torch.from_numpy(meta["special"].to_numpy(zero_copy_only=False)).view(-1, t)
+        spec = torch.from_numpy(excluded(meta)).view(-1, t)
         a = acts[hook].view(-1, t, d)
         for i in range(0, tok.shape[0], batch_size):
             yield tok[i : i + batch_size], spec[i : i + batch_size], a[i : i + batch_size]

@@ -19,6 +19,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,13 +112,25 @@ def compute_shard(
     forward_lock: object | None = None,
 ) -> Shard:
     """Run the model over shard `index`'s contexts and write the shard (not yet recorded)."""
+    with forward_lock or _NoLock():  # hooks on a shared model must not interleave
+        computed = _compute(model, hooks, tokens, index, m, batch_size)
+    return write_shard(dir, index, *computed[:4], m.dtype, computed[4])
+
+
+def _compute(
+    model: nn.Module,
+    hooks: list[HookPoint],
+    tokens: np.ndarray,
+    index: int,
+    m: Manifest,
+    batch_size: int,
+) -> tuple:
+    """(first_seq, ids, special, acts, outlier) of shard `index`: the forward-pass half."""
     first = index * m.shard_seqs
     ids = torch.from_numpy(np.array(tokens[first : first + m.shard_seqs], dtype=np.int64))
-    with forward_lock or _NoLock():  # hooks on a shared model must not interleave
-        acts = _forward(model, hooks, ids, batch_size)  # {hook: (S, T, d)}
+    acts = _forward(model, hooks, ids, batch_size)  # {hook: (S, T, d)}
     special = torch.isin(ids, torch.tensor(m.special_token_ids, dtype=torch.long))
-    outlier = _outliers(acts, special, m.outlier_factor)
-    return write_shard(dir, index, first, ids, special, acts, m.dtype, outlier)
+    return first, ids, special, acts, _outliers(acts, special, m.outlier_factor)
 
 
 def record_shard(dir: Path, shard: Shard) -> Manifest:
@@ -161,9 +174,21 @@ def build_cache(
     if len(left) < m.n_shards:
         log(f"resuming cache {m.key}: {m.n_shards - len(left)} of {m.n_shards} shards done")
     t0 = time.perf_counter()
-    for n, i in enumerate(left, 1):
-        record_shard(dir, compute_shard(dir, model, hooks, tokens, i, m, batch_size))
-        log(progress(m, n, len(left), time.perf_counter() - t0))
+
+    def write(i: int, computed: tuple) -> None:
+        record_shard(dir, write_shard(dir, i, *computed[:4], m.dtype, computed[4]))
+
+    # Shard i is written (Parquet, sha256, manifest) while shard i+1's forward pass runs.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = None
+        for n, i in enumerate(left, 1):
+            computed = _compute(model, hooks, tokens, i, m, batch_size)
+            if pending is not None:
+                pending.result()  # at most one shard in flight; errors surface here
+            pending = writer.submit(write, i, computed)
+            log(progress(m, n, len(left), time.perf_counter() - t0))
+        if pending is not None:
+            pending.result()
     return finish(dir)
 
 
