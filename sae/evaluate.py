@@ -2,8 +2,9 @@
 
 Downstream losses are next-token cross-entropies (nats, mean over every prediction in the
 evaluation contexts) with the hook activation at each non-special position left alone
-(`ce_clean`), replaced by the SAE's reconstruction (`ce_sae`) or zeroed (`ce_zero`). Special
-positions (BOS/EOS) keep their clean activation in all three: the SAE never trained on them.
+(`ce_clean`), replaced by the SAE's reconstruction (`ce_sae`) or zeroed (`ce_zero`). Excluded
+positions (BOS/EOS, outlier rows) keep their clean activation in all three: the SAE never
+trained on them.
 `ce_clean` and `ce_zero` do not depend on the SAE, so `ce_baselines` runs once per evaluation set.
 """
 
