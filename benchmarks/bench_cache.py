@@ -51,20 +51,37 @@ def main() -> None:
 
     def ours() -> float:
         with tempfile.TemporaryDirectory() as d:
-            plan = Manifest(key="bench", key_inputs={}, hooks={hp.name: model.config.hidden_size},
-                            dtype="bf16", context_length=a.context, special_token_ids=[0],
-                            n_planned=n, shard_seqs=131_072 // a.context, outlier_factor=10.0)
+            plan = Manifest(
+                key="bench",
+                key_inputs={},
+                hooks={hp.name: model.config.hidden_size},
+                dtype="bf16",
+                context_length=a.context,
+                special_token_ids=[0],
+                n_planned=n,
+                shard_seqs=131_072 // a.context,
+                outlier_factor=10.0,
+            )
             t0 = time.perf_counter()
-            build_cache(Path(d), model, [hp], iter(ids.tolist()), plan, batch_size=a.batch,
-                        log=lambda s: None)
+            build_cache(
+                Path(d),
+                model,
+                [hp],
+                iter(ids.tolist()),
+                plan,
+                batch_size=a.batch,
+                log=lambda s: None,
+            )
             return time.perf_counter() - t0
 
     baseline()  # warm-up
     times = [(baseline(), ours()) for _ in range(3)]
     base, mine = min(t[0] for t in times), min(t[1] for t in times)
-    print(f"| caching ÷ forward to {a.hook} | {a.tokens:,} tokens, d={model.config.hidden_size} "
-          f"| forward {a.tokens / base:,.0f} tok/s, caching {a.tokens / mine:,.0f} tok/s "
-          f"| **{mine / base:.3f}** (target ≤ 1.1) |")
+    print(
+        f"| caching ÷ forward to {a.hook} | {a.tokens:,} tokens, d={model.config.hidden_size} "
+        f"| forward {a.tokens / base:,.0f} tok/s, caching {a.tokens / mine:,.0f} tok/s "
+        f"| **{mine / base:.3f}** (target ≤ 1.1) |"
+    )
 
 
 if __name__ == "__main__":
