@@ -58,8 +58,16 @@ def open_cache(dir: Path, plan: Manifest) -> Manifest:
         return plan
 
 
-def write_tokens(dir: Path, contexts: Iterator[list[int]], n: int, t: int) -> np.ndarray:
-    """The first `n` contexts of length `t` as (n', t) int32, n' ≤ n if the data runs out."""
+def write_tokens(
+    dir: Path, contexts: Iterator[list[int]], n: int, t: int, shuffle_seed: int | None = None
+) -> np.ndarray:
+    """The first `n` contexts of length `t` as (n', t) int32, n' ≤ n if the data runs out,
+    in a seeded random order when `shuffle_seed` is given.
+
+    Why shuffle: corpora arrive in document order (the stdlib sorted by path: its last shards
+    are Unicode tables), so sequence-contiguous shards would each hold one topic and a shuffle
+    window of a few shards would feed the SAE non-i.i.d. batches.
+    """
     path = dir / TOKENS
     if not path.is_file():
         flat = np.fromiter(itertools.chain.from_iterable(itertools.islice(contexts, n)), np.int32)
@@ -68,13 +76,21 @@ def write_tokens(dir: Path, contexts: Iterator[list[int]], n: int, t: int) -> np
                 f"the data source produced no full context of {t} tokens; "
                 "give more text or a smaller data.context_length"
             )
+        rows = flat.reshape(-1, t)
+        if shuffle_seed is not None:
+            rows = rows[np.random.default_rng(shuffle_seed).permutation(len(rows))]
         tmp = dir / f".{TOKENS}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            np.save(f, flat.reshape(-1, t))
+            np.save(f, rows)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
+
+
+def shuffle_seed(m: Manifest) -> int | None:
+    """The context order is part of the cache's content: seeded by its key."""
+    return int(m.key[:8], 16) if m.key_inputs.get("context_order") == "shuffled" else None
 
 
 def todo(dir: Path, m: Manifest, repair: bool = False) -> list[int]:
@@ -168,7 +184,7 @@ def build_cache(
 ) -> Manifest:
     """Every step in this process; `plan.n_planned` contexts drawn from `contexts`."""
     m = open_cache(dir, plan)
-    tokens = write_tokens(dir, contexts, m.n_planned, m.context_length)
+    tokens = write_tokens(dir, contexts, m.n_planned, m.context_length, shuffle_seed(m))
     m = shrink_plan(dir, len(tokens))
     left = todo(dir, m, repair)
     if len(left) < m.n_shards:

@@ -29,6 +29,7 @@ from sae.extract import (
     progress,
     record_shard,
     shrink_plan,
+    shuffle_seed,
     todo,
     write_tokens,
 )
@@ -80,6 +81,7 @@ def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
         },
         "n_contexts": math.ceil(n_tokens / c.data.context_length),
         "prepend_bos": c.data.prepend_bos,
+        "context_order": "shuffled",
         "special_policy": "flag bos/eos/pad; exclude from training",
         "outlier_factor": c.cache.outlier_factor,
         "shard_tokens": c.cache.shard_tokens,
@@ -156,7 +158,8 @@ def plan_cache(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[s
         text_column=d.text_column,
     )
     contexts = token_contexts(tok, docs, m.context_length, prepend_bos=c.data.prepend_bos)
-    m = shrink_plan(out, len(write_tokens(out, contexts, m.n_planned, m.context_length)))
+    tokens = write_tokens(out, contexts, m.n_planned, m.context_length, shuffle_seed(m))
+    m = shrink_plan(out, len(tokens))
     left = todo(out, m, c.cache.repair)
     log.info(
         f"caching {split}: {m.n_planned * m.context_length:,} tokens at {', '.join(m.hooks)} "
