@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +125,10 @@ def compute_shard(
     index: int,
     m: Manifest,
     batch_size: int,
-    forward_lock: object | None = None,
+    forward_lock: AbstractContextManager | None = None,
 ) -> Shard:
     """Run the model over shard `index`'s contexts and write the shard (not yet recorded)."""
-    with forward_lock or _NoLock():  # hooks on a shared model must not interleave
+    with forward_lock or nullcontext():  # hooks on a shared model must not interleave
         computed = _compute(model, hooks, tokens, index, m, batch_size)
     return write_shard(dir, index, *computed[:4], m.dtype, computed[4])
 
@@ -226,14 +226,6 @@ def progress(m: Manifest, done: int, total: int, seconds: float) -> str:
     return (
         f"cache {m.key}: shard {done}/{total}, {tokens:,} tokens, {rate:,.0f} tok/s, ETA {eta:.0f}s"
     )
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _outliers(acts: dict[str, torch.Tensor], special: torch.Tensor, factor: float) -> torch.Tensor:
