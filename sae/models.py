@@ -11,10 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from sae.base import CONFIG, SAE, WEIGHTS
+from sae.batchtopk import BatchTopKSAE
+from sae.jumprelu import JumpReLUSAE
 from sae.relu import ReluSAE
 from sae.topk import TopKSAE
 
-ARCHS: dict[str, type[SAE]] = {cls.arch: cls for cls in (ReluSAE, TopKSAE)}
+ARCHS: dict[str, type[SAE]] = {
+    cls.arch: cls for cls in (ReluSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)
+}
 
 
 def hparam_names(arch: str) -> list[str]:

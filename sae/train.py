@@ -7,6 +7,8 @@ The recipe (Anthropic April 2024 / Gao et al. 2024):
      lr warm-up, linear lr decay to 0 over the last `lr_decay_frac` of the steps, the sparsity
      penalty ramped 0 → 1 over the first `l1_warmup_frac`, gradient-norm clipping, bf16 autocast.
   3. s folded into the weights, so the returned SAE (CPU, fp32, eval mode) takes raw activations.
+With `target_l0`, the sparsity coefficient of relu / jumprelu is steered during training so that
+the run ends at that L0 (`_L0Controller`); the final coefficient is the SAE's, hence saved.
 The trainer knows nothing of files or trackers: metrics leave through `on_step(step, metrics)`.
 """
 
@@ -61,6 +63,9 @@ class FitConfig:
     """torch CPU threads during fit (0 = leave torch's setting)."""
     dead_window: int = 200_000
     """Training tokens without firing after which a latent counts in the logged `dead_frac`."""
+    target_l0: float | None = None
+    """Steer the sparsity coefficient (`l1_coeff`: relu, jumprelu) so the run ends at this L0;
+    the SAE's l1_coeff is the starting point. None = keep it fixed. topk/batchtopk: k sets L0."""
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -82,6 +87,10 @@ class FitConfig:
             raise bad("dtype", "one of auto, bf16, fp32")
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", "one of auto, cpu, cuda")
+        if self.target_l0 is not None and not (
+            math.isfinite(self.target_l0) and self.target_l0 > 0
+        ):
+            raise bad("target_l0", "None or a finite number > 0")
 
     @property
     def steps(self) -> int:
@@ -189,6 +198,46 @@ def train_step(
     return out
 
 
+# target_l0: per step, log λ moves by L0_GAIN·log(l0 / target), at most ±L0_MAX_STEP; frozen
+# for the last L0_FREEZE_FRAC of the steps.
+L0_GAIN = 0.05
+L0_MAX_STEP = 0.05
+L0_FREEZE_FRAC = 0.1
+
+
+class _L0Controller:
+    """Steers the SAE's sparsity coefficient λ (`l1_coeff`) so the run ends at cfg.target_l0.
+
+        λ ← λ·exp(clamp(L0_GAIN·log(l0 / target_l0), ±L0_MAX_STEP))      once per step
+
+    with l0 the previous batch's L0: a multiplicative integral controller, so λ keeps its sign
+    and moves by factors, whatever its scale. Off during the λ warm-up (the L0 there says nothing
+    about λ) and over the last L0_FREEZE_FRAC of the steps, so the SAE settles under the λ it
+    reports and saves.
+    """
+
+    def __init__(self, sae: SAE, cfg: FitConfig):
+        if not hasattr(sae, "l1_coeff"):
+            raise ValueError(
+                f"FitConfig.target_l0={cfg.target_l0} needs an SAE with a sparsity coefficient "
+                f"(relu, jumprelu); {sae.arch} sets its L0 with k: use target_l0=None"
+            )
+        if not sae.l1_coeff > 0:
+            raise ValueError(f"target_l0 scales l1_coeff, which must be > 0, got {sae.l1_coeff}")
+        self.sae, self.target = sae, float(cfg.target_l0 or 0)
+        self.start = round(cfg.l1_warmup_frac * cfg.steps)
+        self.stop = cfg.steps - round(L0_FREEZE_FRAC * cfg.steps)
+        self.last_l0: Tensor | None = None
+
+    def update(self, step: int, f: Tensor) -> None:
+        """After step `step` (from 1) with latents f (B, d_sae): adjust λ, remember this L0."""
+        # The previous step's L0 is read: on a GPU it is ready, so the host does not wait.
+        if self.last_l0 is not None and self.start < step <= self.stop:
+            err = L0_GAIN * math.log(max(self.last_l0.item(), 1e-3) / self.target)
+            self.sae.l1_coeff *= math.exp(min(max(err, -L0_MAX_STEP), L0_MAX_STEP))
+        self.last_l0 = (f.detach() != 0).sum(-1).float().mean()
+
+
 class _Monitor:
     """Counts tokens, remembers the first non-finite loss, and reports metrics to on_step."""
 
@@ -229,6 +278,8 @@ class _Monitor:
             "sparsity_scale": sparsity_scale,
             "tokens": float(self.tokens),
         }
+        if self.cfg.target_l0 is not None:
+            m["l1_coeff"] = float(self.sae.l1_coeff)
         now = time.perf_counter()
         m["tokens_per_s"] = (self.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
         self.last_tokens, self.last_time = self.tokens, now
@@ -246,9 +297,11 @@ def fit(
     on_step(step, metrics) runs every `log_every` steps and at the last one (steps count from 1)
     with floats: loss, mse (raw units), aux, l0, fvu (this batch), dead_frac (latents silent for
     the last `dead_window` training tokens, or all tokens so far if fewer), lr, sparsity_scale,
-    tokens, tokens_per_s (since the previous call). If the batches run out before cfg.tokens,
-    training stops there with a warning. A NaN/inf loss raises FloatingPointError naming the step
-    (checked when logging). Returns the same SAE object: CPU, fp32, eval mode, raw-input units.
+    tokens, tokens_per_s (since the previous call), and with cfg.target_l0 the current l1_coeff.
+    If the batches run out before cfg.tokens, training stops there with a warning. A NaN/inf loss
+    raises FloatingPointError naming the step (checked when logging). Returns the same SAE object:
+    CPU, fp32, eval mode, raw-input units. cfg.target_l0 on an SAE without `l1_coeff` (topk,
+    batchtopk) raises ValueError before any training.
     """
     device = resolve_device(cfg.device)
     bf16 = resolve_dtype(cfg.dtype, device) == "bf16"
@@ -269,6 +322,7 @@ def _train(
     bf16: bool,
 ) -> float:
     """The loop; returns the input scale s it trained with."""
+    control = None if cfg.target_l0 is None else _L0Controller(sae, cfg)
     first = next(batches, None)
     if first is None:
         raise ValueError("batches is empty: nothing to train on")
@@ -285,6 +339,8 @@ def _train(
         _check_batch(batch, sae.d_in)
         x = batch.to(device, non_blocking=True).float() * s  # (B, d_in), E‖x‖ ≈ √d_in
         out = train_step(sae, opt, x, sparsity_scale, cfg.grad_clip, bf16)
+        if control is not None:
+            control.update(step, out.f)
         monitor.update(step, x, out, lr, sparsity_scale)
     if step < cfg.steps:
         warnings.warn(
