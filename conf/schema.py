@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-ARCHS = ("relu", "topk")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -142,11 +142,13 @@ class SAEConfig:
     d_sae: int = 1024
     """Number of latents."""
     l1_coeff: float = 3.0
-    """relu: sparsity coefficient λ."""
+    """relu, jumprelu: sparsity coefficient λ (L1 for relu, L0 for jumprelu)."""
     k: int = 16
-    """topk: active latents per token."""
+    """topk, batchtopk: active latents per token (batchtopk: on average over the batch)."""
     aux_coeff: float = 1 / 32
-    """topk: weight of the AuxK loss on dead latents."""
+    """topk, batchtopk: weight of the AuxK loss on dead latents."""
+    target_l0: float | None = None
+    """relu, jumprelu: steer λ during training so the run ends at this L0 (None = fixed λ)."""
 
     def __post_init__(self) -> None:
         _choice("sae", "arch", self.arch, ARCHS)
@@ -155,6 +157,13 @@ class SAEConfig:
             raise ValueError(f"sae.k={self.k} must be <= sae.d_sae={self.d_sae}")
         if self.l1_coeff < 0 or self.aux_coeff < 0:
             raise ValueError("sae.l1_coeff and sae.aux_coeff must be >= 0")
+        if self.target_l0 is not None:
+            if self.arch not in ("relu", "jumprelu"):
+                raise ValueError(
+                    f"sae.target_l0 needs arch relu or jumprelu; {self.arch} sets its L0 with sae.k"
+                )
+            if not 0 < self.target_l0 <= self.d_sae:
+                raise ValueError(f"sae.target_l0 must be in (0, d_sae], got {self.target_l0}")
 
 
 @dataclass

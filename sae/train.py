@@ -200,9 +200,9 @@ def train_step(
 
 # target_l0: per step, log λ moves by L0_GAIN·log(l0 / target), at most ±L0_MAX_STEP; frozen
 # for the last L0_FREEZE_FRAC of the steps.
-L0_GAIN = 0.05
+L0_GAIN = 0.07
 L0_MAX_STEP = 0.05
-L0_FREEZE_FRAC = 0.1
+L0_FREEZE_FRAC = 0.05
 
 
 class _L0Controller:

@@ -19,7 +19,12 @@ from tasks.common import logger
 from tasks.home import home
 
 # Which SAEConfig fields each architecture takes (the rest belong to other architectures).
-HPARAMS = {"relu": ("l1_coeff",), "topk": ("k", "aux_coeff")}
+HPARAMS = {
+    "relu": ("l1_coeff",),
+    "topk": ("k", "aux_coeff"),
+    "batchtopk": ("k", "aux_coeff"),
+    "jumprelu": ("l1_coeff",),
+}
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -47,6 +52,7 @@ def fit_config(c: Config) -> FitConfig:
         seed=t.seed,
         log_every=t.log_every,
         threads=t.threads,
+        target_l0=c.sae.target_l0,
     )
 
 

@@ -56,3 +56,12 @@ def test_bad_override_names_the_problem(override: str, message: str) -> None:
 def test_sweep_expansion() -> None:
     jobs = expand_sweep(["sae=topk", "sae.k=8,16", "sae.d_sae=64,128"])
     assert len(jobs) == 4 and ["sae=topk", "sae.k=8", "sae.d_sae=128"] in jobs
+
+
+def test_target_l0_only_where_lambda_sets_l0() -> None:
+    c, _ = load(["sae=jumprelu", "sae.target_l0=20"])
+    assert c.sae.target_l0 == 20
+    with pytest.raises(ConfigError, match=r"sae\.target_l0 needs arch relu or jumprelu"):
+        load(["sae=topk", "sae.target_l0=20"])
+    with pytest.raises(ConfigError, match=r"sae\.target_l0 must be in \(0, d_sae\]"):
+        load(["sae.target_l0=5000"])
