@@ -38,7 +38,8 @@ class SAEOutput(NamedTuple):
     mse: Tensor
     """() mean over tokens of ‖x − x̂‖² / d_in (DESIGN §6)."""
     aux: Tensor
-    """() relu: the sparsity penalty mean_N Σ_i f_i·‖W_dec,i‖ (before λ); topk: the AuxK loss."""
+    """() relu: mean_N Σ_i f_i·‖W_dec,i‖; jumprelu: mean_N L0 (both before λ);
+    topk, batchtopk: the AuxK loss."""
 
 
 class SAE(nn.Module):

@@ -38,7 +38,7 @@ def mean_max_cos(features: torch.Tensor, W_dec: torch.Tensor) -> float:
 
 
 def run(arch: str, d_sae: int, steps: int, dtype: str = "fp32", **hp):
-    features, logs = true_features(), []
+    features, logs = true_features(seed=1000), []  # not the SAE init seed: no head start
     sae = build_sae(arch, D, d_sae, seed=0, **hp)
     cfg = FitConfig(tokens=steps * 512, batch_size=512, lr=3e-3, dtype=dtype, log_every=10)
     with warnings.catch_warnings():
@@ -49,8 +49,9 @@ def run(arch: str, d_sae: int, steps: int, dtype: str = "fp32", **hp):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_topk_recovers_true_features(dtype: str) -> None:
-    sae, features, logs = run("topk", 256, 80, dtype, k=4, dead_tokens=10_000)
-    assert mean_max_cos(features, sae.W_dec) >= 0.9
+    # From a random start (MMCS ≈ 0.34); the ≥ 0.99 recoveries are in test_archs.py.
+    sae, features, logs = run("topk", 256, 200, dtype, k=4, dead_tokens=10_000)
+    assert mean_max_cos(features, sae.W_dec) >= 0.8
     assert logs[-1][1]["fvu"] < 0.5 * logs[0][1]["fvu"] or logs[-1][1]["fvu"] < 0.2
     assert 3 <= logs[-1][1]["l0"] <= 4
 
