@@ -85,6 +85,14 @@ def write_tokens(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    return read_tokens(dir)
+
+
+def read_tokens(dir: Path) -> np.ndarray:
+    """The planned contexts (n, T) int32, memory-mapped; written by `write_tokens`."""
+    path = dir / TOKENS
+    if not path.is_file():
+        raise CacheError(f"{path} is missing: plan the cache before computing its shards")
     return np.load(path, mmap_mode="r")
 
 

@@ -27,6 +27,7 @@ from sae.extract import (
     finish,
     open_cache,
     progress,
+    read_tokens,
     record_shard,
     shrink_plan,
     shuffle_seed,
@@ -100,10 +101,9 @@ def _external(c: Config) -> dict[str, Any]:
     return {"dir": str(path), "key": m.key, "n_tokens": m.n_tokens, "reused": True, "todo": []}
 
 
-def _plan(c: Config, model: dict[str, Any], split: str, key: str) -> Manifest:
+def _plan(c: Config, model: dict[str, Any], split: str, key: str, tok: Any) -> Manifest:
     inputs = key_inputs(c, model, split)
     hf = AutoConfig.from_pretrained(model["path"], revision=model["revision"])
-    tok = AutoTokenizer.from_pretrained(model["path"], revision=model["revision"])
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None}
     return Manifest(
         key=key,
@@ -135,7 +135,8 @@ def plan_cache(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[s
         if not (c.cache.verify and bad):
             log.info(f"{split} cache {key} already complete ({m.n_tokens:,} tokens): no work")
             return {"dir": str(out), "key": key, "n_tokens": m.n_tokens, "reused": True, "todo": []}
-    plan = _plan(c, model, split, key)
+    tok = AutoTokenizer.from_pretrained(model["path"], revision=model["revision"])
+    plan = _plan(c, model, split, key, tok)
     out.parent.mkdir(parents=True, exist_ok=True)
     need, free = disk_needed(plan, plan.n_shards), shutil.disk_usage(out.parent).free
     if need > free:  # before any work: tokenising a corpus that cannot be stored wastes hours
@@ -144,7 +145,6 @@ def plan_cache(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[s
             f"{free / 1e9:,.2f} GB free; free space, lower cache.tokens, or move SAEFLOW_HOME"
         )
     m = open_cache(out, plan)
-    tok = AutoTokenizer.from_pretrained(model["path"], revision=model["revision"])
     d = c.data
     docs = documents(
         d.source,
@@ -196,7 +196,7 @@ def cache_shard(
     m = Manifest.load(out)
     lm, lock = _model(model, c.model.dtype)
     hooks = [parse_hook(lm, h) for h in m.hooks]
-    tokens = write_tokens(out, iter(()), m.n_planned, m.context_length)  # exists: mmap
+    tokens = read_tokens(out)
     shard = compute_shard(out, lm, hooks, tokens, index, m, c.cache.batch_size, lock)
     m = record_shard(out, shard)
     done = len(m.shards) - (m.n_shards - plan["n_todo"])  # by this run, any worker
