@@ -51,6 +51,8 @@ class SAE(nn.Module):
     """
 
     arch: ClassVar[str]
+    train_attrs: ClassVar[tuple[str, ...]] = ()
+    """Python attributes that training changes (saved in the trainer state, not the weights)."""
 
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
@@ -99,6 +101,19 @@ class SAE(nn.Module):
         """Training forward only: reset the counter of latents non-zero on some token of f."""
         fired = f.detach().amax(0) > 0  # (d_sae,); f >= 0 for every architecture here
         self.tokens_since_fired.add_(f.shape[0]).masked_fill_(fired, 0)
+
+    def training_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What training changes beyond `state_dict()`: tensors, and JSON-able values."""
+        return {"tokens_since_fired": self.tokens_since_fired}, {
+            name: getattr(self, name) for name in self.train_attrs
+        }
+
+    @torch.no_grad()
+    def load_training_state(self, tensors: dict[str, Tensor], values: dict[str, Any]) -> None:
+        """Inverse of `training_state`."""
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        for name in self.train_attrs:
+            setattr(self, name, values[name])
 
     # --- units and disk ----------------------------------------------------------------------
     @torch.no_grad()

@@ -48,6 +48,7 @@ class JumpReLUSAE(SAE):
     """
 
     arch = "jumprelu"
+    train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
 
     def __init__(
         self,

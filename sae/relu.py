@@ -28,6 +28,7 @@ class ReluSAE(SAE):
     """
 
     arch = "relu"
+    train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
 
     def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 5.0, init_norm: float = 0.1):
         super().__init__(d_in, d_sae)

@@ -32,6 +32,7 @@ class TopKSAE(SAE):
     """
 
     arch = "topk"
+    train_attrs = ("tokens_trained",)  # AuxK waits for dead_tokens of training
 
     def __init__(
         self,

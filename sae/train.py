@@ -15,18 +15,24 @@ The trainer knows nothing of files or trackers: metrics leave through `on_step(s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import json
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from sae import metrics
+from sae import checkpoint, metrics
 from sae.base import SAE, SAEOutput
+from sae.checkpoint import CheckpointError, TrainState
+from sae.checkpoint import steps as steps_in
 
 OnStep = Callable[[int, dict[str, float]], None]
 
@@ -66,6 +72,10 @@ class FitConfig:
     target_l0: float | None = None
     """Steer the sparsity coefficient (`l1_coeff`: relu, jumprelu) so the run ends at this L0;
     the SAE's l1_coeff is the starting point. None = keep it fixed. topk/batchtopk: k sets L0."""
+    checkpoint_every: int = 0
+    """Save the trainer state every this many steps (0 = never; needs fit's `checkpoint`)."""
+    compile: bool = False
+    """Run the SAE's forward through torch.compile."""
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -80,7 +90,7 @@ class FitConfig:
                 raise bad(name, "in [0, 1]")
         if self.lr_warmup_frac + self.lr_decay_frac > 1:
             raise bad("lr_decay_frac", f"<= 1 - lr_warmup_frac = {1 - self.lr_warmup_frac}")
-        for name in ("grad_clip", "threads"):
+        for name in ("grad_clip", "threads", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise bad(name, ">= 0")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -184,10 +194,12 @@ def train_step(
     sparsity_scale: float,
     grad_clip: float,
     bf16: bool,
+    forward: Callable[[Tensor, float], SAEOutput] | None = None,
 ) -> SAEOutput:
-    """One optimiser step on the scaled batch x (B, d_in); returns the forward's output."""
+    """One optimiser step on the scaled batch x (B, d_in); returns the forward's output.
+    `forward` replaces sae.__call__ (a torch.compile'd SAE)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = sae(x, sparsity_scale)  # x_hat (B, d_in), f (B, d_sae), scalars
+        out = (forward or sae)(x, sparsity_scale)  # x_hat (B, d_in), f (B, d_sae), scalars
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     sae.before_step()  # topk: drop the gradient component along each decoder row
@@ -229,6 +241,15 @@ class _L0Controller:
         self.stop = cfg.steps - round(L0_FREEZE_FRAC * cfg.steps)
         self.last_l0: Tensor | None = None
 
+    @property
+    def last(self) -> float | None:
+        """The previous step's L0, as saved in a trainer state."""
+        return None if self.last_l0 is None else self.last_l0.item()
+
+    @last.setter
+    def last(self, value: float | None) -> None:
+        self.last_l0 = None if value is None else torch.tensor(value, dtype=torch.float32)
+
     def update(self, step: int, f: Tensor) -> None:
         """After step `step` (from 1) with latents f (B, d_sae): adjust λ, remember this L0."""
         # The previous step's L0 is read: on a GPU it is ready, so the host does not wait.
@@ -241,8 +262,9 @@ class _L0Controller:
 class _Monitor:
     """Counts tokens, remembers the first non-finite loss, and reports metrics to on_step."""
 
-    def __init__(self, sae: SAE, cfg: FitConfig, scale: float, on_step: OnStep | None):
-        self.sae, self.cfg, self.scale, self.on_step = sae, cfg, scale, on_step
+    def __init__(self, sae: SAE, cfg: FitConfig, on_step: OnStep | None, checkpoint: Path | None):
+        self.sae, self.cfg, self.on_step, self.checkpoint = sae, cfg, on_step, checkpoint
+        self.scale = 1.0
         self.tokens = 0
         self.logged_step = 0
         self.first_bad = torch.tensor(-1, device=sae.b_dec.device)  # a tensor: no sync per step
@@ -257,13 +279,23 @@ class _Monitor:
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self.log(step, x, out, lr, sparsity_scale)
 
-    def log(self, step: int, x: Tensor, out: SAEOutput, lr: float, sparsity_scale: float) -> None:
-        """Raise on a non-finite loss so far; else call on_step with Python floats."""
-        self.logged_step = step
+    def kept(self) -> str:
+        """Where the last good trainer state is, for error messages ('' if none)."""
+        found = steps_in(self.checkpoint) if self.checkpoint else []
+        return f"; the last good state (step {found[-1]}) is in {self.checkpoint}" if found else ""
+
+    def check(self, lr: float) -> None:
+        """Raise FloatingPointError if some loss so far was NaN/inf."""
         if (bad := int(self.first_bad)) >= 0:
             raise FloatingPointError(
                 f"loss became NaN/inf at step {bad} (lr={lr:.3g}); check the input batches"
+                + self.kept()
             )
+
+    def log(self, step: int, x: Tensor, out: SAEOutput, lr: float, sparsity_scale: float) -> None:
+        """Raise on a non-finite loss so far; else call on_step with Python floats."""
+        self.logged_step = step
+        self.check(lr)
         if self.on_step is None:
             return
         window = min(self.cfg.dead_window, self.tokens)
@@ -286,11 +318,123 @@ class _Monitor:
         self.on_step(step, m)
 
 
+class _Trainer:
+    """One SAE's training: its optimiser, input scale, L0 controller and monitor; saveable."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        cfg: FitConfig,
+        on_step: OnStep | None,
+        checkpoint: Path | None,
+        device: torch.device,
+    ):
+        self.control = None if cfg.target_l0 is None else _L0Controller(sae, cfg)
+        self.sae, self.cfg, self.checkpoint = sae.to(device).float().train(), cfg, checkpoint
+        self.config = sae.config()  # as built: target_l0 changes l1_coeff as it goes
+        self.bf16 = resolve_dtype(cfg.dtype, device) == "bf16"
+        self.forward = torch.compile(sae) if cfg.compile else sae
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+        self.monitor = _Monitor(sae, cfg, on_step, checkpoint)
+        self.scale = 1.0
+        self.lr = cfg.lr
+        self.last: tuple[Tensor, SAEOutput, float] | None = None  # (x, out, sparsity_scale)
+
+    def start(self, first: Tensor) -> None:
+        """Scale and b_dec from the first batch (before any step)."""
+        self.scale = self.monitor.scale = init_from_sample(
+            self.sae, first, self.cfg.geometric_median_samples
+        )
+
+    def step(self, step: int, batch: Tensor) -> None:
+        """Optimiser step number `step` (from 1) on the raw batch (B, d_in)."""
+        self.lr, sparsity_scale = schedule(step - 1, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        x = batch.to(self.sae.b_dec.device, non_blocking=True).float() * self.scale
+        out = train_step(
+            self.sae, self.opt, x, sparsity_scale, self.cfg.grad_clip, self.bf16, self.forward
+        )
+        if self.control is not None:
+            self.control.update(step, out.f)
+        self.monitor.update(step, x, out, self.lr, sparsity_scale)
+        self.last = (x, out, sparsity_scale)
+
+    def finish(self, step: int) -> SAE:
+        """Log the last step if the batches ran out before it; fold the scale; CPU, fp32, eval."""
+        if self.last is not None and self.monitor.logged_step != step:
+            x, out, sparsity_scale = self.last
+            self.monitor.log(step, x, out, self.lr, sparsity_scale)
+        self.sae.fold_scale(self.scale)
+        return self.sae.cpu().float().eval()
+
+    # --- state ------------------------------------------------------------------------------
+    def save(self, step: int, shared: dict[str, Any], rng: dict[str, Tensor]) -> None:
+        """Write the state after `step` to self.checkpoint, unless something is non-finite:
+        then raise FloatingPointError and leave the last good state in place."""
+        self.monitor.check(self.lr)
+        bad = [n for n, p in self.sae.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(
+                f"parameters {bad} became NaN/inf by step {step}" + self.monitor.kept()
+            )
+        checkpoint.save(self.checkpoint, self.state(step, shared, rng))
+
+    def state(self, step: int, shared: dict[str, Any], rng: dict[str, Tensor]) -> TrainState:
+        names = {p: n for n, p in self.sae.named_parameters()}
+        buffers, attrs = self.sae.training_state()
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors |= {f"sae_train.{k}": v for k, v in buffers.items()} | rng
+        for p, s in self.opt.state.items():
+            tensors |= {f"adam.{names[p]}.{k}": v for k, v in s.items()}
+        values = {
+            "sae": self.config,
+            "sae_train": attrs,
+            "scale": self.scale,
+            "tokens": self.monitor.tokens,
+            "fit": dataclasses.asdict(self.cfg),
+            "last_l0": None if self.control is None else self.control.last,
+            **shared,
+        }
+        return TrainState(step, tensors, values)
+
+    @torch.no_grad()
+    def restore(self, state: TrainState) -> None:
+        """Become the trainer that saved `state` (same SAE config and FitConfig)."""
+        want = {"sae": self.config, "fit": dataclasses.asdict(self.cfg)}
+        for key, value in want.items():
+            if json.loads(json.dumps(value)) != state.values[key]:
+                raise CheckpointError(
+                    f"the trainer state of step {state.step} was saved with {key}="
+                    f"{state.values[key]} but this run has {value}; it resumes only the same run"
+                )
+        t = state.tensors
+        device = self.sae.b_dec.device
+        self.sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
+        self.sae.load_training_state(
+            {k[10:]: v.to(device) for k, v in t.items() if k.startswith("sae_train.")},
+            state.values["sae_train"],
+        )
+        for n, p in self.sae.named_parameters():
+            prefix = f"adam.{n}."
+            self.opt.state[p] = {
+                k[len(prefix) :]: v.to(device) for k, v in t.items() if k.startswith(prefix)
+            }
+        self.scale = self.monitor.scale = float(state.values["scale"])
+        self.monitor.tokens = self.monitor.last_tokens = int(state.values["tokens"])
+        self.monitor.logged_step = state.step
+        if self.control is not None:
+            self.control.last = state.values["last_l0"]
+
+
 def fit(
     sae: SAE,
     batches: Iterable[Tensor],
     cfg: FitConfig,
     on_step: OnStep | None = None,
+    *,
+    checkpoint: Path | None = None,
+    resume: TrainState | None = None,
 ) -> SAE:
     """Train `sae` on raw activation batches (B, d_in) of any float dtype; see the module doc.
 
@@ -299,58 +443,120 @@ def fit(
     the last `dead_window` training tokens, or all tokens so far if fewer), lr, sparsity_scale,
     tokens, tokens_per_s (since the previous call), and with cfg.target_l0 the current l1_coeff.
     If the batches run out before cfg.tokens, training stops there with a warning. A NaN/inf loss
-    raises FloatingPointError naming the step (checked when logging). Returns the same SAE object:
-    CPU, fp32, eval mode, raw-input units. cfg.target_l0 on an SAE without `l1_coeff` (topk,
-    batchtopk) raises ValueError before any training.
+    raises FloatingPointError naming the step (checked when logging and before each checkpoint).
+    Returns the same SAE object: CPU, fp32, eval mode, raw-input units. cfg.target_l0 on an SAE
+    without `l1_coeff` (topk, batchtopk) raises ValueError before any training.
+
+    checkpoint: a directory for the trainer state (`sae.checkpoint`), written every
+    cfg.checkpoint_every steps, with the loader position if `batches` has a `state()` method
+    (`sae.loader.ActivationLoader`). resume: a state read back from there (`checkpoint.load`):
+    the SAE, optimiser, schedules and RNG continue from it, and `batches` must yield what followed
+    that step (an ActivationLoader built with `state=resume.loader`). The losses are then those
+    of a run that never stopped (bit-identical on CPU with the same thread count).
     """
+    return fit_many([sae], batches, [cfg], [on_step], checkpoints=[checkpoint], resume=[resume])[0]
+
+
+SHARED_FIELDS = ("tokens", "batch_size", "device", "seed", "threads", "checkpoint_every")
+"""FitConfig fields that SAEs trained on one stream of batches must agree on."""
+
+
+def fit_many(
+    saes: list[SAE],
+    batches: Iterable[Tensor],
+    cfgs: list[FitConfig],
+    on_steps: list[OnStep | None] | None = None,
+    *,
+    checkpoints: list[Path | None] | None = None,
+    resume: list[TrainState | None] | None = None,
+) -> list[SAE]:
+    """`fit` for several SAEs on one stream: each batch is read once and fed to every SAE in turn.
+
+    Each SAE takes exactly the steps it would take alone with the same batches (so the results
+    are the same as N separate `fit`s, at the cost of one read of the data). The configs must
+    agree on SHARED_FIELDS; the lists are parallel to `saes`. Resuming takes a state for every
+    SAE, all of the same step.
+    """
+    n = len(saes)
+    on_steps = on_steps or [None] * n
+    checkpoints = checkpoints or [None] * n
+    resume = resume or [None] * n
+    if not n or not len(cfgs) == len(on_steps) == len(checkpoints) == len(resume) == n:
+        raise ValueError(f"fit_many needs one cfg, on_step, checkpoint, resume per SAE ({n})")
+    cfg = cfgs[0]
+    for name in SHARED_FIELDS:
+        if len({getattr(c, name) for c in cfgs}) > 1:
+            raise ValueError(f"fit_many: every FitConfig must have the same {name}")
+    if cfg.checkpoint_every and None in checkpoints:
+        raise ValueError("FitConfig.checkpoint_every is set but fit got no checkpoint directory")
+    resumed = {s.step if s else None for s in resume}
+    if len(resumed) > 1:
+        raise ValueError(f"fit_many resumes all SAEs from one step, got {sorted(resumed, key=str)}")
     device = resolve_device(cfg.device)
-    bf16 = resolve_dtype(cfg.dtype, device) == "bf16"
     rng_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     with _num_threads(cfg.threads), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(cfg.seed)
-        scale = _train(sae, iter(batches), cfg, on_step, device, bf16)
-    sae.fold_scale(scale)
-    return sae.cpu().float().eval()
+        trainers = [
+            _Trainer(*args, device) for args in zip(saes, cfgs, on_steps, checkpoints, strict=True)
+        ]
+        last = _train(trainers, batches, resume, device)
+    return [t.finish(last) for t in trainers]
 
 
 def _train(
-    sae: SAE,
-    batches: Iterator[Tensor],
-    cfg: FitConfig,
-    on_step: OnStep | None,
+    trainers: list[_Trainer],
+    batches: Iterable[Tensor],
+    resume: list[TrainState | None],
     device: torch.device,
-    bf16: bool,
-) -> float:
-    """The loop; returns the input scale s it trained with."""
-    control = None if cfg.target_l0 is None else _L0Controller(sae, cfg)
-    first = next(batches, None)
-    if first is None:
-        raise ValueError("batches is empty: nothing to train on")
-    _check_batch(first, sae.d_in)
-    sae.to(device).float().train()
-    s = init_from_sample(sae, first, cfg.geometric_median_samples)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    monitor = _Monitor(sae, cfg, s, on_step)
-    step, stream = 0, itertools.chain([first], batches)
-    for step, batch in zip(range(1, cfg.steps + 1), stream, strict=False):  # the shorter one
-        lr, sparsity_scale = schedule(step - 1, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        _check_batch(batch, sae.d_in)
-        x = batch.to(device, non_blocking=True).float() * s  # (B, d_in), E‖x‖ ≈ √d_in
-        out = train_step(sae, opt, x, sparsity_scale, cfg.grad_clip, bf16)
-        if control is not None:
-            control.update(step, out.f)
-        monitor.update(step, x, out, lr, sparsity_scale)
+) -> int:
+    """The loop; returns the last step taken."""
+    cfg, d_in = trainers[0].cfg, trainers[0].sae.d_in
+    loader_state = getattr(batches, "state", None)  # an ActivationLoader's position
+    stream = iter(batches)
+    start = step = 0
+    if resume[0] is not None:
+        for t, s in zip(trainers, resume, strict=True):
+            t.restore(s)
+        start = step = resume[0].step
+        _set_rng(resume[0].tensors, device)
+    else:
+        first = next(stream, None)
+        if first is None:
+            raise ValueError("batches is empty: nothing to train on")
+        _check_batch(first, d_in)
+        for t in trainers:
+            t.start(first)
+        stream = itertools.chain([first], stream)
+    for step, batch in zip(range(start + 1, cfg.steps + 1), stream, strict=False):  # shorter one
+        _check_batch(batch, d_in)
+        for t in trainers:
+            t.step(step, batch)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            shared = {"loader": loader_state() if loader_state else None}
+            rng = _get_rng(device)
+            for t in trainers:
+                t.save(step, shared, rng)
     if step < cfg.steps:
+        tokens = trainers[0].monitor.tokens
         warnings.warn(
-            f"batches ran out after {monitor.tokens} of {cfg.tokens} tokens "
+            f"batches ran out after {tokens} of {cfg.tokens} tokens "
             f"(step {step} of {cfg.steps}); stopping there",
-            stacklevel=3,
+            stacklevel=4,
         )
-        if monitor.logged_step != step:
-            monitor.log(step, x, out, lr, sparsity_scale)
-    return s
+    return step
+
+
+def _get_rng(device: torch.device) -> dict[str, Tensor]:
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng(tensors: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
 
 
 def _check_batch(batch: Tensor, d_in: int) -> None:
