@@ -186,8 +186,16 @@ class TrainConfig:
     """Rows in the loader's shuffle buffer: memory is bounded by this, not by the cache size."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    checkpoint_every: int = 100
+    """Steps between trainer states (0 = none): a killed run resumes from the newest."""
+    resume: bool = True
+    """Reuse a finished run with the same settings; resume an unfinished one."""
+    compile: bool = False
+    """torch.compile the SAE's forward."""
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _choice("train", "dtype", self.dtype, ("auto", "bf16", "fp32"))
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
         _positive(

@@ -44,6 +44,25 @@ def _summary(result: dict[str, Any]) -> str:
     )
 
 
+def _sweep_summary(result: dict[str, Any]) -> str:
+    study = result["study"]
+    lines = [
+        "",
+        f"sweep          {len(result['jobs'])} SAEs under MLflow run {study['parent_run_id']}",
+        f"  open the UI  mlflow ui --backend-store-uri {study['tracking_uri']} "
+        "--host 127.0.0.1 --port 5000",
+        f"{'run_id':<34}{'status':<9}{'EV':>7}{'LR':>7}{'dead':>7}{'L0':>7}  overrides",
+    ]
+    for job in result["jobs"]:
+        m, t = job["metrics"], job["trained"]
+        lines.append(
+            f"{t['run_id']:<34}{t['status']:<9}{m['explained_variance']:7.3f}"
+            f"{m['loss_recovered']:7.3f}{m['dead_frac']:7.3f}{m['l0']:7.1f}  "
+            + " ".join(job["overrides"])
+        )
+    return "\n".join(lines)
+
+
 def _stage(name: str, overrides: list[str], multirun: bool) -> int:
     from flows.config import expand_sweep, load
 
@@ -59,6 +78,9 @@ def _stage(name: str, overrides: list[str], multirun: bool) -> int:
         "train": p.train_flow,
         "evaluate": p.evaluate_flow,
     }[name]
+    if name == "run" and multirun:
+        print(_sweep_summary(p.sweep(jobs)))
+        return 0
     for job in jobs:
         result = flow(job)
         if name == "run":

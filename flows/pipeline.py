@@ -6,6 +6,7 @@ the config is composed and validated inside the flow before any work starts.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prefect import flow, unmapped
@@ -15,7 +16,7 @@ from tasks.cache import cache_shard, finish_cache, plan_cache
 from tasks.evaluate import evaluate, features
 from tasks.model import prepare_model
 from tasks.study import close_study, find_sae, open_study
-from tasks.train import train_sae
+from tasks.train import stream_key, train_sae, train_saes
 
 
 def cache_activations(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[str, Any]:
@@ -74,25 +75,77 @@ def evaluate_flow(overrides: list[str] | None = None) -> dict[str, Any]:
 @flow(name="pipeline")
 def pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     """cache -> train -> evaluate -> feature stats, under one MLflow parent run."""
-    _, cfg = load(overrides or [])
-    model = prepare_model(cfg)
-    train_cache = cache_activations(cfg, model, "train")
-    eval_cache = cache_activations(cfg, model, "eval")
-    study = open_study(cfg, "pipeline")
+    result = study([overrides or []], "pipeline")
+    return {k: v for k, v in result.items() if k != "jobs"} | result["jobs"][0]
+
+
+@flow(name="sweep")
+def sweep(jobs: list[list[str]]) -> dict[str, Any]:
+    """The pipeline for many configs (one override list each) under one MLflow parent run.
+
+    Each distinct cache is built once; SAEs that share a stream of batches (same cache, hook and
+    train.{tokens, batch_size, seed, ...}) train together from one read of it (`train_saes`).
+    """
+    return study(jobs, "sweep")
+
+
+def study(jobs: list[list[str]], kind: str) -> dict[str, Any]:
+    """The DAG of DESIGN §3 for `jobs`: caches, grouped training, evaluation, feature stats."""
+    if not jobs:
+        raise ValueError("a sweep needs at least one job")
+    cfgs = [load(job)[1] for job in jobs]  # all validated before any work
+    models: dict[str, dict[str, Any]] = {}
+    caches: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for cfg in cfgs:
+        key = _cache_spec(cfg)
+        if key not in caches:
+            if json.dumps(cfg["model"]) not in models:
+                models[json.dumps(cfg["model"])] = prepare_model(cfg)
+            model = models[json.dumps(cfg["model"])]
+            caches[key] = (
+                cache_activations(cfg, model, "train"),
+                cache_activations(cfg, model, "eval"),
+            )
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(stream_key(cfg, caches[_cache_spec(cfg)][0]["key"]), []).append(i)
+    opened = open_study(cfgs[0], kind)
+    trained: list[dict[str, Any]] = [{}] * len(cfgs)
+    out = []
     try:
-        trained = train_sae(cfg, train_cache, study["experiment_id"], study["parent_run_id"])
-        metrics = evaluate(cfg, model, eval_cache, trained)
-        feats = features(cfg, model, eval_cache, trained)
+        for members in groups.values():
+            train_cache = caches[_cache_spec(cfgs[members[0]])][0]
+            group = train_saes(
+                [cfgs[i] for i in members],
+                train_cache,
+                opened["experiment_id"],
+                opened["parent_run_id"],
+            )
+            for i, t in zip(members, group, strict=True):
+                trained[i] = t
+        for job, cfg, t in zip(jobs, cfgs, trained, strict=True):
+            model = models[json.dumps(cfg["model"])]
+            eval_cache = caches[_cache_spec(cfg)][1]
+            out.append(
+                {
+                    "overrides": job,
+                    "model": model,
+                    "train_cache": caches[_cache_spec(cfg)][0],
+                    "eval_cache": eval_cache,
+                    "trained": t,
+                    "metrics": evaluate(cfg, model, eval_cache, t),
+                    "features": features(cfg, model, eval_cache, t),
+                }
+            )
     except BaseException:
-        close_study(cfg, study["parent_run_id"], "FAILED")
+        close_study(cfgs[0], opened["parent_run_id"], "FAILED")
         raise
-    close_study(cfg, study["parent_run_id"], tags={"sae_run_id": trained["run_id"]})
-    return {
-        "model": model,
-        "train_cache": train_cache,
-        "eval_cache": eval_cache,
-        "study": study,
-        "trained": trained,
-        "metrics": metrics,
-        "features": feats,
-    }
+    runs = ",".join(t["run_id"] for t in trained)
+    close_study(cfgs[0], opened["parent_run_id"], tags={"sae_run_id": runs[:5000]})
+    return {"study": opened, "jobs": out}
+
+
+def _cache_spec(cfg: dict[str, Any]) -> str:
+    """The config sections that fix the activation caches (their content key is computed
+    from these when planning)."""
+    return json.dumps([cfg[k] for k in ("model", "data", "cache", "hook")], sort_keys=True)

@@ -276,7 +276,9 @@ class _Monitor:
         self.tokens += x.shape[0]
         bad = ~torch.isfinite(out.loss.detach())
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
-        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+        every = self.cfg.checkpoint_every  # a state's step is logged: lost logs resume with it
+        saved = every > 0 and step % every == 0
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps or saved:
             self.log(step, x, out, lr, sparsity_scale)
 
     def kept(self) -> str:
@@ -401,9 +403,10 @@ class _Trainer:
     @torch.no_grad()
     def restore(self, state: TrainState) -> None:
         """Become the trainer that saved `state` (same SAE config and FitConfig)."""
-        want = {"sae": self.config, "fit": dataclasses.asdict(self.cfg)}
+        want = {"sae": self.config, "fit": _comparable(dataclasses.asdict(self.cfg))}
         for key, value in want.items():
-            if json.loads(json.dumps(value)) != state.values[key]:
+            saved = state.values[key] if key == "sae" else _comparable(state.values[key])
+            if json.loads(json.dumps(value)) != saved:
                 raise CheckpointError(
                     f"the trainer state of step {state.step} was saved with {key}="
                     f"{state.values[key]} but this run has {value}; it resumes only the same run"
@@ -427,6 +430,14 @@ class _Trainer:
             self.control.last = state.values["last_l0"]
 
 
+FREE_ON_RESUME = ("log_every", "threads", "checkpoint_every", "compile")
+"""FitConfig fields a resumed run may change: they do not change what it computes."""
+
+
+def _comparable(fit_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fit_cfg.items() if k not in FREE_ON_RESUME}
+
+
 def fit(
     sae: SAE,
     batches: Iterable[Tensor],
@@ -438,7 +449,8 @@ def fit(
 ) -> SAE:
     """Train `sae` on raw activation batches (B, d_in) of any float dtype; see the module doc.
 
-    on_step(step, metrics) runs every `log_every` steps and at the last one (steps count from 1)
+    on_step(step, metrics) runs every `log_every` steps, at each checkpoint and at the last step
+    (steps count from 1)
     with floats: loss, mse (raw units), aux, l0, fvu (this batch), dead_frac (latents silent for
     the last `dead_window` training tokens, or all tokens so far if fewer), lr, sparsity_scale,
     tokens, tokens_per_s (since the previous call), and with cfg.target_l0 the current l1_coeff.

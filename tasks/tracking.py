@@ -78,6 +78,17 @@ def start_run(
     return client(uri).create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
 
 
+def task_run_id() -> str | None:
+    """The id of the Prefect task run we are in, if any."""
+    try:
+        from prefect.context import TaskRunContext
+
+        ctx = TaskRunContext.get()
+        return str(ctx.task_run.id) if ctx else None
+    except Exception:  # Prefect's internals moved: lineage is a nicety
+        return None
+
+
 def _prefect_flow_run_id() -> str | None:
     try:
         from prefect.context import get_run_context
@@ -126,6 +137,11 @@ def log_artifact(
         c.log_artifacts(run_id, str(path), artifact_path)
     else:
         c.log_artifact(run_id, str(path), artifact_path)
+
+
+def reopen_run(run_id: str, uri: str | None = None) -> None:
+    """Mark a killed or failed run RUNNING again (it is being resumed)."""
+    client(uri).update_run(run_id, status="RUNNING")
 
 
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:

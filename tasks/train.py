@@ -1,8 +1,19 @@
-"""Train one SAE on a cache and track it as an MLflow run (params, train/* by step, checkpoint)."""
+"""Train SAEs on a cache, each tracked as an MLflow run (params, train/* by step, checkpoint).
+
+Several SAEs that share a stream of batches train from one read of the cache (`fit_many`). A run
+is identified by `run_key` (tag `saeflow.run_key`): asked again, a finished run is reused and an
+unfinished one (killed, failed) resumes from its newest trainer state in
+$SAEFLOW_HOME/saes/<run_id>/state, continuing the same loss trajectory in the same MLflow run.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +21,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Config, from_dict
+from sae import checkpoint
+from sae.base import CONFIG, SAE, WEIGHTS
 from sae.cache import Manifest
-from sae.loader import batches
+from sae.checkpoint import steps as steps_in
+from sae.loader import ActivationLoader
 from sae.models import build_sae
-from sae.train import FitConfig, fit
+from sae.train import FitConfig, fit_many
 from tasks import tracking
 from tasks.common import logger
 from tasks.home import home
@@ -53,20 +67,24 @@ def fit_config(c: Config) -> FitConfig:
         log_every=t.log_every,
         threads=t.threads,
         target_l0=c.sae.target_l0,
+        checkpoint_every=t.checkpoint_every,
+        compile=t.compile,
     )
 
 
 class _Logger:
     """on_step callback: buffers train/* metrics and sends them to MLflow in batches."""
 
-    def __init__(self, run_id: str, uri: str | None, tokens: int):
+    def __init__(self, run_id: str, uri: str | None, tokens: int, checkpoint_every: int):
         self.run_id, self.uri, self.tokens = run_id, uri, tokens
+        self.checkpoint_every = checkpoint_every
         self.buf: list[tuple[int, dict[str, float]]] = []
         self.last_print = 0.0
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.buf.append((step, {f"train/{k}": v for k, v in metrics.items()}))
-        if len(self.buf) >= 20:
+        every = self.checkpoint_every  # sent before the state is saved: none lost to a kill
+        if len(self.buf) >= 20 or (every and step % every == 0):
             self.flush()
         if time.monotonic() - self.last_print > 10:
             self.last_print = time.monotonic()
@@ -83,53 +101,232 @@ class _Logger:
             self.buf = []
 
 
-@task(name="train_sae", cache_policy=NO_CACHE)
-def train_sae(
-    cfg: dict[str, Any], cache: dict[str, Any], experiment_id: str, parent_run_id: str | None = None
-) -> dict[str, Any]:
-    """Train `cfg.sae` on the cache; returns {run_id, checkpoint}. The run ends FINISHED, or
-    FAILED with the error, and the checkpoint lands in $SAEFLOW_HOME/saes/<run_id>."""
-    c, uri = from_dict(cfg), from_dict(cfg).tracking.uri
-    m = Manifest.load(Path(cache["dir"]))
-    d_in = m.d_in(c.hook)
-    hparams = {k: getattr(c.sae, k) for k in HPARAMS[c.sae.arch]}
-    sae = build_sae(c.sae.arch, d_in, c.sae.d_sae, seed=c.train.seed, **hparams)
-    run_id = tracking.start_run(
-        experiment_id,
-        c.run_name or f"{c.sae.arch}-{c.sae.d_sae}",
-        uri=uri,
-        parent_run_id=parent_run_id,
-        tags={"cache_key": cache["key"], "saeflow.stage": "train"},
+def run_key(cfg: dict[str, Any], cache_key: str) -> str:
+    """What fixes a trained SAE: the cache, hook, SAE and training settings (not how it logs)."""
+    train = {k: v for k, v in cfg["train"].items() if k not in UNKEYED}
+    spec = {
+        "cache": cache_key,
+        "hook": cfg["hook"],
+        "sae": cfg["sae"],
+        "train": train,
+        "exclude_special": cfg["cache"]["exclude_special"],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+UNKEYED = ("log_every", "threads", "resume", "checkpoint_every", "compile")
+"""train.* settings that do not change the trained SAE (threads: to the last bit on CPU, yes)."""
+STREAM = ("tokens", "batch_size", "seed", "shuffle_rows", "device", "threads", "checkpoint_every")
+"""train.* settings SAEs must share to be trained from one read of the cache (`fit_many`)."""
+
+
+def stream_key(cfg: dict[str, Any], cache_key: str) -> str:
+    """Jobs with equal stream keys train together in one `train_saes` task."""
+    spec = [cache_key, cfg["hook"], cfg["cache"]["exclude_special"]]
+    return json.dumps(spec + [cfg["train"][k] for k in STREAM])
+
+
+def state_dir(run_id: str) -> Path:
+    return home() / "saes" / run_id / "state"
+
+
+def _previous(c: Config, key: str, experiment_id: str) -> list[tuple[str, str]]:
+    """(run_id, status) of this experiment's runs with run key `key`, newest first."""
+    runs = tracking.client(c.tracking.uri).search_runs(
+        [experiment_id],
+        f"tags.`saeflow.run_key` = '{key}'",
+        order_by=["attributes.start_time DESC"],
     )
-    tracking.log_params(run_id, flatten(cfg) | {"sae.d_in": d_in, "cache.key": cache["key"]}, uri)
-    on_step = _Logger(run_id, uri, c.train.tokens)
+    return [(r.info.run_id, r.info.status) for r in runs]
+
+
+@task(name="train_saes", cache_policy=NO_CACHE)
+def train_saes(
+    cfgs: list[dict[str, Any]],
+    cache: dict[str, Any],
+    experiment_id: str,
+    parent_run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Train one SAE per config on one read of the cache; each is its own MLflow run.
+
+    Returns [{run_id, checkpoint, status}] in the order of `cfgs`, status one of trained,
+    resumed, reused. With train.resume (default), a config trained before (same `run_key`) is
+    reused, and unfinished runs of every config are resumed from their newest common trainer
+    state; the rest start afresh. The configs must share `stream_key`.
+    """
+    typed = [from_dict(cfg) for cfg in cfgs]
+    keys = [run_key(cfg, cache["key"]) for cfg in cfgs]
+    if len({stream_key(cfg, cache["key"]) for cfg in cfgs}) != 1:
+        raise ValueError(f"train_saes: the configs differ in train.{STREAM} or the cache")
+    out: list[dict[str, Any] | None] = [None] * len(cfgs)
+    todo, states = [], []
+    for i, (c, key) in enumerate(zip(typed, keys, strict=True)):
+        found = _previous(c, key, experiment_id) if c.train.resume else []
+        done = [r for r, status in found if status == "FINISHED" and _checkpoint(r).is_file()]
+        if done:
+            out[i] = {
+                "run_id": done[0],
+                "checkpoint": str(_checkpoint(done[0]).parent),
+                "status": "reused",
+            }
+            logger().info(f"{c.sae.arch} SAE {key} was trained before: run {done[0]}, reused")
+            continue
+        todo.append(i)
+        states.append([r for r, status in found if status != "FINISHED"])
+    if todo:
+        trained = _train_group(
+            [cfgs[i] for i in todo],
+            [keys[i] for i in todo],
+            states,
+            cache,
+            experiment_id,
+            parent_run_id,
+        )
+        for i, t in zip(todo, trained, strict=True):
+            out[i] = t
+    return [t for t in out if t is not None]
+
+
+def _checkpoint(run_id: str) -> Path:
+    return home() / "saes" / run_id / WEIGHTS
+
+
+def _resumable(candidates: list[list[str]]) -> tuple[list[str], int] | None:
+    """(one run id per config, the step) if every config has an unfinished run with a trainer
+    state at a step common to all, not held by a live process; else None."""
+    choice, common = [], None
+    for runs in candidates:
+        run = next((r for r in runs if steps_in(state_dir(r)) and not _locked(r)), None)
+        if run is None:
+            return None
+        choice.append(run)
+        have = set(steps_in(state_dir(run)))
+        common = have if common is None else common & have
+    return (choice, max(common)) if common else None
+
+
+def _locked(run_id: str) -> bool:
+    """Whether another live process trains this run (holds its lock)."""
+    with open(_lock_path(run_id), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _lock_path(run_id: str) -> Path:
+    path = home() / "saes" / run_id / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build(c: Config, d_in: int) -> SAE:
+    hparams = {k: getattr(c.sae, k) for k in HPARAMS[c.sae.arch]}
+    return build_sae(c.sae.arch, d_in, c.sae.d_sae, seed=c.train.seed, **hparams)
+
+
+def _train_group(
+    cfgs: list[dict[str, Any]],
+    keys: list[str],
+    candidates: list[list[str]],
+    cache: dict[str, Any],
+    experiment_id: str,
+    parent_run_id: str | None,
+) -> list[dict[str, Any]]:
+    typed = [from_dict(cfg) for cfg in cfgs]
+    c, uri = typed[0], typed[0].tracking.uri
+    d_in = Manifest.load(Path(cache["dir"])).d_in(c.hook)
+    found = _resumable(candidates)
+    if found:
+        run_ids, step = found
+        resume = [checkpoint.load(state_dir(r), step) for r in run_ids]
+        for r in run_ids:
+            tracking.reopen_run(r, uri)
+            tracking.set_tags(
+                r,
+                {"saeflow.resumed_from_step": str(step), "saeflow.resumed_by": str(parent_run_id)},
+                uri,
+            )
+        logger().info(f"resuming {len(run_ids)} run(s) {run_ids} from step {step}")
+    else:
+        resume = [None] * len(cfgs)
+        run_ids = [
+            tracking.start_run(
+                experiment_id,
+                t.run_name or f"{t.sae.arch}-{t.sae.d_sae}",
+                uri=uri,
+                parent_run_id=parent_run_id,
+                tags={"cache_key": cache["key"], "saeflow.stage": "train", "saeflow.run_key": key},
+            )
+            for t, key in zip(typed, keys, strict=True)
+        ]
+        for r, cfg in zip(run_ids, cfgs, strict=True):
+            tracking.log_params(
+                r, flatten(cfg) | {"sae.d_in": d_in, "cache.key": cache["key"]}, uri
+            )
+    group = tracking.task_run_id() or uuid.uuid4().hex  # one read of the cache for these runs
+    for r in run_ids:
+        tracking.set_tags(r, {"saeflow.group": group}, uri)
+    locks = [open(_lock_path(r), "a") for r in run_ids]  # noqa: SIM115 (held to the end)
+    for f in locks:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the files close, or the process dies
+    on_steps = [
+        _Logger(r, uri, t.train.tokens, t.train.checkpoint_every)
+        for r, t in zip(run_ids, typed, strict=True)
+    ]
     try:
-        stream = batches(
+        saes = [_build(t, d_in) for t in typed]
+        loader = ActivationLoader(
             Path(cache["dir"]),
             c.hook,
             c.train.batch_size,
             buffer_rows=c.train.shuffle_rows,
             seed=c.train.seed,
             exclude_special=c.cache.exclude_special,
+            state=resume[0].loader if resume[0] else None,
         )
-        sae = fit(sae, stream, fit_config(c), on_step)
-        on_step.flush()
-        out = home() / "saes" / run_id
-        sae.save(
-            out,
-            meta={
-                "hook": c.hook,
-                "cache_key": cache["key"],
-                "run_id": run_id,
-                "model": c.model.name,
-            },
-        )
-        tracking.log_artifact(run_id, out, "checkpoint", uri)
+        with loader:
+            saes = fit_many(
+                saes,
+                loader,
+                [fit_config(t) for t in typed],
+                on_steps,  # type: ignore[arg-type]
+                checkpoints=[state_dir(r) for r in run_ids],
+                resume=resume,
+            )
+        for log in on_steps:
+            log.flush()
+        out = []
+        for r, sae, t in zip(run_ids, saes, typed, strict=True):
+            dir = home() / "saes" / r
+            meta = {"hook": t.hook, "cache_key": cache["key"], "run_id": r, "model": t.model.name}
+            sae.save(dir, meta=meta)
+            tracking.log_artifact(r, dir / WEIGHTS, "checkpoint", uri)
+            tracking.log_artifact(r, dir / CONFIG, "checkpoint", uri)
+            tracking.end_run(r, "FINISHED", uri)
+            shutil.rmtree(state_dir(r), ignore_errors=True)  # the final weights supersede it
+            logger().info(f"trained {t.sae.arch} SAE: run {r}, checkpoint {dir}")
+            out.append(
+                {"run_id": r, "checkpoint": str(dir), "status": "resumed" if found else "trained"}
+            )
+        return out
     except BaseException as e:
-        on_step.flush()
-        tracking.set_tags(run_id, {"error": f"{type(e).__name__}: {e}"[:5000]}, uri)
-        tracking.end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED", uri)
+        for r, log in zip(run_ids, on_steps, strict=True):
+            log.flush()
+            tracking.set_tags(r, {"error": f"{type(e).__name__}: {e}"[:5000]}, uri)
+            tracking.end_run(r, "FAILED" if isinstance(e, Exception) else "KILLED", uri)
         raise
-    tracking.end_run(run_id, "FINISHED", uri)
-    logger().info(f"trained {c.sae.arch} SAE: run {run_id}, checkpoint {out}")
-    return {"run_id": run_id, "checkpoint": str(out)}
+    finally:
+        for f in locks:
+            f.close()
+
+
+@task(name="train_sae", cache_policy=NO_CACHE)
+def train_sae(
+    cfg: dict[str, Any], cache: dict[str, Any], experiment_id: str, parent_run_id: str | None = None
+) -> dict[str, Any]:
+    """Train `cfg.sae` on the cache (or reuse / resume it: `train_saes`); returns {run_id,
+    checkpoint, status}. The checkpoint lands in $SAEFLOW_HOME/saes/<run_id>."""
+    return train_saes.fn([cfg], cache, experiment_id, parent_run_id)[0]

@@ -1,0 +1,91 @@
+"""Training as tracked runs (tasks/train.py): a sweep trains SAEs that share a stream in one
+group, each its own nested MLflow run; asked again it reuses them; a killed `saeflow train`
+resumes in the same MLflow run and ends with the weights of a run that never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import TINY
+
+
+def test_sweep_trains_a_group_in_nested_runs_then_reuses_them(prefect_server, tiny_model) -> None:
+    from flows.pipeline import sweep
+    from tasks import tracking
+
+    jobs = [[*TINY, "train.lr=0.002", "sae=relu"], [*TINY, "train.lr=0.002", "sae=topk", "sae.k=4"]]
+    first = sweep(jobs)
+    c = tracking.client()
+    runs = [c.get_run(j["trained"]["run_id"]) for j in first["jobs"]]
+    assert [j["trained"]["status"] for j in first["jobs"]] == ["trained", "trained"]
+    assert [r.data.params["sae.arch"] for r in runs] == ["relu", "topk"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == first["study"]["parent_run_id"]
+        # one train_saes task read the cache once for both: one Prefect task run id
+        assert r.data.tags["saeflow.group"] == runs[0].data.tags["saeflow.group"]
+        assert not (Path(os.environ["SAEFLOW_HOME"]) / "saes" / r.info.run_id / "state").exists()
+    assert first["jobs"][1]["metrics"]["l0"] == pytest.approx(4.0, abs=0.5)
+
+    again = sweep(jobs)
+    assert [j["trained"]["status"] for j in again["jobs"]] == ["reused", "reused"]
+    assert [j["trained"]["run_id"] for j in again["jobs"]] == [r.info.run_id for r in runs]
+    assert again["study"]["parent_run_id"] != first["study"]["parent_run_id"]
+
+
+def test_resume_false_trains_afresh(prefect_server, tiny_model) -> None:
+    from flows.pipeline import train_flow
+
+    one = train_flow([*TINY, "train.lr=0.003"])
+    two = train_flow([*TINY, "train.lr=0.003", "train.resume=false"])
+    assert two["status"] == "trained" and two["run_id"] != one["run_id"]
+
+
+def test_killed_training_resumes_in_the_same_run(
+    prefect_server, tiny_model, saeflow_home: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import train_flow
+    from tasks import tracking
+
+    job = [*TINY, "train.tokens=409600", "train.checkpoint_every=20", "train.threads=1",
+           "tracking.experiment=resume"]  # fmt: skip
+    env = os.environ | {
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+    }
+    before = set((saeflow_home / "saes").glob("*/state/step-*.json"))
+    cmd = [sys.executable, "-m", "flows.cli", "train", *job]
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if set((saeflow_home / "saes").glob("*/state/step-*.json")) - before:
+            break
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(30) == -signal.SIGKILL, child.stderr.read().decode()
+    (state,) = set((saeflow_home / "saes").glob("*/state/step-*.json")) - before
+    run_id = state.parents[1].name
+    assert tracking.client().get_run(run_id).info.status == "RUNNING"  # killed: nobody ended it
+
+    resumed = train_flow(job)
+    assert resumed["status"] == "resumed" and resumed["run_id"] == run_id
+    run = tracking.client().get_run(run_id)
+    assert run.info.status == "FINISHED" and int(run.data.tags["saeflow.resumed_from_step"]) >= 20
+    ref = train_flow([*job[:-1], "tracking.experiment=resume-reference"])
+    assert ref["status"] == "trained"
+    a = load_file(str(Path(resumed["checkpoint"]) / "sae.safetensors"))
+    b = load_file(str(Path(ref["checkpoint"]) / "sae.safetensors"))
+    assert all((a[k] == b[k]).all() for k in b), "the resumed SAE differs from an unbroken run"
+    history = {m.step: m.value for m in tracking.client().get_metric_history(run_id, "train/loss")}
+    ref_history = tracking.client().get_metric_history(ref["run_id"], "train/loss")
+    assert history == {m.step: m.value for m in ref_history}
