@@ -32,7 +32,8 @@ class SAEOutput(NamedTuple):
     x_hat: Tensor
     """(N, d_in) reconstruction."""
     f: Tensor
-    """(N, d_sae) latent activations."""
+    """(N, d_sae) latent activations; a sparse COO tensor (no gradient) from topk and batchtopk
+    in training mode (`.to_dense()` for the matrix)."""
     loss: Tensor
     """() the objective the trainer minimises (see each architecture's docstring)."""
     mse: Tensor
@@ -40,6 +41,9 @@ class SAEOutput(NamedTuple):
     aux: Tensor
     """() relu: mean_N Σ_i f_i·‖W_dec,i‖; jumprelu: mean_N L0 (both before λ);
     topk, batchtopk: the AuxK loss."""
+    l0: Tensor | None = None
+    """() mean non-zero latents per token, where the SAE knows it without scanning f (topk,
+    batchtopk in training, whose f is then a sparse COO tensor with no gradient)."""
 
 
 class SAE(nn.Module):
@@ -99,8 +103,12 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _record_firing(self, f: Tensor) -> None:
         """Training forward only: reset the counter of latents non-zero on some token of f."""
-        fired = f.detach().amax(0) > 0  # (d_sae,); f >= 0 for every architecture here
-        self.tokens_since_fired.add_(f.shape[0]).masked_fill_(fired, 0)
+        self._record_fired(f.detach().amax(0) > 0, f.shape[0])  # f >= 0 for every arch here
+
+    @torch.no_grad()
+    def _record_fired(self, fired: Tensor, n: int) -> None:
+        """Add n tokens to every counter; reset those of the latents in the mask fired (d_sae,)."""
+        self.tokens_since_fired.add_(n).masked_fill_(fired, 0)
 
     def training_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """What training changes beyond `state_dict()`: tensors, and JSON-able values."""

@@ -64,18 +64,16 @@ class BatchTopKSAE(TopKSAE):
             err = sq_err(x, x_hat)  # (N,)
             fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
             return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
-        z = self.pre_acts(x)  # (N, d_sae)
-        vals, flat = z.flatten().topk(self.k * x.shape[0], sorted=False)  # (k·N,)
-        vals = vals.relu()
+        z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
+        flat = z.flatten().topk(self.k * x.shape[0], sorted=False).indices  # (k·N,)
+        vals = encoder(flat // self.d_sae, flat % self.d_sae).relu()  # with gradients
         x_hat = _decode_flat(vals, flat, self.W_dec, x.shape[0]) + self.b_dec  # (N, d_in)
         err = sq_err(x, x_hat)
         fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
-        aux = self._auxk(x, x_hat, z)
-        f = vals.new_zeros(z.numel()).scatter_(0, flat, vals).view_as(z)  # (N, d_sae)
-        self.tokens_trained += x.shape[0]
-        self._record_firing(f)
+        aux = self._auxk(x, x_hat, z, encoder)
+        f, l0 = self._fired(vals, flat // self.d_sae, flat % self.d_sae, x.shape[0])
         self._update_threshold(vals)
-        return SAEOutput(x_hat, f, fvu + self.aux_coeff * aux, err.mean() / self.d_in, aux)
+        return SAEOutput(x_hat, f, fvu + self.aux_coeff * aux, err.mean() / self.d_in, aux, l0)
 
     @torch.no_grad()
     def _update_threshold(self, vals: Tensor) -> None:

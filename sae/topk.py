@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,31 +83,68 @@ class TopKSAE(SAE):
         return _dense(vals.relu(), idx, self.d_sae)
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
-        z = self.pre_acts(x)  # (N, d_sae)
-        vals, idx = z.topk(self.k, dim=-1, sorted=False)  # (N, k)
-        vals = vals.relu()
+        z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
+        idx = z.topk(self.k, dim=-1, sorted=False).indices  # (N, k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k)
+        vals = encoder(rows, idx.flatten()).view_as(idx).relu()  # (N, k), with gradients
         x_hat = _decode_sparse(vals, idx, self.W_dec) + self.b_dec  # (N, d_in)
         err = sq_err(x, x_hat)  # (N,)
         fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
-        aux = self._auxk(x, x_hat, z) if self.training else fvu.new_zeros(())
-        f = _dense(vals, idx, self.d_sae)  # (N, d_sae)
-        if self.training:
-            self.tokens_trained += x.shape[0]
-            self._record_firing(f)
+        if not self.training:
+            f = _dense(vals, idx, self.d_sae)  # (N, d_sae)
+            return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
+        aux = self._auxk(x, x_hat, z, encoder)
+        f, l0 = self._fired(vals.flatten(), rows, idx.flatten(), x.shape[0])
         loss = fvu + self.aux_coeff * aux
-        return SAEOutput(x_hat, f, loss, err.mean() / self.d_in, aux)
+        return SAEOutput(x_hat, f, loss, err.mean() / self.d_in, aux, l0)
 
-    def _auxk(self, x: Tensor, x_hat: Tensor, z: Tensor) -> Tensor:
+    @torch.no_grad()
+    def _fired(self, vals: Tensor, rows: Tensor, cols: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Training: count the n tokens, note which latents fired; return (f as a sparse COO
+        (n, d_sae) tensor, mean L0). Building the dense f would write n·d_sae zeros per step."""
+        on = vals > 0
+        self.tokens_trained += n
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=vals.device)
+        self._record_fired(fired.index_fill_(0, cols[on], True), n)
+        f = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), vals.detach(), (n, self.d_sae), check_invariants=False
+        )
+        return f, on.sum().float() / n
+
+    def pre_acts_sparse(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+        """z = pre_acts(x) computed without autograd, and encoder(rows, cols) -> z[rows, cols]
+        with gradients to W_enc, b_enc, b_dec that cost O(len(rows)·d_in), not O(N·d_sae·d_in).
+
+        Only the k chosen pre-activations per token reach the loss, so ∂loss/∂z is sparse; the
+        dense backward (N·d_sae·d_in for ∂W_enc) would cost as much as the forward product.
+        """
+        x_c = x - self.b_dec.detach()
+        bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc  # (d_sae,)
+        with torch.no_grad():
+            z = torch.addmm(bias, x_c, self.W_enc)  # (N, d_sae)
+
+        def encoder(rows: Tensor, cols: Tensor) -> Tensor:
+            return SparseGather.apply(x_c, self.W_enc, bias, rows, cols, z)
+
+        return z, encoder
+
+    def _auxk(
+        self, x: Tensor, x_hat: Tensor, z: Tensor, encoder: Callable[[Tensor, Tensor], Tensor]
+    ) -> Tensor:
         """AuxK: the dead latents' top-aux_k pre-activations reconstruct the residual e = x − x̂."""
         if self.aux_coeff == 0 or self.tokens_trained < self.dead_tokens:
             return z.new_zeros((), dtype=torch.float32)
         dead = self.tokens_since_fired >= self.dead_tokens  # (d_sae,)
-        if not dead.any():  # one host sync per step; free on CPU
+        n_dead = int(dead.sum())  # one host sync per step; free on CPU
+        if n_dead == 0:
             return z.new_zeros((), dtype=torch.float32)
+        aux_k = min(self.aux_k, n_dead)
         z_dead = z.masked_fill(~dead, float("-inf"))  # only dead latents can be picked
-        vals, idx = z_dead.topk(min(self.aux_k, self.d_sae), dim=-1, sorted=False)
+        idx = z_dead.topk(aux_k, dim=-1, sorted=False).indices  # (N, aux_k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)
+        vals = encoder(rows, idx.flatten()).view_as(idx).relu()
         e = (x - x_hat).detach()  # (N, d_in)
-        e_hat = _decode_sparse(vals.relu(), idx, self.W_dec)  # fewer dead than aux_k: ReLU(-inf)=0
+        e_hat = _decode_sparse(vals, idx, self.W_dec)
         return sq_err(e, e_hat).sum() / sq_err(e, e.mean(0)).sum().clamp_min(1e-12)
 
     @torch.no_grad()
@@ -120,6 +158,35 @@ class TopKSAE(SAE):
     def after_step(self) -> None:
         """Renormalise the decoder rows to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+class SparseGather(torch.autograd.Function):
+    """(x, W, b, rows, cols, z) -> z[rows, cols] for z = x @ W + b, given z; sparse backward.
+
+        ∂L/∂W = xᵀ·G,   ∂L/∂b = Σ_N G,   G (N, d_sae) zero but G[rows, cols] = ∂L/∂out
+
+    G is a sparse matrix of len(rows) entries, so ∂W costs len(rows)·d_in multiply-adds. x gets
+    no gradient (the encoder's input is data).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, W: Tensor, b: Tensor, rows: Tensor, cols: Tensor, z: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(x, rows, cols)
+        ctx.d_sae, ctx.dtype = W.shape[1], W.dtype
+        return z[rows, cols]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, None, None, None]:
+        x, rows, cols = ctx.saved_tensors
+        g = grad.to(ctx.dtype)  # W's (fp32 master weights) whatever autocast computed in
+        G_t = torch.sparse_coo_tensor(
+            torch.stack([cols, rows]), g, (ctx.d_sae, x.shape[0]), check_invariants=False
+        )  # Gᵀ (d_sae, N)
+        grad_W = torch.sparse.mm(G_t, x.to(ctx.dtype)).T  # (d_in, d_sae)
+        grad_b = g.new_zeros(ctx.d_sae).index_add_(0, cols, g)
+        return None, grad_W, grad_b, None, None, None
 
 
 def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:

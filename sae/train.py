@@ -250,13 +250,15 @@ class _L0Controller:
     def last(self, value: float | None) -> None:
         self.last_l0 = None if value is None else torch.tensor(value, dtype=torch.float32)
 
-    def update(self, step: int, f: Tensor) -> None:
-        """After step `step` (from 1) with latents f (B, d_sae): adjust λ, remember this L0."""
+    def update(self, step: int, out: SAEOutput) -> None:
+        """After step `step` (from 1) with output `out`: adjust λ, remember this L0."""
         # The previous step's L0 is read: on a GPU it is ready, so the host does not wait.
         if self.last_l0 is not None and self.start < step <= self.stop:
             err = L0_GAIN * math.log(max(self.last_l0.item(), 1e-3) / self.target)
             self.sae.l1_coeff *= math.exp(min(max(err, -L0_MAX_STEP), L0_MAX_STEP))
-        self.last_l0 = (f.detach() != 0).sum(-1).float().mean()
+        self.last_l0 = (
+            (out.f.detach() != 0).sum(-1).float().mean() if out.l0 is None else out.l0.detach()
+        )
 
 
 class _Monitor:
@@ -305,7 +307,7 @@ class _Monitor:
             "loss": out.loss.item(),
             "mse": out.mse.item() / self.scale**2,  # in raw activation units, as at evaluation
             "aux": out.aux.item(),
-            "l0": metrics.l0(out.f),
+            "l0": metrics.l0(out.f) if out.l0 is None else out.l0.item(),
             "fvu": metrics.fvu(x, out.x_hat.detach()),
             "dead_frac": (self.sae.tokens_since_fired >= window).double().mean().item(),
             "lr": lr,
@@ -358,7 +360,7 @@ class _Trainer:
             self.sae, self.opt, x, sparsity_scale, self.cfg.grad_clip, self.bf16, self.forward
         )
         if self.control is not None:
-            self.control.update(step, out.f)
+            self.control.update(step, out)
         self.monitor.update(step, x, out, self.lr, sparsity_scale)
         self.last = (x, out, sparsity_scale)
 

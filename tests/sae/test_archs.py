@@ -137,6 +137,8 @@ def test_batchtopk_keeps_the_top_k_times_batch_activations() -> None:
     x = data(32)
     x[0] *= 50  # a loud token takes more than its k, so others get fewer
     out = sae(x)
+    assert out.f.is_sparse and out.l0 == 4  # training: sparse COO, no (N, d_sae) zeros written
+    out = out._replace(f=out.f.to_dense())
     per_token = (out.f != 0).sum(-1)
     assert per_token.sum() == 4 * 32
     assert per_token[0] > 4 and per_token.min() < 4
@@ -153,6 +155,7 @@ def test_batchtopk_token_with_no_latent_decodes_to_b_dec() -> None:
     x = data(32)
     x[1] = sae.b_dec.detach()  # z = b_enc = -1 everywhere: below the k·N-th largest
     out = sae(x)
+    out = out._replace(f=out.f.to_dense())
     assert (out.f[1] == 0).all()
     torch.testing.assert_close(out.x_hat[1], sae.b_dec.detach())
     torch.testing.assert_close(out.x_hat, sae.decode(out.f), rtol=1e-5, atol=1e-5)
@@ -163,7 +166,7 @@ def test_batchtopk_threshold_is_a_running_average_of_the_smallest_kept() -> None
     assert sae.threshold == 0  # untrained: eval keeps every positive z
     smallest = []
     for seed in (1, 2):
-        f = sae(data(32, seed=seed)).f
+        f = sae(data(32, seed=seed)).f.to_dense()
         smallest.append(f.masked_fill(f == 0, math.inf).min().item())  # the smallest kept
         if seed == 1:
             torch.testing.assert_close(sae.threshold.item(), smallest[0])  # the first: itself

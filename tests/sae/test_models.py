@@ -92,6 +92,36 @@ def test_topk_auxk_trains_dead_latents_only() -> None:
     assert (g[~dead] == 0).all()  # ...and only with them
 
 
+def test_topk_sparse_gradients_match_the_dense_formula() -> None:
+    """SparseGather's backward (only the picked latents, main and AuxK) equals autograd's dense
+    one, in float64, with AuxK on."""
+    sae = make("topk", dead_tokens=64, aux_k=8).double().train()
+    with torch.no_grad():
+        sae.b_enc[32:] += 3.0  # latents 0..31 rarely picked: dead after the first batch
+    x = data(64).double()
+    sae(x)
+    dead = sae.tokens_since_fired >= 64
+    assert dead.any()
+    out = sae(x)
+    out.loss.backward()
+    fast = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+
+    def decode(z: torch.Tensor, k: int) -> torch.Tensor:
+        vals, idx = z.topk(k, dim=-1)
+        return torch.zeros_like(z).scatter(-1, idx, vals.relu()) @ sae.W_dec
+
+    x_hat = decode(z, 4) + sae.b_dec
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    e = (x - x_hat).detach()
+    e_hat = decode(z.masked_fill(~dead, float("-inf")), min(8, int(dead.sum())))
+    aux = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    (fvu + sae.aux_coeff * aux).backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, fast[name], rtol=1e-9, atol=1e-12)
+
+
 def test_topk_loss_is_fvu_without_dead_latents() -> None:
     sae = make("topk", dead_tokens=10**9).train()
     x = data()
