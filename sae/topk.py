@@ -98,6 +98,16 @@ class TopKSAE(SAE):
         loss = fvu + self.aux_coeff * aux
         return SAEOutput(x_hat, f, loss, err.mean() / self.d_in, aux, l0)
 
+    @torch.compiler.disable  # Python counters: traced, each new value would recompile
+    @torch.no_grad()
+    def _dead(self) -> tuple[Tensor, int]:
+        """(dead mask (d_sae,), how many AuxK uses: min(aux_k, #dead), 0 = no AuxK this step)."""
+        dead = self.tokens_since_fired >= self.dead_tokens
+        if self.aux_coeff == 0 or self.tokens_trained < self.dead_tokens:
+            return dead, 0
+        return dead, min(self.aux_k, int(dead.sum()))  # one host sync per step; free on CPU
+
+    @torch.compiler.disable
     @torch.no_grad()
     def _fired(self, vals: Tensor, rows: Tensor, cols: Tensor, n: int) -> tuple[Tensor, Tensor]:
         """Training: count the n tokens, note which latents fired; return (f as a sparse COO
@@ -132,13 +142,9 @@ class TopKSAE(SAE):
         self, x: Tensor, x_hat: Tensor, z: Tensor, encoder: Callable[[Tensor, Tensor], Tensor]
     ) -> Tensor:
         """AuxK: the dead latents' top-aux_k pre-activations reconstruct the residual e = x − x̂."""
-        if self.aux_coeff == 0 or self.tokens_trained < self.dead_tokens:
+        dead, aux_k = self._dead()
+        if not aux_k:
             return z.new_zeros((), dtype=torch.float32)
-        dead = self.tokens_since_fired >= self.dead_tokens  # (d_sae,)
-        n_dead = int(dead.sum())  # one host sync per step; free on CPU
-        if n_dead == 0:
-            return z.new_zeros((), dtype=torch.float32)
-        aux_k = min(self.aux_k, n_dead)
         z_dead = z.masked_fill(~dead, float("-inf"))  # only dead latents can be picked
         idx = z_dead.topk(aux_k, dim=-1, sorted=False).indices  # (N, aux_k)
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)

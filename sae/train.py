@@ -199,7 +199,7 @@ def train_step(
     """One optimiser step on the scaled batch x (B, d_in); returns the forward's output.
     `forward` replaces sae.__call__ (a torch.compile'd SAE)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = (forward or sae)(x, sparsity_scale)  # x_hat (B, d_in), f (B, d_sae), scalars
+        out = (sae if forward is None else forward)(x, sparsity_scale)  # x_hat (B, d_in), f, …
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     sae.before_step()  # topk: drop the gradient component along each decoder row
