@@ -229,6 +229,25 @@ class EvalConfig:
 
 
 @dataclass
+class SteerConfig:
+    feature: int = 0
+    """The SAE latent to steer with (`saeflow steer`; the SAE is eval.run_id or the latest)."""
+    mode: str = "add"
+    """add: x + value·unit decoder direction; clamp: set the feature's activation to value."""
+    value: float = 10.0
+    prompts: list[str] = field(default_factory=lambda: ["import os\n", "def main("])
+    max_new_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        _choice("steer", "mode", self.mode, ("add", "clamp"))
+        _positive("steer", max_new_tokens=self.max_new_tokens)
+        if self.feature < 0:
+            raise ValueError(f"steer.feature must be >= 0, got {self.feature}")
+        if not self.prompts:
+            raise ValueError("steer.prompts must hold at least one prompt")
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; None = SQLite under $SAEFLOW_HOME/mlflow."""
@@ -245,6 +264,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
     hook: str = "blocks.2.resid_post"
     """Hook point, `blocks.{L}.resid_pre|attn_out|mlp_out|resid_post` (see sae/hooks.py)."""
     run_name: str | None = None

@@ -1,8 +1,11 @@
-"""DuckDB over what the pipeline wrote (DESIGN §7): views `features`, `runs`, `metrics`.
+"""DuckDB over what the pipeline wrote (DESIGN §7): views `features`, `examples`, `runs`,
+`metrics`; and the ready queries in dashboards/*.sql.
 
 `features` reads every run's `features/run_id=<id>/feature_stats.parquet` (hive-partitioned, so
-`run_id` is a column); `runs` and `metrics` are tables handed in from MLflow's API (DuckDB cannot
-read MLflow's SQLite offline, STACK.md). The database is in memory: Parquet stays the source.
+`run_id` is a column); `examples` is one row per top example (run_id, feature_id, rank, text,
+activation, seq_id, pos); `runs` and `metrics` are tables handed in from MLflow's API (DuckDB
+cannot read MLflow's SQLite offline, STACK.md). The database is in memory: Parquet stays the
+source. A dashboard query takes its parameters as $1, $2, … bound by DuckDB, never pasted.
 """
 
 from __future__ import annotations
@@ -20,8 +23,15 @@ FEATURE_COLUMNS = (
     "run_id VARCHAR, feature_id INTEGER, freq DOUBLE, mean_act DOUBLE, "
     "max_act DOUBLE, decoder_norm DOUBLE, top_examples STRUCT(text VARCHAR, "
     "activation FLOAT, seq_id BIGINT, pos INTEGER)[], top_logits VARCHAR[], "
-    "nearest_feature INTEGER, nearest_cos DOUBLE"
+    "nearest_feature INTEGER, nearest_cos DOUBLE, act_p50 DOUBLE, act_p90 DOUBLE, "
+    "act_p99 DOUBLE, cluster_id INTEGER"
 )
+EXAMPLE_COLUMNS = (
+    "run_id VARCHAR, feature_id INTEGER, rank BIGINT, text VARCHAR, activation FLOAT, "
+    "seq_id BIGINT, pos INTEGER"
+)
+DASHBOARDS = Path(__file__).parent
+"""Where the ready queries live: `<name>.sql`."""
 
 
 def connect(
@@ -39,6 +49,15 @@ def connect(
         )
     else:
         con.execute(f"CREATE TABLE features ({FEATURE_COLUMNS})")
+    columns = {row[0] for row in con.execute("DESCRIBE features").fetchall()}
+    if "top_examples" in columns:
+        con.execute(
+            "CREATE VIEW examples AS SELECT run_id, feature_id, "
+            "unnest(range(1, len(top_examples) + 1)) AS rank, "
+            "unnest(top_examples, recursive := true) FROM features"
+        )
+    else:  # feature tables written elsewhere without examples
+        con.execute(f"CREATE TABLE examples ({EXAMPLE_COLUMNS})")
     con.register("_runs", runs)
     con.execute("CREATE VIEW runs AS SELECT * FROM _runs")
     if metrics is None:
@@ -54,6 +73,26 @@ def connect(
     con.register("_metrics", metrics)
     con.execute("CREATE VIEW metrics AS SELECT * FROM _metrics")
     return con
+
+
+def dashboard(name_or_sql: str) -> str:
+    """The SQL of a ready query (`dead_features`, or a path to a .sql file), else the text."""
+    path = DASHBOARDS / f"{name_or_sql}.sql"
+    if path.is_file():
+        return path.read_text()
+    if name_or_sql.endswith(".sql"):
+        if not Path(name_or_sql).is_file():
+            raise FileNotFoundError(f"no SQL file {name_or_sql}")
+        return Path(name_or_sql).read_text()
+    return name_or_sql
+
+
+def dashboards() -> dict[str, str]:
+    """Ready queries: name -> their first comment line."""
+    return {
+        p.stem: p.read_text().splitlines()[0].lstrip("- ").strip()
+        for p in sorted(DASHBOARDS.glob("*.sql"))
+    }
 
 
 def _quote(s: str) -> str:

@@ -11,7 +11,8 @@ from tasks.home import home
 
 USAGE = """saeflow run [-m] [overrides]        the pipeline: cache -> train -> evaluate -> features
 saeflow cache|train|evaluate [overrides]   one stage
-saeflow sql "SELECT ..." [--format table|csv|json]
+saeflow steer [steer.feature=N steer.value=X eval.run_id=ID]   generate with a feature
+saeflow sql "SELECT ..."|<dashboard>|list [--param V]... [--format table|csv|json]
 saeflow serve                        Prefect deployments of the flows, for the Prefect UI"""
 
 
@@ -63,6 +64,21 @@ def _sweep_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _steer_summary(result: dict[str, Any]) -> str:
+    lines = [
+        f"feature {result['feature']} of run {result['run_id']} at {result['hook']}: "
+        f"{result['mode']} {result['value']:g}   ({result['path']})"
+    ]
+    for row in result["rows"]:
+        lines += [
+            "",
+            f"prompt     {row['prompt']!r}",
+            f"unsteered  {row['unsteered']!r}",
+            f"steered    {row['steered']!r}",
+        ]
+    return "\n".join(lines)
+
+
 def _stage(name: str, overrides: list[str], multirun: bool) -> int:
     from flows.config import expand_sweep, load
 
@@ -77,6 +93,7 @@ def _stage(name: str, overrides: list[str], multirun: bool) -> int:
         "cache": p.cache_flow,
         "train": p.train_flow,
         "evaluate": p.evaluate_flow,
+        "steer": p.steer_flow,
     }[name]
     if name == "run" and multirun:
         print(_sweep_summary(p.sweep(jobs)))
@@ -85,30 +102,45 @@ def _stage(name: str, overrides: list[str], multirun: bool) -> int:
         result = flow(job)
         if name == "run":
             print(_summary(result))
+        elif name == "steer":
+            print(_steer_summary(result))
         else:
             print(result)
     return 0
 
 
-def _sql(sql: str, fmt: str) -> int:
-    from dashboards.sql import connect, query, render
-    from tasks.tracking import metrics_table, runs_table
+def _sql(text: str, fmt: str, params: list[str]) -> int:
+    from dashboards.sql import dashboards, render
+    from tasks.sql import sql
 
-    metrics = metrics_table() if "metrics" in sql.lower() else None
-    con = connect(home() / "features", runs_table(), metrics)
-    print(render(query(con, sql), fmt).rstrip("\n"))
+    if text == "list":
+        for name, about in dashboards().items():
+            print(f"{name:<28}{about}")
+        return 0
+    print(render(sql(text, [_param(p) for p in params]), fmt).rstrip("\n"))
     return 0
+
+
+def _param(value: str) -> Any:
+    """--param values: numbers as numbers (DuckDB will not compare '3' with an int column)."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saeflow", usage=USAGE)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "cache", "train", "evaluate"):
+    for name in ("run", "cache", "train", "evaluate", "steer"):
         s = sub.add_parser(name)
         s.add_argument("-m", "--multirun", action="store_true")
         s.add_argument("overrides", nargs="*")
     s = sub.add_parser("sql")
-    s.add_argument("query")
+    s.add_argument("query", help="SQL, a dashboards/*.sql name, a .sql file, or 'list'")
+    s.add_argument("--param", action="append", default=[], help="$1, $2, … in order")
     s.add_argument("--format", default="table", choices=("table", "csv", "json"))
     sub.add_parser("serve")
     args = parser.parse_args(argv)
@@ -116,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "sql":
-            return _sql(args.query, args.format)
+            return _sql(args.query, args.format, args.param)
         if args.command == "serve":
             _environment()
             from flows.serve import serve

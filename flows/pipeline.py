@@ -15,6 +15,8 @@ from flows.config import load
 from tasks.cache import cache_shard, finish_cache, plan_cache
 from tasks.evaluate import evaluate, features
 from tasks.model import prepare_model
+from tasks.report import report
+from tasks.steer import steer
 from tasks.study import close_study, find_sae, open_study
 from tasks.train import stream_key, train_sae, train_saes
 
@@ -72,9 +74,18 @@ def evaluate_flow(overrides: list[str] | None = None) -> dict[str, Any]:
     }
 
 
+@flow(name="steer")
+def steer_flow(overrides: list[str] | None = None) -> dict[str, Any]:
+    """Generate with and without one feature of a trained SAE (`steer.*`, `eval.run_id`)."""
+    _, cfg = load(overrides or [])
+    model = prepare_model(cfg)
+    trained = find_sae(cfg)
+    return steer(cfg, model, trained) | {"run_id": trained["run_id"]}
+
+
 @flow(name="pipeline")
 def pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
-    """cache -> train -> evaluate -> feature stats, under one MLflow parent run."""
+    """cache -> train -> evaluate -> feature stats -> report, under one MLflow parent run."""
     result = study([overrides or []], "pipeline")
     return {k: v for k, v in result.items() if k != "jobs"} | result["jobs"][0]
 
@@ -137,6 +148,7 @@ def study(jobs: list[list[str]], kind: str) -> dict[str, Any]:
                     "features": features(cfg, model, eval_cache, t),
                 }
             )
+            out[-1]["report"] = report(cfg, t, out[-1]["features"], opened["parent_run_id"])
     except BaseException:
         close_study(cfgs[0], opened["parent_run_id"], "FAILED")
         raise

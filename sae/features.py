@@ -7,10 +7,15 @@ decoder_norm  ‖W_dec,i‖
 top_examples  the `n_top` highest activations, each a decoded context with the token «marked»
 top_logits    tokens whose unembedding has the largest dot product with W_dec,i
 nearest_feature, nearest_cos   the other latent with the highest decoder cosine
+act_p50, act_p90, act_p99   quantiles of f_i over the tokens where it is active (the first
+              `quantile_tokens` tokens: exact there, bounded memory beyond)
+cluster_id    spherical k-means of the decoder directions, k = ⌈√d_sae⌉ (related features
+              cluster, as the seed papers found)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import pyarrow as pa
@@ -56,6 +61,7 @@ def feature_stats(
     before: int = 12,
     after: int = 3,
     n_logits: int = 10,
+    quantile_tokens: int = 262_144,
 ) -> pa.Table:
     """Feature table for `sae` over `batches` of cached held-out contexts.
 
@@ -64,14 +70,21 @@ def feature_stats(
     sae = sae.cpu().eval()
     acc = FeatureAccumulator(sae.d_sae, n_top)
     seqs: list[torch.Tensor] = []
+    active: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latent ids, values) of f > 0
     for ids, special, acts in batches:
         b, t = ids.shape
         base = sum(s.shape[0] for s in seqs) * t
         seqs.append(ids)
         keep = ~special.reshape(-1)
         flat = (base + torch.arange(b * t))[keep]
-        acc.update(sae.encode(acts.reshape(b * t, -1)[keep].float()), flat)
+        f = sae.encode(acts.reshape(b * t, -1)[keep].float())
+        acc.update(f, flat)
+        if acc.n_tokens - f.shape[0] < quantile_tokens:
+            f = f[: quantile_tokens - (acc.n_tokens - f.shape[0])]
+            nz = f.nonzero(as_tuple=True)
+            active.append((nz[1], f[nz]))
     tokens = torch.cat(seqs)  # (S, T)
+    quantiles = _quantiles(active, sae.d_sae, (0.5, 0.9, 0.99))  # (3, d_sae)
     W_dec = sae.W_dec.detach().float()  # (d_sae, d_in)
     norms = W_dec.norm(dim=1)
     freq = acc.fires / max(acc.n_tokens, 1)
@@ -88,8 +101,55 @@ def feature_stats(
             "top_logits": _top_logits(W_dec, unembed, vocab, n_logits),
             "nearest_feature": nearest.int().numpy(),
             "nearest_cos": cos.double().numpy(),
+            "act_p50": quantiles[0].double().numpy(),
+            "act_p90": quantiles[1].double().numpy(),
+            "act_p99": quantiles[2].double().numpy(),
+            "cluster_id": clusters(W_dec).int().numpy(),
         }
     )
+
+
+def _quantiles(
+    active: list[tuple[torch.Tensor, torch.Tensor]], d_sae: int, qs: tuple[float, ...]
+) -> torch.Tensor:
+    """(len(qs), d_sae) quantiles (nearest rank) of each latent's active values; 0 if never."""
+    if not active:
+        return torch.zeros(len(qs), d_sae)
+    ids = torch.cat([a for a, _ in active])
+    vals = torch.cat([v for _, v in active]).float()
+    vals, order = vals.sort()
+    ids = ids[order]
+    ids, order = ids.sort(stable=True)  # by latent, values ascending within each
+    vals = vals[order]
+    counts = torch.bincount(ids, minlength=d_sae)  # (d_sae,)
+    starts = torch.cumsum(counts, 0) - counts
+    out = torch.zeros(len(qs), d_sae)
+    has = counts > 0
+    for i, q in enumerate(qs):
+        at = starts + ((counts - 1).clamp(min=0).double() * q).round().long()
+        out[i, has] = vals[at[has]]
+    return out
+
+
+def clusters(W_dec: torch.Tensor, k: int | None = None, iters: int = 10, seed: int = 0):
+    """(d_sae,) cluster of each decoder direction: spherical k-means (cosine), k = ⌈√d_sae⌉,
+    started from farthest-point picks (a row drawn with `seed`, then each time the row least
+    like any picked), so well-separated groups each get a centre; deterministic."""
+    unit = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp(min=1e-12)
+    n = unit.shape[0]
+    k = min(n, k or math.ceil(math.sqrt(n)))
+    picked = [int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))]
+    closest = unit @ unit[picked[0]]  # (n,) best cosine to a picked row
+    for _ in range(k - 1):
+        picked.append(int(closest.argmin()))
+        closest = torch.maximum(closest, unit @ unit[picked[-1]])
+    centres = unit[picked]  # (k, d_in)
+    for _ in range(iters):
+        label = (unit @ centres.T).argmax(1)  # (n,)
+        sums = torch.zeros_like(centres).index_add_(0, label, unit)
+        empty = sums.norm(dim=1) == 0
+        centres = torch.where(empty[:, None], centres, sums / sums.norm(dim=1, keepdim=True))
+    return (unit @ centres.T).argmax(1)
 
 
 def _examples(

@@ -125,15 +125,7 @@ def _attach(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.
     """Register `fn(acts) -> replacement | None` at the hook point; returns the handle."""
     module = _module(model, hp)
     if hp.site == "resid_pre":
-
-        def pre(_m, args, kwargs):
-            if args:
-                new = fn(args[0])
-                return None if new is None else ((new, *args[1:]), kwargs)
-            new = fn(kwargs["hidden_states"])  # a family that passes it by keyword
-            return None if new is None else (args, {**kwargs, "hidden_states": new})
-
-        return module.register_forward_pre_hook(pre, with_kwargs=True)
+        return _attach_input(module, fn)
 
     def post(_m, _args, out):
         # Blocks and attention modules may return (tensor, extras...): keep the extras.
@@ -144,6 +136,21 @@ def _attach(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
     return module.register_forward_hook(post)
+
+
+def _attach_input(
+    block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Register `fn(hidden_states) -> replacement | None` on a block's input."""
+
+    def pre(_m, args, kwargs):
+        if args:
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        new = fn(kwargs["hidden_states"])  # a family that passes it by keyword
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    return block.register_forward_pre_hook(pre, with_kwargs=True)
 
 
 @torch.no_grad()
@@ -193,8 +200,58 @@ def spliced(
 @torch.no_grad()
 def next_token_ce(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-position cross-entropy (B, T-1) in nats of token t+1 given tokens ≤ t."""
-    mask = torch.ones_like(input_ids)  # packed contexts: no padding
-    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+    logits = _logits(model, input_ids)
     return nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
     )
+
+
+def _first_after(model: nn.Module, hp: HookPoint) -> int | None:
+    """Index of the first block that runs wholly after `hp`; None if the activation is inside a
+    block (attn_out, mlp_out) or after the last block."""
+    first = {"resid_pre": hp.layer, "resid_post": hp.layer + 1}.get(hp.site)
+    return first if first is not None and first < len(blocks(model)) else None
+
+
+def runs_from(model: nn.Module, hp: HookPoint) -> bool:
+    """Whether `logits_from` skips the blocks before `hp` (residual sites before the last block)."""
+    return _first_after(model, hp) is not None
+
+
+@torch.no_grad()
+def logits_from(model: nn.Module, hp: HookPoint, input_ids: torch.Tensor, acts: torch.Tensor):
+    """(B, T, vocab) fp32 logits of `input_ids` with the activation at `hp` set to acts (B, T, d).
+
+    Where `runs_from(model, hp)`, only the blocks after hp run: for the call, the model's block
+    list is cut to those blocks and acts replace the first one's input (the embeddings still run,
+    which costs a lookup). Positions, masks and rotary embeddings are computed by the model as in
+    a full pass, so the logits equal a full forward with acts spliced at hp. Elsewhere (mid-block
+    sites) it is that full forward.
+    """
+    first = _first_after(model, hp)
+    if first is None:
+        with spliced(model, hp, lambda a: acts.to(a.dtype)):
+            return _logits(model, input_ids)
+    full = blocks(model)
+    parent, attr = _block_parent(model, full)
+    setattr(parent, attr, nn.ModuleList(list(full)[first:]))
+    handle = _attach_input(full[first], lambda a: acts.to(a.dtype))
+    try:
+        return _logits(model, input_ids)
+    finally:
+        handle.remove()
+        setattr(parent, attr, full)
+
+
+def _block_parent(model: nn.Module, full: nn.ModuleList) -> tuple[nn.Module, str]:
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is full:
+                return module, name
+    raise ValueError(f"cannot find the block list's parent in {type(model).__name__}")
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones_like(input_ids)  # packed contexts: no padding
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least

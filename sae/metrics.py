@@ -52,6 +52,15 @@ def loss_recovered(ce_clean: float, ce_sae: float, ce_ablated: float) -> float:
     return (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
 
 
+def kl_per_token(logits_clean: Tensor, logits_sae: Tensor) -> Tensor:
+    """KL(p_clean ‖ p_sae) = Σ_v p_clean(v)·(log p_clean(v) − log p_sae(v)) per position:
+    (..., vocab) logits -> (...,) nats, in float32 or wider."""
+    wide = torch.promote_types(logits_clean.dtype, torch.float32)
+    lp = logits_clean.to(wide).log_softmax(-1)
+    lq = logits_sae.to(wide).log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
 class ReconstructionStats:
     """Streaming `mse, fvu, explained_variance, l0, dead_frac, dense_frac` over many batches.
 

@@ -29,7 +29,7 @@ def _contexts(eval_dir: Path, hook: str, batch_size: int):
 def _baselines(lm, hp: HookPoint, eval_dir: Path, contexts) -> dict[str, float]:
     """ce_clean / ce_zero depend on the model and the eval set only: computed once, kept beside
     the eval cache (the manifest ignores files it does not list)."""
-    path = eval_dir / f"ce-baselines-{hp.name}.json"
+    path = eval_dir / f"ce-baselines-v2-{hp.name}.json"  # v2: with ce_mean
     if path.is_file():
         return json.loads(path.read_text())
     out = ce_baselines(lm, hp, contexts)

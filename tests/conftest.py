@@ -65,3 +65,11 @@ def prefect_server(saeflow_home: Path):
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def study(prefect_server, tiny_model, saeflow_home: Path) -> dict:
+    """One pipeline on the tiny model (TINY), shared by the tests that read its output."""
+    from flows.pipeline import pipeline
+
+    return pipeline(TINY)

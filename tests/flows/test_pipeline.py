@@ -12,13 +12,6 @@ from flows.cli import main
 from tests.conftest import TINY
 
 
-@pytest.fixture(scope="module")
-def study(prefect_server, tiny_model, saeflow_home: Path) -> dict:
-    from flows.pipeline import pipeline
-
-    return pipeline(TINY)
-
-
 def test_pipeline_tracks_run_metrics_checkpoint_and_features(study, saeflow_home: Path) -> None:
     from tasks import tracking
 
@@ -169,3 +162,18 @@ def test_cache_refuses_when_the_disk_cannot_hold_it(
     with pytest.raises(OSError, match="not enough disk for cache"):
         cache_flow([*TINY, "cache.tokens=100000000000000"])
     assert sorted(p.name for p in (saeflow_home / "activations").iterdir()) == before
+
+
+def test_steer_generates_side_by_side_and_logs_to_the_run(study, capsys) -> None:
+    from tasks import tracking
+
+    run = study["trained"]["run_id"]
+    out = main(["steer", *TINY, f"eval.run_id={run}", "steer.feature=5", "steer.value=40",
+                "steer.prompts=[ab]", "steer.max_new_tokens=6"])  # fmt: skip
+    assert out == 0
+    text = capsys.readouterr().out
+    assert f"feature 5 of run {run}" in text and "unsteered" in text and "steered" in text
+    arts = {a.path for a in tracking.client().list_artifacts(run, "steering")}
+    assert arts == {"steering/feature-5-add-40.json"}
+    assert main(["steer", *TINY, "steer.mode=push"]) == 2
+    assert "steer.mode='push' is not one of add, clamp" in capsys.readouterr().err

@@ -42,17 +42,21 @@ def setup():
     return model, ids, special, sae
 
 
-def _ce(model, ids, replace=None) -> float:
-    """Reference: a hand-registered hook on block 0, then cross-entropy of the logits."""
+def _logits(model, ids, replace=None) -> torch.Tensor:
+    """Reference: a full forward with a hand-registered hook on block 0's output."""
     h = None
     if replace is not None:
         h = model.transformer.h[0].register_forward_hook(lambda m, a, out: replace(out))
     try:
         with torch.no_grad():
-            logits = model(ids).logits
+            return model(ids).logits
     finally:
         if h is not None:
             h.remove()
+
+
+def _ce(model, ids, replace=None) -> float:
+    logits = _logits(model, ids, replace)
     return F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1)).item()
 
 
@@ -74,18 +78,27 @@ def test_metrics_equal_direct_computation(setup) -> None:
         full[~special] = sae.decode(sae.encode(out[~special]))
         return full
 
-    ce_clean, ce_zero, ce_sae = (
+    mean = x_all[~special].mean(0)
+    ce_clean, ce_zero, ce_sae, ce_mean = (
         _ce(model, ids),
         _ce(model, ids, lambda o: o * ~keep),
         _ce(model, ids, splice),
+        _ce(model, ids, lambda o: torch.where(keep, mean, o)),
     )
+    p = _logits(model, ids)[:, :-1].log_softmax(-1)  # clean
+    q = _logits(model, ids, splice)[:, :-1].log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()  # KL(p_clean ‖ p_sae)
+    reverse = (q.exp() * (q - p)).sum(-1).mean().item()
     x, x_hat = x.double(), x_hat.double()
     err = (x - x_hat).pow(2).sum()
     want = {
         "ce_clean": ce_clean,
         "ce_zero": ce_zero,
         "ce_sae": ce_sae,
+        "ce_mean": ce_mean,
         "loss_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean),
+        "loss_recovered_mean": (ce_mean - ce_sae) / (ce_mean - ce_clean),
+        "kl": kl,
         "delta_ce": ce_sae - ce_clean,
         "mse": (err / x.numel()).item(),
         "fvu": (err / (x - x.mean(0)).pow(2).sum()).item(),
@@ -97,6 +110,7 @@ def test_metrics_equal_direct_computation(setup) -> None:
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert got["ce_clean"] < got["ce_zero"]
+    assert got["kl"] > 0 and got["kl"] != pytest.approx(reverse, rel=1e-3)  # the direction
 
 
 def test_baselines_do_not_depend_on_the_sae(setup) -> None:

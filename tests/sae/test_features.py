@@ -48,3 +48,28 @@ def test_planted_features() -> None:
     assert f0["top_logits"] == ["0"] and f2["top_logits"] == ["3"]
     assert (f0["nearest_feature"], f1["nearest_feature"]) == (1, 0)
     assert f0["nearest_cos"] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5)
+    assert (f0["act_p50"], f0["act_p99"], f1["act_p50"]) == (pytest.approx(1.0), 3.0, 2.0)
+    assert f2["act_p50"] == 0  # never active
+    assert f0["cluster_id"] == f1["cluster_id"] != f2["cluster_id"]  # twins together
+
+
+def test_quantiles_are_exact_nearest_rank() -> None:
+    from sae.features import _quantiles
+
+    vals = torch.arange(1, 101, dtype=torch.float32)  # latent 1: 1..100, in a shuffled order
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    active = [(torch.ones(60, dtype=torch.long), vals[order][:60]),
+              (torch.ones(40, dtype=torch.long), vals[order][60:])]  # fmt: skip
+    q = _quantiles(active, 3, (0.5, 0.9, 0.99))
+    assert q[:, 1].tolist() == [51.0, 90.0, 99.0] and (q[:, [0, 2]] == 0).all()
+
+
+def test_clusters_group_directions_that_point_alike() -> None:
+    from sae.features import clusters
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 32)  # four well-separated concepts, 16 noisy features each
+    W = centres.repeat_interleave(16, 0) + 0.05 * torch.randn(64, 32, generator=g)
+    label = clusters(W, k=4, iters=20)
+    groups = [set(label[i * 16 : (i + 1) * 16].tolist()) for i in range(4)]
+    assert all(len(grp) == 1 for grp in groups) and len(set().union(*groups)) == 4

@@ -18,7 +18,15 @@ from transformers import (
 )
 
 from conf.schema import Config
-from sae.hooks import SITES, HookPoint, activations_at, parse_hook, spliced
+from sae.hooks import (
+    SITES,
+    HookPoint,
+    activations_at,
+    logits_from,
+    parse_hook,
+    runs_from,
+    spliced,
+)
 
 N, D, V, T = 3, 32, 64, 10  # layers, width, vocab, context
 
@@ -209,6 +217,35 @@ def test_splicing_identity_keeps_logits_and_zeros_change_them(family, ids) -> No
         with spliced(model, hp, torch.zeros_like):
             assert not torch.allclose(_logits(model, ids), clean), hp.name
     torch.testing.assert_close(_logits(model, ids), clean)  # every splice was removed
+
+
+def test_logits_from_runs_only_the_later_blocks_and_equals_a_full_splice(family, ids) -> None:
+    """For every hook point and family, logits_from(acts) equals a full forward with acts spliced
+    in; at residual sites the blocks before the hook do not run, and the model is left whole."""
+    model, blocks_, _, _ = family
+    g = torch.Generator().manual_seed(2)
+    for hp in ALL:
+        acts = activations_at(model, [hp], ids)[hp.name]
+        new = acts + 0.5 * torch.randn(acts.shape, generator=g)
+        with spliced(model, hp, lambda a, new=new: new):
+            want = _logits(model, ids)
+        ran: list[int] = []
+        handles = [b.register_forward_pre_hook(lambda m, a, i=i, ran=ran: ran.append(i))
+                   for i, b in enumerate(blocks_)]  # fmt: skip
+        try:
+            got = logits_from(model, hp, ids, new)
+        finally:
+            for h in handles:
+                h.remove()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=hp.name)
+        first = {"resid_pre": hp.layer, "resid_post": hp.layer + 1}.get(hp.site, 0)
+        assert ran == list(range(first if first < N else 0, N)), hp.name
+        assert runs_from(model, hp) == (hp.site.startswith("resid") and first < N)
+    assert list(model.get_submodule(FAMILIES_PATH[type(model).__name__])) == blocks_
+
+
+FAMILIES_PATH = {"GPT2LMHeadModel": "transformer.h", "GPTNeoXForCausalLM": "gpt_neox.layers",
+                 "LlamaForCausalLM": "model.layers"}  # fmt: skip
 
 
 def test_config_accepts_every_site() -> None:

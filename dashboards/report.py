@@ -1,0 +1,206 @@
+"""Static HTML pages: one report per SAE run, and a comparison across runs (no server, no CDN).
+
+The run report holds the summary metrics, training curves, the feature-density histogram and one
+card per feature (top examples with the activating token highlighted, top logits, cluster and
+nearest feature), with a search box that filters the cards (also from the URL: `#q=word`). The
+comparison page plots L0 against explained variance and against loss recovered, one point per
+run. Plots are inline SVG: the pages open anywhere, offline, and are logged to MLflow as is.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from typing import Any
+
+import pyarrow as pa
+
+MAX_CARDS = 2000
+"""Cards beyond this many (most frequent first) are left out; the SQL views have them all."""
+
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:20px}h2{font-size:16px;margin-top:28px}
+table.m td{padding:2px 12px 2px 0}.plots{display:flex;gap:16px;flex-wrap:wrap}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px 10px;margin:8px 0}
+.card h3{font-size:14px;margin:0 0 4px}.ex{font-family:monospace;white-space:pre-wrap;
+font-size:12px;margin:2px 0}mark{background:#fd6;font-weight:bold}.meta{color:#666;font-size:12px}
+svg text{font-size:10px;fill:#444}#q{width:320px;padding:4px}
+"""
+
+_SEARCH = """
+const q = document.getElementById('q'), cards = [...document.querySelectorAll('.card')];
+const count = document.getElementById('shown');
+function filter() {
+  const s = q.value.toLowerCase(); let n = 0;
+  for (const c of cards) { const on = !s || c.textContent.toLowerCase().includes(s);
+    c.style.display = on ? '' : 'none'; n += on; }
+  count.textContent = n;
+}
+q.addEventListener('input', filter);
+const m = location.hash.match(/^#q=(.*)$/);
+if (m) { q.value = decodeURIComponent(m[1]); }
+filter();
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else _e(value)
+
+
+def _empty(w: int, h: int, text: str) -> str:
+    return f"<svg width='{w}' height='{h}'><text x='10' y='20'>{_e(text)}</text></svg>"
+
+
+def line_plot(points: list[tuple[float, float]], title: str, w: int = 360, h: int = 180) -> str:
+    """An SVG line chart of (x, y) points with min/max labels."""
+    pts = [(x, y) for x, y in points if math.isfinite(y)]
+    if not pts:
+        return (
+            f"<svg width='{w}' height='{h}'><text x='10' y='20'>{_e(title)}: no data</text></svg>"
+        )
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (w - 50) / ((x1 - x0) or 1)
+    sy = (h - 40) / ((y1 - y0) or 1)
+    path = " ".join(f"{40 + (x - x0) * sx:.1f},{h - 20 - (y - y0) * sy:.1f}" for x, y in pts)
+    return (
+        f"<svg width='{w}' height='{h}' class='plot'><text x='40' y='12'>{_e(title)}</text>"
+        f"<text x='0' y='{h - 20}'>{y0:.3g}</text><text x='0' y='24'>{y1:.3g}</text>"
+        f"<text x='40' y='{h - 4}'>{x0:.4g}</text><text x='{w - 40}' y='{h - 4}'>{x1:.4g}</text>"
+        f"<polyline fill='none' stroke='#36c' stroke-width='1.5' points='{path}'/></svg>"
+    )
+
+
+def scatter_plot(
+    points: list[tuple[float, float, str]], xlabel: str, ylabel: str, w: int = 420, h: int = 300
+) -> str:
+    """An SVG scatter of (x, y, label) with each point's label as its tooltip."""
+    pts = [p for p in points if math.isfinite(p[0]) and math.isfinite(p[1])]
+    if not pts:
+        return _empty(w, h, f"no runs with {xlabel}")
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (w - 70) / ((x1 - x0) or 1)
+    sy = (h - 50) / ((y1 - y0) or 1)
+    dots = "".join(
+        f"<circle cx='{50 + (x - x0) * sx:.1f}' cy='{h - 30 - (y - y0) * sy:.1f}' r='4' "
+        f"fill='#c33'><title>{_e(label)}: {xlabel}={x:.4g}, {ylabel}={y:.4g}</title></circle>"
+        for x, y, label in pts
+    )
+    return (
+        f"<svg width='{w}' height='{h}' class='plot'>"
+        f"<text x='50' y='{h - 4}'>{_e(xlabel)} {x0:.3g} … {x1:.3g}</text>"
+        f"<text x='0' y='12'>{_e(ylabel)} {y0:.3g} … {y1:.3g}</text>{dots}</svg>"
+    )
+
+
+def density_histogram(freqs: list[float], bins: int = 30, w: int = 420, h: int = 180) -> str:
+    """SVG histogram of log10(feature frequency); dead features (freq 0) counted apart."""
+    live = [math.log10(f) for f in freqs if f > 0]
+    dead = len(freqs) - len(live)
+    title = f"log10 feature density ({dead} dead)"
+    if not live:
+        return _empty(w, h, title)
+    lo, hi = min(live), max(live)
+    width = (hi - lo) / bins or 1.0
+    counts = [0] * bins
+    for v in live:
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    top = max(counts)
+    bw = (w - 40) / bins
+    bars = "".join(
+        f"<rect x='{30 + i * bw:.1f}' y='{h - 20 - c / top * (h - 40):.1f}' width='{bw - 1:.1f}' "
+        f"height='{c / top * (h - 40):.1f}' fill='#6a6'><title>{c}</title></rect>"
+        for i, c in enumerate(counts)
+    )
+    return (
+        f"<svg width='{w}' height='{h}' class='plot'><text x='30' y='12'>{title}</text>{bars}"
+        f"<text x='30' y='{h - 4}'>{lo:.2f}</text><text x='{w - 40}' y='{h - 4}'>{hi:.2f}</text>"
+        "</svg>"
+    )
+
+
+def _highlight(text: str) -> str:
+    """Escape the example and turn its «token» into <mark>token</mark>."""
+    return re.sub(r"«(.*?)»", r"<mark>\1</mark>", _e(text), flags=re.S)
+
+
+def feature_card(f: dict[str, Any]) -> str:
+    examples = "".join(
+        f"<div class='ex'>{e['activation']:.3g}  {_highlight(e['text'])}</div>"
+        for e in f.get("top_examples") or []
+    )
+    logits = ", ".join(_e(t) for t in f.get("top_logits") or [])
+    return (
+        f"<div class='card' id='f{f['feature_id']}'><h3>feature {f['feature_id']}</h3>"
+        f"<div class='meta'>freq {f['freq']:.3g} · max {f['max_act']:.3g} · cluster "
+        f"{f.get('cluster_id', '–')} · nearest {f['nearest_feature']} "
+        f"(cos {f['nearest_cos']:.2f})</div><div class='meta'>top logits: {logits}</div>"
+        f"{examples or '<div class=meta>never active on the evaluation tokens</div>'}</div>"
+    )
+
+
+def run_report(
+    run: dict[str, Any],
+    metrics: dict[str, float],
+    history: dict[str, list[tuple[float, float]]],
+    features: pa.Table,
+) -> str:
+    """The HTML report of one SAE run: `run` holds id, name and params to show; `history` maps a
+    metric name to its (step, value) points."""
+    rows = features.to_pylist()
+    cards = sorted(rows, key=lambda f: (-f["freq"], f["feature_id"]))[:MAX_CARDS]
+    summary = "".join(
+        f"<tr><td>{_e(k)}</td><td>{_num(v)}</td></tr>" for k, v in sorted(metrics.items())
+    )
+    params = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in run.items())
+    curves = "".join(line_plot(points, name) for name, points in sorted(history.items()))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>saeflow · {_e(run.get('run_name', ''))}</title><style>{_STYLE}</style></head>"
+        f"<body><h1>SAE run {_e(run.get('run_name', ''))} "
+        f"<span class='meta'>{_e(run.get('run_id', ''))}</span></h1>"
+        f"<h2>Summary</h2><div class='plots'><table class='m'>{params}</table>"
+        f"<table class='m' id='metrics'>{summary}</table></div>"
+        f"<h2>Training</h2><div class='plots'>{curves}</div>"
+        f"<h2>Feature density</h2>{density_histogram([f['freq'] for f in rows])}"
+        f"<h2>Features (<span id='shown'>{len(cards)}</span> of {len(rows)} shown)</h2>"
+        "<input id='q' placeholder='search examples, logits, feature ids'>"
+        f"<div id='cards'>{''.join(feature_card(f) for f in cards)}</div>"
+        f"<script>{_SEARCH}</script></body></html>"
+    )
+
+
+def comparison(runs: list[dict[str, Any]]) -> str:
+    """The HTML comparison of runs: dicts with run_id, run_name and eval_* metrics."""
+
+    def points(y: str) -> list[tuple[float, float, str]]:
+        return [
+            (float(r["eval_l0"]), float(r[y]), f"{r.get('run_name')} ({r['run_id'][:8]})")
+            for r in runs
+            if r.get("eval_l0") is not None and r.get(y) is not None
+        ]
+
+    cols = ["run_name", "run_id", "sae_arch", "sae_d_sae", "eval_l0",
+            "eval_explained_variance", "eval_loss_recovered", "eval_dead_frac"]  # fmt: skip
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_num(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in runs
+    )
+    data = json.dumps([{c: r.get(c) for c in cols} for r in runs], default=str)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>saeflow · runs</title>"
+        f"<style>{_STYLE}</style></head><body><h1>Runs compared ({len(runs)})</h1>"
+        "<div class='plots'>"
+        f"{scatter_plot(points('eval_explained_variance'), 'L0', 'explained variance')}"
+        f"{scatter_plot(points('eval_loss_recovered'), 'L0', 'loss recovered')}</div>"
+        f"<h2>Table</h2><table class='m' id='runs'><tr>{head}</tr>{body}</table>"
+        f"<script type='application/json' id='data'>{html.escape(data)}</script></body></html>"
+    )

@@ -1,0 +1,58 @@
+"""Steer the model with one SAE feature; the texts go to MLflow (the SAE's run) and the data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf.schema import from_dict
+from sae.hooks import load_lm, parse_hook
+from sae.models import load_sae
+from sae.steer import generate, intervention, next_token_probs
+from tasks import tracking
+from tasks.common import logger
+from tasks.home import home
+
+
+@task(name="steer", cache_policy=NO_CACHE)
+def steer(cfg: dict[str, Any], model: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """Greedy continuations of each prompt with and without the feature; returns
+    {path, feature, mode, value, rows: [{prompt, unsteered, steered}]}."""
+    c = from_dict(cfg)
+    s = c.steer
+    lm, tok = load_lm(model["path"], model["revision"], c.model.dtype)
+    hp = parse_hook(lm, c.hook)
+    sae = load_sae(Path(trained["checkpoint"]))
+    fn = intervention(sae, s.feature, s.mode, s.value)
+    rows = []
+    for prompt in s.prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        if tok.bos_token_id is not None:  # contexts were cached with a BOS in front
+            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+        plain = generate(lm, ids, s.max_new_tokens)
+        steered = generate(lm, ids, s.max_new_tokens, hp, fn)
+        p0, p1 = next_token_probs(lm, ids), next_token_probs(lm, ids, hp, fn)
+        rows.append(
+            {
+                "prompt": prompt,
+                "unsteered": tok.decode(plain[0]),
+                "steered": tok.decode(steered[0]),
+                "top_token_unsteered": tok.decode([int(p0[0].argmax())]),
+                "top_token_steered": tok.decode([int(p1[0].argmax())]),
+            }
+        )
+    out = home() / "steer" / trained["run_id"]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"feature-{s.feature}-{s.mode}-{s.value:g}.json"
+    result = {"feature": s.feature, "mode": s.mode, "value": s.value, "hook": c.hook, "rows": rows}
+    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    os.replace(path.with_suffix(".tmp"), path)
+    tracking.log_artifact(trained["run_id"], path, "steering", c.tracking.uri)
+    logger().info(f"steering feature {s.feature} ({s.mode} {s.value:g}) -> {path}")
+    return {"path": str(path), **result}
