@@ -71,7 +71,8 @@ def run(repeats: int) -> str:
                 next_token_ce(model, c)
                 with spliced(model, hp, lambda a, k=keep: a * ~k.unsqueeze(-1)):
                     next_token_ce(model, c)
-                with spliced(model, hp, lambda a: saes[0](a).x_hat):
+                with spliced(model, hp, lambda a: saes[0].decode(saes[0].encode(
+                        a.flatten(0, 1))).view_as(a)):  # fmt: skip
                     next_token_ce(model, c)
 
         ours_1 = timed(lambda hp=hp, base=base: evaluate_sae(model, hp, saes[0], contexts, base),

@@ -13,7 +13,7 @@ from prefect import flow, unmapped
 
 from flows.config import load
 from tasks.cache import cache_shard, finish_cache, plan_cache
-from tasks.evaluate import evaluate, features
+from tasks.evaluate import evaluate, evaluate_many, features
 from tasks.model import prepare_model
 from tasks.report import report
 from tasks.steer import steer
@@ -134,7 +134,16 @@ def study(jobs: list[list[str]], kind: str) -> dict[str, Any]:
             )
             for i, t in zip(members, group, strict=True):
                 trained[i] = t
-        for job, cfg, t in zip(jobs, cfgs, trained, strict=True):
+        metrics: list[dict[str, float]] = [{}] * len(cfgs)
+        for spec in caches:  # SAEs on the same eval set and hook: evaluated in one pass
+            members = [i for i, cfg in enumerate(cfgs) if _cache_spec(cfg) == spec]
+            model = models[json.dumps(cfgs[members[0]]["model"])]
+            results = evaluate_many(
+                cfgs[members[0]], model, caches[spec][1], [trained[i] for i in members]
+            )
+            for i, m in zip(members, results, strict=True):
+                metrics[i] = m
+        for job, cfg, t, m in zip(jobs, cfgs, trained, metrics, strict=True):
             model = models[json.dumps(cfg["model"])]
             eval_cache = caches[_cache_spec(cfg)][1]
             out.append(
@@ -144,7 +153,7 @@ def study(jobs: list[list[str]], kind: str) -> dict[str, Any]:
                     "train_cache": caches[_cache_spec(cfg)][0],
                     "eval_cache": eval_cache,
                     "trained": t,
-                    "metrics": evaluate(cfg, model, eval_cache, t),
+                    "metrics": m,
                     "features": features(cfg, model, eval_cache, t),
                 }
             )
@@ -159,5 +168,5 @@ def study(jobs: list[list[str]], kind: str) -> dict[str, Any]:
 
 def _cache_spec(cfg: dict[str, Any]) -> str:
     """The config sections that fix the activation caches (their content key is computed
-    from these when planning)."""
-    return json.dumps([cfg[k] for k in ("model", "data", "cache", "hook")], sort_keys=True)
+    from these when planning) and how SAEs are evaluated on them."""
+    return json.dumps([cfg[k] for k in ("model", "data", "cache", "hook", "eval")], sort_keys=True)

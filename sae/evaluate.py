@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from sae.base import SAE
 from sae.hooks import HookPoint, activations_at, logits_from
-from sae.metrics import ReconstructionStats, kl_per_token, loss_recovered
+from sae.metrics import KLToClean, ReconstructionStats, loss_recovered
 
 Contexts = Iterable[tuple[Tensor, Tensor]]  # (token_ids (B, T), special (B, T))
 
@@ -32,6 +32,11 @@ Contexts = Iterable[tuple[Tensor, Tensor]]  # (token_ids (B, T), special (B, T))
 def _ce(logits: Tensor, ids: Tensor) -> Tensor:
     """(B, T-1) next-token CE of ids under logits (B, T, vocab)."""
     return nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def _logprobs(logits: Tensor) -> Tensor:
+    """(B, T-1, vocab) next-token log-probabilities at every position but the last."""
+    return logits.log_softmax(-1)[:, :-1]  # softmax first: slicing first would copy the logits
 
 
 class _Mean:
@@ -97,7 +102,8 @@ def evaluate_saes(
     ce = [_Mean() for _ in saes]
     kl = [_Mean() for _ in saes]
     for ids, keep, acts in _batches(model, hp, contexts):
-        clean = logits_from(model, hp, ids, acts)[:, :-1]  # (B, T-1, vocab)
+        targets = ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
+        kl_to_clean = KLToClean(_logprobs(logits_from(model, hp, ids, acts)))  # once per batch
         for sae, st, ce_i, kl_i in zip(saes, stats, ce, kl, strict=True):
             x = acts[keep].to(sae.W_enc.dtype)  # (N, d_in): the kept positions
             f = sae.encode(x)
@@ -105,9 +111,9 @@ def evaluate_saes(
             st.update(x, x_hat, f)
             spliced = acts.clone()
             spliced[keep] = x_hat.to(acts.dtype)
-            logits = logits_from(model, hp, ids, spliced)
-            ce_i.add(_ce(logits, ids))
-            kl_i.add(kl_per_token(clean, logits[:, :-1]))
+            logp = _logprobs(logits_from(model, hp, ids, spliced))
+            ce_i.add(-logp.gather(-1, targets))  # CE and KL from one log-softmax
+            kl_i.add(kl_to_clean(logp))
     out = []
     for st, ce_i, kl_i in zip(stats, ce, kl, strict=True):
         m = st.compute() | baselines

@@ -52,13 +52,23 @@ def loss_recovered(ce_clean: float, ce_sae: float, ce_ablated: float) -> float:
     return (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
 
 
-def kl_per_token(logits_clean: Tensor, logits_sae: Tensor) -> Tensor:
+def kl_per_token(logp_clean: Tensor, logp_sae: Tensor) -> Tensor:
     """KL(p_clean ‖ p_sae) = Σ_v p_clean(v)·(log p_clean(v) − log p_sae(v)) per position:
-    (..., vocab) logits -> (...,) nats, in float32 or wider."""
-    wide = torch.promote_types(logits_clean.dtype, torch.float32)
-    lp = logits_clean.to(wide).log_softmax(-1)
-    lq = logits_sae.to(wide).log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
+    (..., vocab) log-probabilities -> (...,) nats."""
+    return (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)
+
+
+class KLToClean:
+    """`kl_per_token(logp_clean, ·)` for many logp_sae against one clean distribution, as
+    Σ_v p·log p − Σ_v p·log q: p and its negative entropy are computed once, and each call is a
+    single fused dot product per position (no (…, vocab) temporaries)."""
+
+    def __init__(self, logp_clean: Tensor):
+        self.p = logp_clean.exp()
+        self.neg_entropy = torch.linalg.vecdot(self.p, logp_clean)
+
+    def __call__(self, logp_sae: Tensor) -> Tensor:
+        return self.neg_entropy - torch.linalg.vecdot(self.p, logp_sae)
 
 
 class ReconstructionStats:

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import from_dict
 from sae.cache import sequences
-from sae.evaluate import ce_baselines, evaluate_sae
+from sae.evaluate import ce_baselines, evaluate_saes
 from sae.features import feature_stats
 from sae.hooks import HookPoint, load_lm, parse_hook
 from sae.models import load_sae
@@ -44,21 +44,43 @@ def evaluate(
     cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
 ) -> dict[str, float]:
     """eval/* metrics of the SAE in `trained` on the eval cache's contexts, logged to its run."""
+    return _evaluate(cfg, model, eval_cache, [trained])[0]
+
+
+@task(name="evaluate_saes", cache_policy=NO_CACHE)
+def evaluate_many(
+    cfg: dict[str, Any],
+    model: dict[str, Any],
+    eval_cache: dict[str, Any],
+    trained: list[dict[str, Any]],
+) -> list[dict[str, float]]:
+    """`evaluate` for SAEs at the same hook of the same model, in one pass over the contexts
+    (the prefix to the hook and the clean logits shared: DESIGN §9's cost per SAE)."""
+    return _evaluate(cfg, model, eval_cache, trained)
+
+
+def _evaluate(
+    cfg: dict[str, Any],
+    model: dict[str, Any],
+    eval_cache: dict[str, Any],
+    trained: list[dict[str, Any]],
+) -> list[dict[str, float]]:
     c, log = from_dict(cfg), logger()
     lm, _ = load_lm(model["path"], model["revision"], c.model.dtype)
     hp = parse_hook(lm, c.hook)
     eval_dir = Path(eval_cache["dir"])
     contexts = _contexts(eval_dir, c.hook, c.eval.batch_size)
     baselines = _baselines(lm, hp, eval_dir, contexts)
-    sae = load_sae(Path(trained["checkpoint"]))
-    metrics = evaluate_sae(lm, hp, sae, contexts, baselines, c.eval.dense_threshold)
-    metrics["dead_window_tokens"] = metrics.get("tokens", 0.0)
-    tracking.log_metrics(
-        trained["run_id"], {f"eval/{k}": v for k, v in metrics.items()}, uri=c.tracking.uri
-    )
-    tracking.set_tags(trained["run_id"], {"eval_cache_key": eval_cache["key"]}, c.tracking.uri)
-    log.info("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return metrics
+    saes = [load_sae(Path(t["checkpoint"])) for t in trained]
+    results = evaluate_saes(lm, hp, saes, contexts, baselines, c.eval.dense_threshold)
+    for t, metrics in zip(trained, results, strict=True):
+        metrics["dead_window_tokens"] = metrics.get("tokens", 0.0)
+        tracking.log_metrics(
+            t["run_id"], {f"eval/{k}": v for k, v in metrics.items()}, uri=c.tracking.uri
+        )
+        tracking.set_tags(t["run_id"], {"eval_cache_key": eval_cache["key"]}, c.tracking.uri)
+        log.info(f"eval {t['run_id']}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return results
 
 
 @task(name="feature_stats", cache_policy=NO_CACHE)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sae.evaluate import ce_baselines, evaluate_sae
+from sae.evaluate import ce_baselines, evaluate_sae, evaluate_saes
 from sae.hooks import HookPoint
 from sae.models import build_sae
 
@@ -122,3 +122,15 @@ def test_baselines_do_not_depend_on_the_sae(setup) -> None:
     b = evaluate_sae(model, HookPoint(0, "resid_post"), other, contexts, base)
     assert a["ce_clean"] == b["ce_clean"] and a["ce_zero"] == b["ce_zero"]
     assert b["l0"] == pytest.approx(4.0, abs=0.5)
+
+
+def test_many_saes_in_one_pass_equal_one_at_a_time(setup) -> None:
+    model, ids, special, sae = setup
+    contexts = [(ids[:3], special[:3]), (ids[3:], special[3:])]
+    hp = HookPoint(1, "resid_pre")
+    base = ce_baselines(model, hp, contexts)
+    saes = [sae, build_sae("topk", D, 32, k=4, seed=2).double()]
+    together = evaluate_saes(model, hp, saes, contexts, base)
+    for s, got in zip(saes, together, strict=True):
+        alone = evaluate_sae(model, hp, s, contexts, base)
+        assert got == pytest.approx(alone, rel=1e-12)

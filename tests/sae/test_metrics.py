@@ -75,3 +75,14 @@ def test_streaming_stats_equal_batch_functions() -> None:
 def test_streaming_stats_need_data() -> None:
     with pytest.raises(ValueError, match="before any update"):
         metrics.ReconstructionStats(4).compute()
+
+
+def test_kl_to_clean_equals_the_definition_and_is_directed() -> None:
+    from sae.metrics import KLToClean, kl_per_token
+
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(3, 5, 11, generator=g, dtype=torch.float64).log_softmax(-1)
+    lq = torch.randn(3, 5, 11, generator=g, dtype=torch.float64).log_softmax(-1)
+    torch.testing.assert_close(KLToClean(lp)(lq), kl_per_token(lp, lq))
+    assert (kl_per_token(lp, lq) > 0).all() and (kl_per_token(lp, lp).abs() < 1e-12).all()
+    assert not torch.allclose(kl_per_token(lp, lq), kl_per_token(lq, lp))
