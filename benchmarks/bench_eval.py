@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from benchmd import cpu, write_section
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sae.evaluate import ce_baselines, evaluate_sae, evaluate_saes
@@ -89,14 +87,11 @@ def run(repeats: int) -> str:
             )
         )
         print(rows[-1], flush=True)
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    cpu = found.group(1).strip() if found else platform.processor()
     lines = [
         START,
         "## Evaluation (`python benchmarks/bench_eval.py`)",
         "",
-        f"{datetime.date.today()} · {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{datetime.date.today()} · {cpu()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. GPT-2 4 × 128, vocab {VOCAB}, {N_CTX} contexts of "
         f"{T}, batch {BATCH}; relu SAEs d_sae 1024. Unit: one full forward over the contexts "
         f"({unit:.2f} s); medians of {repeats}. Metrics per SAE: reconstruction, ce_sae, kl, "
@@ -116,16 +111,6 @@ def run(repeats: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -134,7 +119,7 @@ def main() -> None:
     section = run(args.repeats)
     print(section)
     if not args.print:
-        write_section(section)
+        write_section(section, START, END)
 
 
 if __name__ == "__main__":

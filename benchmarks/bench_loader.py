@@ -23,9 +23,6 @@ import datetime
 import itertools
 import math
 import mmap
-import os
-import platform
-import re
 import statistics
 import tempfile
 import time
@@ -34,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmd import cpu, write_section
 
 from sae.cache import Manifest, write_shard
 from sae.loader import ActivationLoader
@@ -151,15 +149,7 @@ def train_rates(dir: Path, steps: int) -> dict[str, float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if found := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
-        cpu = found.group(1).strip()
-    flags = set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", text))
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({', '.join(sorted(flags)) or 'no AVX2'}); "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    return f"{cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def report(
@@ -217,17 +207,6 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or append it), leaving the rest."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small caches; do not write the file")
@@ -252,7 +231,7 @@ def main() -> None:
         print(", ".join(f"training {k}: {v:,.0f} tokens/s" for k, v in train.items()))
     section = report(read, train, sizes, steps)
     if not args.quick:
-        write_section(section)
+        write_section(section, START, END)
     print(section)
 
 

@@ -39,9 +39,6 @@ import argparse
 import datetime
 import gc
 import itertools
-import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -51,6 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from benchmd import cpu, write_section
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,22 +233,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if found := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
-        cpu = found.group(1).strip()
-    flags = set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", text))
-    return f"{cpu}, {os.cpu_count()} cores ({', '.join(sorted(flags)) or 'no AVX2'})"
-
-
 def report(results: dict[str, dict[str, float]], samples: int, threads: int) -> str:
     v = versions()
     lines = [
         START,
         "## Peers (`python benchmarks/bench_peers.py`, in the peers venv)",
         "",
-        f"{datetime.date.today()} · {machine()}; torch {v['torch']}, {threads} threads; "
+        f"{datetime.date.today()} · {cpu()}; torch {v['torch']}, {threads} threads; "
         f"sae-lens {v['sae-lens']}, eai-sparsify {v['eai-sparsify']}, saeflow (this tree).",
         f"`sae.synthetic`: {N_FEATURES} unit features (seed 1000) in d_in {D_IN}, ~{ACTIVE} on "
         f"per sample; one pass over {samples:,} samples in batches of {BATCH} (seed 1), held in "
@@ -272,17 +261,6 @@ def report(results: dict[str, dict[str, float]], samples: int, threads: int) -> 
             ratio = results[a]["samples/s"] / results[b]["samples/s"]
             lines.append(f"- samples/s {a} ÷ {b}: **{ratio:.2f}**")
     return "\n".join([*lines, END, ""])
-
-
-def write_section(section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or append it), leaving the rest."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -314,7 +292,7 @@ def main() -> None:
     section = report(results, n_batches * BATCH, args.threads)
     print(section)
     if args.write:
-        write_section(section)
+        write_section(section, START, END)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from benchmd import cpu, write_section
 from torch import Tensor
 
 from sae.base import SAEOutput, sq_err
@@ -100,14 +98,7 @@ def matmul_rate(d_sae: int, dtype: torch.dtype, repeats: int = 5) -> float:
 
 
 def machine() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    cpu = found.group(1).strip() if found else platform.processor()
-    flags = set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", text))
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({', '.join(sorted(flags))}); "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    return f"{cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def run(sizes: list[int], steps: int) -> str:
@@ -152,16 +143,6 @@ def run(sizes: list[int], steps: int) -> str:
     return "\n".join([*lines, END, ""])
 
 
-def write_section(section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -170,7 +151,7 @@ def main() -> None:
     section = run([8192] if args.quick else [8192, 24576], args.steps)
     print(section)
     if not args.quick:
-        write_section(section)
+        write_section(section, START, END)
 
 
 if __name__ == "__main__":
