@@ -23,7 +23,6 @@ import datetime
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from benchmd import cpu, write_section
@@ -33,7 +32,6 @@ from sae.evaluate import ce_baselines, evaluate_sae, evaluate_saes
 from sae.hooks import HookPoint, next_token_ce, spliced
 from sae.models import build_sae
 
-ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_eval:start -->", "<!-- bench_eval:end -->"
 T, BATCH, N_CTX, VOCAB = 256, 16, 64, 4096
 

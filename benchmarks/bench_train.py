@@ -26,7 +26,6 @@ import argparse
 import datetime
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from benchmd import cpu, write_section
@@ -37,7 +36,6 @@ from sae.models import build_sae
 from sae.topk import TopKSAE
 from sae.train import cpu_has_fast_bf16, train_step
 
-ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 D_IN, BATCH, K = 768, 4096, 32
 

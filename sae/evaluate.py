@@ -29,9 +29,9 @@ from sae.metrics import KLToClean, ReconstructionStats, loss_recovered
 Contexts = Iterable[tuple[Tensor, Tensor]]  # (token_ids (B, T), special (B, T))
 
 
-def _ce(logits: Tensor, ids: Tensor) -> Tensor:
-    """(B, T-1) next-token CE of ids under logits (B, T, vocab)."""
-    return nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+def _ce(logp: Tensor, ids: Tensor) -> Tensor:
+    """(B, T-1) next-token CE of ids under log-probabilities logp (B, T-1, vocab)."""
+    return -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 def _logprobs(logits: Tensor) -> Tensor:
@@ -77,10 +77,10 @@ def ce_baselines(model: nn.Module, hp: HookPoint, contexts: Contexts) -> dict[st
     ce = {name: _Mean() for name in ("ce_clean", "ce_zero", "ce_mean")}
     for ids, keep, acts in _batches(model, hp, contexts):
         m = keep.unsqueeze(-1)
-        ce["ce_clean"].add(_ce(logits_from(model, hp, ids, acts), ids))
-        ce["ce_zero"].add(_ce(logits_from(model, hp, ids, acts * ~m), ids))
+        ce["ce_clean"].add(_ce(_logprobs(logits_from(model, hp, ids, acts)), ids))
+        ce["ce_zero"].add(_ce(_logprobs(logits_from(model, hp, ids, acts * ~m)), ids))
         ablated = torch.where(m, mean.to(acts.dtype), acts)
-        ce["ce_mean"].add(_ce(logits_from(model, hp, ids, ablated), ids))
+        ce["ce_mean"].add(_ce(_logprobs(logits_from(model, hp, ids, ablated)), ids))
     return {name: m.value for name, m in ce.items()}
 
 
@@ -102,7 +102,6 @@ def evaluate_saes(
     ce = [_Mean() for _ in saes]
     kl = [_Mean() for _ in saes]
     for ids, keep, acts in _batches(model, hp, contexts):
-        targets = ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
         kl_to_clean = KLToClean(_logprobs(logits_from(model, hp, ids, acts)))  # once per batch
         for sae, st, ce_i, kl_i in zip(saes, stats, ce, kl, strict=True):
             x = acts[keep].to(sae.W_enc.dtype)  # (N, d_in): the kept positions
@@ -112,7 +111,7 @@ def evaluate_saes(
             spliced = acts.clone()
             spliced[keep] = x_hat.to(acts.dtype)
             logp = _logprobs(logits_from(model, hp, ids, spliced))
-            ce_i.add(-logp.gather(-1, targets))  # CE and KL from one log-softmax
+            ce_i.add(_ce(logp, ids))  # CE and KL from one log-softmax
             kl_i.add(kl_to_clean(logp))
     out = []
     for st, ce_i, kl_i in zip(stats, ce, kl, strict=True):

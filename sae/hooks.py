@@ -63,12 +63,19 @@ def load_lm(
 
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The model's transformer blocks, in order."""
+    parent, attr = _block_parent(model)
+    return getattr(parent, attr)
+
+
+def _block_parent(model: nn.Module) -> tuple[nn.Module, str]:
+    """(module, attribute) holding the block list, found at one of the known paths."""
     for path in _BLOCK_PATHS:
-        obj: object = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
+        *up, attr = path.split(".")
+        parent: object = model
+        for name in up:
+            parent = getattr(parent, name, None)
+        if isinstance(getattr(parent, attr, None), nn.ModuleList):
+            return parent, attr  # type: ignore[return-value]
     raise ValueError(
         f"cannot find the transformer blocks of {type(model).__name__}; "
         f"looked for {', '.join(_BLOCK_PATHS)}"
@@ -232,8 +239,8 @@ def logits_from(model: nn.Module, hp: HookPoint, input_ids: torch.Tensor, acts: 
     if first is None:
         with spliced(model, hp, lambda a: acts.to(a.dtype)):
             return _logits(model, input_ids)
-    full = blocks(model)
-    parent, attr = _block_parent(model, full)
+    parent, attr = _block_parent(model)
+    full = getattr(parent, attr)
     setattr(parent, attr, nn.ModuleList(list(full)[first:]))
     handle = _attach_input(full[first], lambda a: acts.to(a.dtype))
     try:
@@ -241,14 +248,6 @@ def logits_from(model: nn.Module, hp: HookPoint, input_ids: torch.Tensor, acts: 
     finally:
         handle.remove()
         setattr(parent, attr, full)
-
-
-def _block_parent(model: nn.Module, full: nn.ModuleList) -> tuple[nn.Module, str]:
-    for module in model.modules():
-        for name, child in module.named_children():
-            if child is full:
-                return module, name
-    raise ValueError(f"cannot find the block list's parent in {type(model).__name__}")
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -332,25 +332,3 @@ class ActivationLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def batches(
-    dir: Path,
-    hook: str,
-    batch_size: int,
-    *,
-    buffer_rows: int = 262_144,
-    seed: int = 0,
-    exclude_special: bool = True,
-    epochs: int | None = None,
-) -> Iterator[torch.Tensor]:
-    """(batch_size, d_in) batches in the stored dtype: `ActivationLoader` without resume."""
-    return ActivationLoader(
-        dir,
-        hook,
-        batch_size,
-        buffer_rows=buffer_rows,
-        seed=seed,
-        exclude_special=exclude_special,
-        epochs=epochs,
-    )

@@ -27,7 +27,7 @@ from sae.cache import Manifest
 from sae.checkpoint import steps as steps_in
 from sae.loader import ActivationLoader
 from sae.models import build_sae
-from sae.train import FitConfig, fit_many
+from sae.train import FREE_ON_RESUME, SHARED_FIELDS, FitConfig, fit_many
 from tasks import tracking
 from tasks.common import logger
 from tasks.home import home
@@ -114,10 +114,11 @@ def run_key(cfg: dict[str, Any], cache_key: str) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-UNKEYED = ("log_every", "threads", "resume", "checkpoint_every", "compile")
+UNKEYED = (*FREE_ON_RESUME, "resume")
 """train.* settings that do not change the trained SAE (threads: to the last bit on CPU, yes)."""
-STREAM = ("tokens", "batch_size", "seed", "shuffle_rows", "device", "threads", "checkpoint_every")
-"""train.* settings SAEs must share to be trained from one read of the cache (`fit_many`)."""
+STREAM = (*SHARED_FIELDS, "shuffle_rows")
+"""train.* settings SAEs must share to be trained from one read of the cache: fit_many's, and
+the loader's shuffle buffer."""
 
 
 def stream_key(cfg: dict[str, Any], cache_key: str) -> str:

@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from sae.cache import CacheError, Manifest, cache_key, read_shard, sequences, verify
 from sae.extract import build_cache
 from sae.hooks import HookPoint, activations_at, parse_hook
-from sae.loader import batches
+from sae.loader import ActivationLoader
 
 T, D = 16, 24
 
@@ -133,16 +133,16 @@ def test_cache_key_is_content_hash() -> None:
 def test_loader_yields_each_row_once_and_skips_special(tmp_path: Path, gpt2) -> None:
     _build(tmp_path, gpt2, [HookPoint(1, "resid_post")], _contexts(12))
     hook = "blocks.1.resid_post"
-    rows = torch.cat(list(batches(tmp_path, hook, 7, buffer_rows=40, seed=1, epochs=1)))
+    rows = torch.cat(list(ActivationLoader(tmp_path, hook, 7, buffer_rows=40, seed=1, epochs=1)))
     every = torch.cat([a.reshape(-1, D) for _, _, a in sequences(tmp_path, hook, 4)])
     special = torch.cat([s.reshape(-1) for _, s, _ in sequences(tmp_path, hook, 4)])
     kept = every[~special]
     assert rows.shape == kept.shape  # every non-special row exactly once
     key = lambda t: sorted(map(tuple, t.view(torch.int16).tolist()))  # noqa: E731
     assert key(rows) == key(kept)
-    again = torch.cat(list(batches(tmp_path, hook, 7, buffer_rows=40, seed=1, epochs=1)))
+    again = torch.cat(list(ActivationLoader(tmp_path, hook, 7, buffer_rows=40, seed=1, epochs=1)))
     assert torch.equal(rows.view(torch.int16), again.view(torch.int16))  # same seed, same order
-    other = torch.cat(list(batches(tmp_path, hook, 7, buffer_rows=40, seed=2, epochs=1)))
+    other = torch.cat(list(ActivationLoader(tmp_path, hook, 7, buffer_rows=40, seed=2, epochs=1)))
     assert not torch.equal(rows.view(torch.int16), other.view(torch.int16))
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sae.cache import CacheError, Manifest, write_shard
-from sae.loader import ActivationLoader, Position, batches
+from sae.loader import ActivationLoader, Position
 
 T, D, HOOK = 16, 8, "blocks.0.resid_post"
 
@@ -62,14 +62,14 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor,
 
 def test_each_kept_row_once_per_epoch(cache) -> None:
     dir, rows, keep = cache
-    out = list(batches(dir, HOOK, 7, buffer_rows=150, seed=1, epochs=3))
+    out = list(ActivationLoader(dir, HOOK, 7, buffer_rows=150, seed=1, epochs=3))
     assert all(b.shape == (7, D) and b.dtype == torch.bfloat16 for b in out[:-1])
     got, n = torch.cat(out), int(keep.sum())
     assert len(got) == 3 * n
     epochs = [got[i * n : (i + 1) * n] for i in range(3)]
     assert all(key(e) == key(rows[keep]) for e in epochs)  # batches straddle, epochs don't
     assert not torch.equal(epochs[0].view(torch.int16), epochs[1].view(torch.int16))
-    every = torch.cat(list(batches(dir, HOOK, 7, exclude_special=False, epochs=1)))
+    every = torch.cat(list(ActivationLoader(dir, HOOK, 7, exclude_special=False, epochs=1)))
     assert key(every) == key(rows)
 
 
@@ -120,7 +120,7 @@ def test_state_from_another_stream_is_refused(cache) -> None:
 
 def test_special_and_outlier_rows_are_left_out(cache, tmp_path: Path) -> None:
     dir, rows, keep = cache
-    got = torch.cat(list(batches(dir, HOOK, 16, epochs=1)))
+    got = torch.cat(list(ActivationLoader(dir, HOOK, 16, epochs=1)))
     assert key(got) == key(rows[keep])
     # A cache written elsewhere without the flag columns: special rows known by token id.
     m = Manifest.load(dir)
@@ -128,7 +128,7 @@ def test_special_and_outlier_rows_are_left_out(cache, tmp_path: Path) -> None:
         table = pq.read_table(dir / s.file).drop_columns(["special", "outlier"])
         pq.write_table(table, tmp_path / s.file)
     m.save(tmp_path)
-    got = torch.cat(list(batches(tmp_path, HOOK, 16, epochs=1)))
+    got = torch.cat(list(ActivationLoader(tmp_path, HOOK, 16, epochs=1)))
     bos = torch.arange(len(rows)) % T == 0
     assert key(got) == key(rows[~bos])
 
@@ -140,7 +140,7 @@ def test_all_rows_excluded_is_an_error_not_a_hang(tmp_path: Path) -> None:
         table = table.set_column(3, "special", pa.array([True] * table.num_rows))
         pq.write_table(table, tmp_path / s.file)
     with pytest.raises(CacheError, match="every row"):
-        next(batches(tmp_path, HOOK, 4))
+        next(ActivationLoader(tmp_path, HOOK, 4))
 
 
 def test_memory_is_bounded_by_the_buffer(tmp_path: Path) -> None:
