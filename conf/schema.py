@@ -253,6 +253,9 @@ class TrackingConfig:
     """MLflow tracking URI; None = SQLite under $SAEFLOW_HOME/mlflow."""
     experiment: str | None = None
     """MLflow experiment; None = `<model.name>/<hook>`."""
+    ui_url: str | None = None
+    """The MLflow UI's address, for links from Prefect flow runs; None = `uri` when it is an
+    http(s) server, else http://127.0.0.1:5000 (the README's `mlflow ui`)."""
 
 
 @dataclass

@@ -178,7 +178,12 @@ def run_report(
     )
 
 
-def comparison(runs: list[dict[str, Any]]) -> str:
+COMPARED = ["run_name", "run_id", "sae_arch", "sae_d_sae", "eval_l0",
+            "eval_explained_variance", "eval_loss_recovered", "eval_dead_frac"]  # fmt: skip
+"""The comparison table's columns (runs_table names), after any `extra` ones."""
+
+
+def comparison(runs: list[dict[str, Any]], title: str = "Runs compared", extra: tuple = ()) -> str:
     """The HTML comparison of runs: dicts with run_id, run_name and eval_* metrics."""
 
     def points(y: str) -> list[tuple[float, float, str]]:
@@ -188,8 +193,7 @@ def comparison(runs: list[dict[str, Any]]) -> str:
             if r.get("eval_l0") is not None and r.get(y) is not None
         ]
 
-    cols = ["run_name", "run_id", "sae_arch", "sae_d_sae", "eval_l0",
-            "eval_explained_variance", "eval_loss_recovered", "eval_dead_frac"]  # fmt: skip
+    cols = [*extra, *COMPARED]
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{_num(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in runs
@@ -197,7 +201,7 @@ def comparison(runs: list[dict[str, Any]]) -> str:
     data = json.dumps([{c: r.get(c) for c in cols} for r in runs], default=str)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>saeflow · runs</title>"
-        f"<style>{_STYLE}</style></head><body><h1>Runs compared ({len(runs)})</h1>"
+        f"<style>{_STYLE}</style></head><body><h1>{_e(title)} ({len(runs)})</h1>"
         "<div class='plots'>"
         f"{scatter_plot(points('eval_explained_variance'), 'L0', 'explained variance')}"
         f"{scatter_plot(points('eval_loss_recovered'), 'L0', 'loss recovered')}</div>"

@@ -9,11 +9,11 @@ from typing import Any
 
 from tasks.home import home
 
-USAGE = """saeflow run [-m] [overrides]        the pipeline: cache -> train -> evaluate -> features
+USAGE = """saeflow run [-m] [--force STAGE] [overrides]   the pipeline: cache -> train -> evaluate
 saeflow cache|train|evaluate [overrides]   one stage
 saeflow steer [steer.feature=N steer.value=X eval.run_id=ID]   generate with a feature
 saeflow sql "SELECT ..."|<dashboard>|list [--param V]... [--format table|csv|json]
-saeflow serve                        Prefect deployments of the flows, for the Prefect UI"""
+saeflow serve [overrides]            Prefect deployments of the flows, for the Prefect UI"""
 
 
 def _environment() -> None:
@@ -79,12 +79,17 @@ def _steer_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _stage(name: str, overrides: list[str], multirun: bool) -> int:
-    from flows.config import expand_sweep, load
+def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) -> int:
+    from flows.config import ConfigError, expand_sweep, load
+    from tasks.stage import forced
 
     jobs = expand_sweep(overrides) if multirun else [overrides]
     for job in jobs:
         load(job)  # validate every job before any work
+    try:
+        forced(force)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _environment()
     from flows import pipeline as p
 
@@ -96,10 +101,10 @@ def _stage(name: str, overrides: list[str], multirun: bool) -> int:
         "steer": p.steer_flow,
     }[name]
     if name == "run" and multirun:
-        print(_sweep_summary(p.sweep(jobs)))
+        print(_sweep_summary(p.sweep(jobs=jobs, force=force)))
         return 0
     for job in jobs:
-        result = flow(job)
+        result = flow(job) if name == "steer" else flow(job, force=force)
         if name == "run":
             print(_summary(result))
         elif name == "steer":
@@ -137,12 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("run", "cache", "train", "evaluate", "steer"):
         s = sub.add_parser(name)
         s.add_argument("-m", "--multirun", action="store_true")
+        s.add_argument(
+            "--force",
+            action="append",
+            default=[],
+            metavar="STAGE",
+            help="redo a stage rather than reuse it: cache, train, evaluate, features, all",
+        )
         s.add_argument("overrides", nargs="*")
     s = sub.add_parser("sql")
     s.add_argument("query", help="SQL, a dashboards/*.sql name, a .sql file, or 'list'")
     s.add_argument("--param", action="append", default=[], help="$1, $2, … in order")
     s.add_argument("--format", default="table", choices=("table", "csv", "json"))
-    sub.add_parser("serve")
+    s = sub.add_parser("serve")
+    s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")
     args = parser.parse_args(argv)
     from flows.config import ConfigError
 
@@ -150,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sql":
             return _sql(args.query, args.format, args.param)
         if args.command == "serve":
+            from flows.config import load
+
+            load(args.overrides)  # the forms' defaults must be valid too
             _environment()
             from flows.serve import serve
 
-            return serve()
-        return _stage(args.command, args.overrides, args.multirun)
+            return serve(args.overrides)
+        return _stage(args.command, args.overrides, args.multirun, args.force)
     except ConfigError as e:
         print(f"saeflow: bad config: {e}", file=sys.stderr)
         return 2

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -40,10 +43,13 @@ def load(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str,
 
 
 def _clean(e: Exception) -> str:
-    """First lines of Hydra/OmegaConf errors, without their 'full_key/object_type' noise."""
+    """First lines of Hydra/OmegaConf errors, without their 'full_key/object_type' noise, and
+    for an unknown key the valid keys at its level."""
     text = str(e)
     if e.__cause__ is not None and str(e.__cause__) not in text:
         text += f"\n{e.__cause__}"  # Hydra puts the reason (e.g. a type mismatch) here
+    if m := re.search(r"Could not override '([^']+)'", text):
+        return _unknown_key(m.group(1))
     lines = [ln for ln in text.splitlines() if ln.strip()]
     keep = [
         ln
@@ -51,6 +57,26 @@ def _clean(e: Exception) -> str:
         if not ln.lstrip().startswith(("full_key", "object_type", "reference_type"))
     ]
     return "\n".join(keep[:6]) or type(e).__name__
+
+
+def _unknown_key(key: str) -> str:
+    """`sae.dsae` -> "unknown key 'sae.dsae' (did you mean 'sae.d_sae'?); keys of sae: ..."."""
+    node: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        hints = get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return _unknown_key(".".join(parts[: i + 1]))
+        node = hints[part]
+    valid = [f.name for f in dataclasses.fields(node)]
+    prefix = ".".join(parts[:-1])
+    full = [f"{prefix}.{v}" if prefix else v for v in valid]
+    close = difflib.get_close_matches(parts[-1], valid, n=1)
+    hint = f" (did you mean {full[valid.index(close[0])]!r}?)" if close else ""
+    return (
+        f"unknown key {key!r}{hint}; valid keys{' of ' + prefix if prefix else ''}: "
+        + ", ".join(full)
+    )
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

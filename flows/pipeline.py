@@ -1,7 +1,9 @@
 """The study as Prefect flows: each stage alone, and the whole pipeline (DESIGN §3).
 
-Flow parameters are Hydra override strings, so the Prefect UI shows the same knobs as the shell;
-the config is composed and validated inside the flow before any work starts.
+Flow parameters are Hydra override strings (plus an MLflow experiment name and the stages to
+redo), so the Prefect UI shows the same knobs as the shell; the config is composed and validated
+inside the flow before any work starts. Stages are cached across runs by the content of their
+config (tasks/stage.py): a re-run reuses the activation caches and trained SAEs.
 """
 
 from __future__ import annotations
@@ -9,161 +11,244 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import Task, flow, unmapped
+from prefect.futures import as_completed
 
-from flows.config import load
+from flows.config import expand_sweep, load
 from tasks.cache import cache_shard, finish_cache, plan_cache
+from tasks.common import with_progress
 from tasks.evaluate import evaluate, evaluate_many, features
 from tasks.model import prepare_model
-from tasks.report import report
+from tasks.report import compare_sweep, report
+from tasks.stage import forced
 from tasks.steer import steer
-from tasks.study import close_study, find_sae, open_study
+from tasks.study import close_study, find_sae, link_runs, open_study
 from tasks.train import stream_key, train_sae, train_saes
 
 
-def cache_activations(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[str, Any]:
+def with_experiment(overrides: list[str] | None, experiment: str | None) -> list[str]:
+    """The overrides, plus `tracking.experiment` when the flow's `experiment` is given."""
+    out = list(overrides or [])
+    if experiment:
+        quoted = experiment.replace("\\", "\\\\").replace("'", "\\'")
+        out.append(f"tracking.experiment='{quoted}'")
+    return out
+
+
+def _run(t: Task, *args: Any, force: bool = False) -> tuple[Any, bool]:
+    """Call task `t`; (its result, whether Prefect served it from the stage cache)."""
+    state = t.with_options(refresh_cache=force or None)(*args, return_state=True)
+    return state.result(), state.name == "Cached"
+
+
+def cache_activations(
+    cfg: dict[str, Any], model: dict[str, Any], split: str, force: bool = False
+) -> dict[str, Any]:
     """plan -> one mapped task per missing shard (a task runner may spread them) -> finish."""
-    plan = plan_cache(cfg, model, split)
+    plan = plan_cache(cfg, model, split, force)
     if plan["todo"]:
         shards = cache_shard.map(unmapped(cfg), unmapped(model), unmapped(plan), plan["todo"])
-        shards.result()  # waits; raises the first shard's error after its retries
+        for shard in with_progress(as_completed(shards), len(shards), f"cache {split}", "shard"):
+            shard.result()  # raises the first failed shard's error, after its retries
     return finish_cache(plan)
 
 
 @flow(name="cache_activations")
-def cache_flow(overrides: list[str] | None = None) -> dict[str, Any]:
+def cache_flow(
+    overrides: list[str] | None = None,
+    experiment: str | None = None,
+    force: list[str] | None = None,
+) -> dict[str, Any]:
     """Cache the train and eval activations for the configured model, data and hook."""
-    _, cfg = load(overrides or [])
+    _, cfg = load(with_experiment(overrides, experiment))
+    redo = "cache" in forced(force)
     model = prepare_model(cfg)
     return {
-        "train": cache_activations(cfg, model, "train"),
-        "eval": cache_activations(cfg, model, "eval"),
+        "train": cache_activations(cfg, model, "train", redo),
+        "eval": cache_activations(cfg, model, "eval", redo),
     }
 
 
 @flow(name="train_sae")
-def train_flow(overrides: list[str] | None = None) -> dict[str, Any]:
+def train_flow(
+    overrides: list[str] | None = None,
+    experiment: str | None = None,
+    force: list[str] | None = None,
+) -> dict[str, Any]:
     """Train one SAE (caching first if needed); `cache.dir=PATH` trains on any §4 cache."""
-    typed, cfg = load(overrides or [])
-    cache = (
-        cache_activations(cfg, {}, "train")
-        if typed.cache.dir
-        else cache_activations(cfg, prepare_model(cfg), "train")
-    )
+    typed, cfg = load(with_experiment(overrides, experiment))
+    redo = forced(force)
+    model = {} if typed.cache.dir else prepare_model(cfg)
+    cache = cache_activations(cfg, model, "train", "cache" in redo)
     study = open_study(cfg, "train")
     try:
-        trained = train_sae(cfg, cache, study["experiment_id"], study["parent_run_id"])
+        args = (cfg, cache, study["experiment_id"], study["parent_run_id"], "train" in redo)
+        trained, cached = _run(train_sae, *args, force="train" in redo)
+        link_runs(cfg, study["experiment_id"], {"sae": trained["run_id"]})
     except BaseException:
         close_study(cfg, study["parent_run_id"], "FAILED")
         raise
     close_study(cfg, study["parent_run_id"])
-    return trained | {"cache": cache}
+    return trained | {"cache": cache} | ({"status": "cached"} if cached else {})
 
 
 @flow(name="evaluate_sae")
-def evaluate_flow(overrides: list[str] | None = None) -> dict[str, Any]:
+def evaluate_flow(
+    overrides: list[str] | None = None,
+    experiment: str | None = None,
+    force: list[str] | None = None,
+) -> dict[str, Any]:
     """Evaluate a trained SAE (`eval.run_id`, default the latest) and write its feature table."""
-    _, cfg = load(overrides or [])
+    _, cfg = load(with_experiment(overrides, experiment))
+    redo = forced(force)
     model = prepare_model(cfg)
-    eval_cache = cache_activations(cfg, model, "eval")
+    eval_cache = cache_activations(cfg, model, "eval", "cache" in redo)
     trained = find_sae(cfg)
+    args = (cfg, model, eval_cache, trained)
     return {
         "trained": trained,
-        "metrics": evaluate(cfg, model, eval_cache, trained),
-        "features": features(cfg, model, eval_cache, trained),
+        "metrics": _run(evaluate, *args, force="evaluate" in redo)[0],
+        "features": _run(features, *args, force="features" in redo)[0],
     }
 
 
 @flow(name="steer")
-def steer_flow(overrides: list[str] | None = None) -> dict[str, Any]:
+def steer_flow(overrides: list[str] | None = None, experiment: str | None = None) -> dict[str, Any]:
     """Generate with and without one feature of a trained SAE (`steer.*`, `eval.run_id`)."""
-    _, cfg = load(overrides or [])
+    _, cfg = load(with_experiment(overrides, experiment))
     model = prepare_model(cfg)
     trained = find_sae(cfg)
     return steer(cfg, model, trained) | {"run_id": trained["run_id"]}
 
 
 @flow(name="pipeline")
-def pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
-    """cache -> train -> evaluate -> feature stats -> report, under one MLflow parent run."""
-    result = study([overrides or []], "pipeline")
+def pipeline(
+    overrides: list[str] | None = None,
+    experiment: str | None = None,
+    force: list[str] | None = None,
+) -> dict[str, Any]:
+    """cache -> train -> evaluate -> feature stats -> report, under one MLflow parent run.
+
+    `overrides`: Hydra overrides (`sae=topk`, `sae.k=32`); `experiment`: the MLflow experiment
+    (default `<model>/<hook>`); `force`: stages to redo rather than reuse (cache, train,
+    evaluate, features, or all).
+    """
+    result = study([with_experiment(overrides, experiment)], "pipeline", force)
     return {k: v for k, v in result.items() if k != "jobs"} | result["jobs"][0]
 
 
 @flow(name="sweep")
-def sweep(jobs: list[list[str]]) -> dict[str, Any]:
-    """The pipeline for many configs (one override list each) under one MLflow parent run.
+def sweep(
+    overrides: list[str] | None = None,
+    experiment: str | None = None,
+    force: list[str] | None = None,
+    jobs: list[list[str]] | None = None,
+) -> dict[str, Any]:
+    """The pipeline for many configs under one MLflow parent run, compared on it.
 
-    Each distinct cache is built once; SAEs that share a stream of batches (same cache, hook and
-    train.{tokens, batch_size, seed, ...}) train together from one read of it (`train_saes`).
+    `overrides` in Hydra's multirun syntax (`sae.k=16,32,64`, `sae.d_sae=4096,8192`: every
+    combination), and/or `jobs`: explicit override lists, one per SAE. Each distinct cache is
+    built once; SAEs that share a stream of batches (same cache, hook and train.{tokens,
+    batch_size, seed, ...}) train together from one read of it (`train_saes`).
     """
-    return study(jobs, "sweep")
+    todo = (expand_sweep(overrides) if overrides else []) + list(jobs or [])
+    return study([with_experiment(job, experiment) for job in todo or [[]]], "sweep", force)
 
 
-def study(jobs: list[list[str]], kind: str) -> dict[str, Any]:
-    """The DAG of DESIGN §3 for `jobs`: caches, grouped training, evaluation, feature stats."""
+def study(jobs: list[list[str]], kind: str, force: list[str] | None = None) -> dict[str, Any]:
+    """The DAG of DESIGN §3 for `jobs`: caches, grouped training, evaluation, feature stats,
+    reports, and for a sweep the comparison on its parent run."""
     if not jobs:
         raise ValueError("a sweep needs at least one job")
     cfgs = [load(job)[1] for job in jobs]  # all validated before any work
-    models: dict[str, dict[str, Any]] = {}
-    caches: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    for cfg in cfgs:
-        key = _cache_spec(cfg)
-        if key not in caches:
-            if json.dumps(cfg["model"]) not in models:
-                models[json.dumps(cfg["model"])] = prepare_model(cfg)
-            model = models[json.dumps(cfg["model"])]
-            caches[key] = (
-                cache_activations(cfg, model, "train"),
-                cache_activations(cfg, model, "eval"),
-            )
-    groups: dict[str, list[int]] = {}
-    for i, cfg in enumerate(cfgs):
-        groups.setdefault(stream_key(cfg, caches[_cache_spec(cfg)][0]["key"]), []).append(i)
+    redo = forced(force)
+    models, caches = _caches(cfgs, "cache" in redo)
     opened = open_study(cfgs[0], kind)
-    trained: list[dict[str, Any]] = [{}] * len(cfgs)
-    out = []
     try:
-        for members in groups.values():
-            train_cache = caches[_cache_spec(cfgs[members[0]])][0]
-            group = train_saes(
-                [cfgs[i] for i in members],
-                train_cache,
-                opened["experiment_id"],
-                opened["parent_run_id"],
-            )
-            for i, t in zip(members, group, strict=True):
-                trained[i] = t
-        metrics: list[dict[str, float]] = [{}] * len(cfgs)
-        for spec in caches:  # SAEs on the same eval set and hook: evaluated in one pass
-            members = [i for i, cfg in enumerate(cfgs) if _cache_spec(cfg) == spec]
-            model = models[json.dumps(cfgs[members[0]]["model"])]
-            results = evaluate_many(
-                cfgs[members[0]], model, caches[spec][1], [trained[i] for i in members]
-            )
-            for i, m in zip(members, results, strict=True):
-                metrics[i] = m
+        trained = _train(cfgs, caches, opened, "train" in redo)
+        metrics = _evaluate(cfgs, models, caches, trained, "evaluate" in redo)
+        out = []
         for job, cfg, t, m in zip(jobs, cfgs, trained, metrics, strict=True):
-            model = models[json.dumps(cfg["model"])]
-            eval_cache = caches[_cache_spec(cfg)][1]
+            model, (train_cache, eval_cache) = models[_model_spec(cfg)], caches[_cache_spec(cfg)]
+            args = (cfg, model, eval_cache, t)
+            feats = _run(features, *args, force="features" in redo)[0]
             out.append(
-                {
-                    "overrides": job,
-                    "model": model,
-                    "train_cache": caches[_cache_spec(cfg)][0],
-                    "eval_cache": eval_cache,
-                    "trained": t,
-                    "metrics": m,
-                    "features": features(cfg, model, eval_cache, t),
-                }
+                {"overrides": job, "model": model, "train_cache": train_cache}
+                | {"eval_cache": eval_cache, "trained": t, "metrics": m, "features": feats}
+                | {"report": report(cfg, t, feats, opened["parent_run_id"])}
             )
-            out[-1]["report"] = report(cfg, t, out[-1]["features"], opened["parent_run_id"])
+        if kind == "sweep":
+            runs = [{"run_id": j["trained"]["run_id"], "overrides": j["overrides"]} for j in out]
+            compare_sweep(cfgs[0], opened["parent_run_id"], runs)
+        labels = {"study": opened["parent_run_id"]}
+        labels |= {f"sae-{i}": t["run_id"] for i, t in enumerate(trained)}
+        link_runs(cfgs[0], opened["experiment_id"], labels)
     except BaseException:
         close_study(cfgs[0], opened["parent_run_id"], "FAILED")
         raise
     runs = ",".join(t["run_id"] for t in trained)
     close_study(cfgs[0], opened["parent_run_id"], tags={"sae_run_id": runs[:5000]})
     return {"study": opened, "jobs": out}
+
+
+Caches = dict[str, tuple[dict[str, Any], dict[str, Any]]]
+
+
+def _caches(cfgs: list[dict[str, Any]], redo: bool) -> tuple[dict[str, Any], Caches]:
+    """Each distinct model prepared once, each distinct (train, eval) cache pair built once."""
+    models: dict[str, dict[str, Any]] = {}
+    caches: Caches = {}
+    for cfg in cfgs:
+        if _cache_spec(cfg) in caches:
+            continue
+        if _model_spec(cfg) not in models:
+            models[_model_spec(cfg)] = prepare_model(cfg)
+        model = models[_model_spec(cfg)]
+        caches[_cache_spec(cfg)] = (
+            cache_activations(cfg, model, "train", redo),
+            cache_activations(cfg, model, "eval", redo),
+        )
+    return models, caches
+
+
+def _train(
+    cfgs: list[dict[str, Any]], caches: Caches, opened: dict[str, str], redo: bool
+) -> list[dict[str, Any]]:
+    """One `train_saes` task per group of configs sharing a stream of batches."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(stream_key(cfg, caches[_cache_spec(cfg)][0]["key"]), []).append(i)
+    trained: list[dict[str, Any]] = [{}] * len(cfgs)
+    for members in groups.values():
+        train_cache = caches[_cache_spec(cfgs[members[0]])][0]
+        args = ([cfgs[i] for i in members], train_cache, opened["experiment_id"])
+        group, cached = _run(train_saes, *args, opened["parent_run_id"], redo, force=redo)
+        for i, t in zip(members, group, strict=True):
+            trained[i] = t | ({"status": "cached"} if cached else {})
+    return trained
+
+
+def _evaluate(
+    cfgs: list[dict[str, Any]],
+    models: dict[str, Any],
+    caches: Caches,
+    trained: list[dict[str, Any]],
+    redo: bool,
+) -> list[dict[str, float]]:
+    """SAEs on the same eval set and hook are evaluated in one pass."""
+    metrics: list[dict[str, float]] = [{}] * len(cfgs)
+    for spec in caches:
+        members = [i for i, cfg in enumerate(cfgs) if _cache_spec(cfg) == spec]
+        first = cfgs[members[0]]
+        args = (first, models[_model_spec(first)], caches[spec][1], [trained[i] for i in members])
+        results, _ = _run(evaluate_many, *args, force=redo)
+        for i, m in zip(members, results, strict=True):
+            metrics[i] = m
+    return metrics
+
+
+def _model_spec(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg["model"], sort_keys=True)
 
 
 def _cache_spec(cfg: dict[str, Any]) -> str:

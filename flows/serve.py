@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from prefect import serve as prefect_serve
 
-from flows.pipeline import cache_flow, evaluate_flow, pipeline, train_flow
+from flows.pipeline import cache_flow, evaluate_flow, pipeline, steer_flow, sweep, train_flow
+
+FLOWS = (pipeline, sweep, cache_flow, train_flow, evaluate_flow, steer_flow)
+DEPLOYMENT = "saeflow"
+"""Each flow's deployment is `<flow name>/saeflow`, e.g. `pipeline/saeflow`."""
 
 
-def serve() -> int:
-    """Serve until interrupted; each deployment's form takes a list of Hydra overrides."""
-    prefect_serve(
-        *(
-            f.to_deployment(name="saeflow")
-            for f in (pipeline, cache_flow, train_flow, evaluate_flow)
-        )
-    )
+def serve(defaults: list[str] | None = None) -> int:
+    """Serve until interrupted. Each deployment's run form takes `overrides` (a list of Hydra
+    override strings, pre-filled with `defaults`), `experiment` (MLflow experiment) and, where
+    a stage can be reused, `force` (stages to redo); a bad override fails the flow run before
+    any work, naming it and the valid choices."""
+    params = {"overrides": list(defaults)} if defaults else {}
+    prefect_serve(*(f.to_deployment(name=DEPLOYMENT, parameters=params) for f in FLOWS))
     return 0

@@ -119,13 +119,22 @@ def _plan(c: Config, model: dict[str, Any], split: str, key: str, tok: Any) -> M
 
 
 @task(name="plan_cache", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def plan_cache(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[str, Any]:
-    """Key, reuse check, plan, tokens, disk check; returns {dir, key, reused, todo, ...}."""
+def plan_cache(
+    cfg: dict[str, Any], model: dict[str, Any], split: str, force: bool = False
+) -> dict[str, Any]:
+    """Key, reuse check, plan, tokens, disk check; returns {dir, key, reused, todo, ...}.
+
+    Not cached by Prefect: the reuse check reads the manifest (and verifies the shards with
+    cache.verify), which a stored result could not. `force` recomputes the cache from scratch.
+    """
     c, log = from_dict(cfg), logger()
     if split == "train" and c.cache.dir:
         return _external(c)
     key = cache_key(key_inputs(c, model, split))
     out = home() / "activations" / key
+    if force and out.exists():
+        log.warning(f"force: removing {split} cache {out} to compute it again")
+        shutil.rmtree(out)
     if (out / "manifest.json").is_file() and (m := Manifest.load(out)).complete:
         if c.cache.verify and (bad := verify(out, m)) and not c.cache.repair:
             raise CacheError(

@@ -9,7 +9,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from conf.schema import from_dict
 from sae.cache import sequences
@@ -20,6 +19,7 @@ from sae.models import load_sae
 from tasks import tracking
 from tasks.common import logger
 from tasks.home import home
+from tasks.stage import CACHED, Stage
 
 
 def _contexts(eval_dir: Path, hook: str, batch_size: int):
@@ -39,7 +39,15 @@ def _baselines(lm, hp: HookPoint, eval_dir: Path, contexts) -> dict[str, float]:
     return out
 
 
-@task(name="evaluate_sae", cache_policy=NO_CACHE)
+def _evaluated(inputs: dict[str, Any]) -> Any:
+    """What fixes eval/* and feature stats: the eval settings, model, hook, eval set, SAE runs."""
+    cfg, trained = inputs["cfg"], inputs["trained"]
+    runs = [t["run_id"] for t in (trained if isinstance(trained, list) else [trained])]
+    spec = {k: cfg[k] for k in ("eval", "model", "hook")} | {"uri": cfg["tracking"]["uri"]}
+    return [spec, inputs["model"].get("identity"), inputs["eval_cache"]["key"], runs]
+
+
+@task(name="evaluate_sae", cache_policy=Stage(content=_evaluated), **CACHED)
 def evaluate(
     cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
 ) -> dict[str, float]:
@@ -47,7 +55,7 @@ def evaluate(
     return _evaluate(cfg, model, eval_cache, [trained])[0]
 
 
-@task(name="evaluate_saes", cache_policy=NO_CACHE)
+@task(name="evaluate_saes", cache_policy=Stage(content=_evaluated), **CACHED)
 def evaluate_many(
     cfg: dict[str, Any],
     model: dict[str, Any],
@@ -83,7 +91,7 @@ def _evaluate(
     return results
 
 
-@task(name="feature_stats", cache_policy=NO_CACHE)
+@task(name="feature_stats", cache_policy=Stage(content=_evaluated), **CACHED)
 def features(
     cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
 ) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import from_dict
-from dashboards.report import comparison, run_report
+from dashboards.report import COMPARED, comparison, run_report
 from tasks import tracking
 from tasks.common import logger
 from tasks.home import home
@@ -27,7 +27,7 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def report(
     cfg: dict[str, Any],
     trained: dict[str, Any],
@@ -62,3 +62,27 @@ def report(
         tracking.log_artifact(parent_run_id, compare, "report", uri)
     logger().info(f"report {path}; comparison of {len(runs)} runs {compare}")
     return {"report": str(path), "comparison": str(compare)}
+
+
+@task(name="compare_sweep", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def compare_sweep(
+    cfg: dict[str, Any], parent_run_id: str, jobs: list[dict[str, Any]]
+) -> dict[str, str]:
+    """The sweep's own runs side by side, on its parent run: `comparison/table.json` (an MLflow
+    table: one row per SAE with its overrides and eval metrics) and `comparison/sweep.html`
+    (L0 vs explained variance and vs loss recovered). `jobs`: [{run_id, overrides}]."""
+    uri = from_dict(cfg).tracking.uri
+    overrides = {j["run_id"]: " ".join(j["overrides"]) for j in jobs}
+    rows = [
+        r | {"overrides": overrides[r["run_id"]]}
+        for r in tracking.runs_table(uri).to_pylist()
+        if r["run_id"] in overrides
+    ]
+    rows.sort(key=lambda r: list(overrides).index(r["run_id"]))
+    path = home() / "reports" / f"sweep-{parent_run_id}.html"
+    _write(path, comparison(rows, f"Sweep {parent_run_id[:8]}", extra=("overrides",)))
+    tracking.log_artifact(parent_run_id, path, "comparison", uri)
+    table = {c: [r.get(c) for r in rows] for c in ("overrides", *COMPARED)}
+    tracking.log_table(parent_run_id, table, "comparison/table.json", uri)
+    logger().info(f"sweep comparison of {len(rows)} runs -> {path}")
+    return {"comparison": str(path)}

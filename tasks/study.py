@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from conf.schema import from_dict
 from tasks import tracking
@@ -18,7 +19,11 @@ def experiment_name(cfg: dict[str, Any]) -> str:
     return c.tracking.experiment or f"{c.model.name}/{c.hook}"
 
 
-@task(name="open_study", cache_policy=NO_CACHE)
+# MLflow calls are I/O that a busy SQLite or a restarting server can fail for a moment.
+_RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
+
+
+@task(name="open_study", cache_policy=NO_CACHE, **_RETRY)
 def open_study(cfg: dict[str, Any], kind: str = "pipeline") -> dict[str, str]:
     """Create (once) the experiment and start the parent run; returns their ids."""
     uri = from_dict(cfg).tracking.uri
@@ -32,7 +37,7 @@ def open_study(cfg: dict[str, Any], kind: str = "pipeline") -> dict[str, str]:
     }
 
 
-@task(name="close_study", cache_policy=NO_CACHE)
+@task(name="close_study", cache_policy=NO_CACHE, **_RETRY)
 def close_study(
     cfg: dict[str, Any],
     parent_run_id: str,
@@ -72,3 +77,28 @@ def find_sae(cfg: dict[str, Any]) -> dict[str, str]:
     if not (checkpoint / "sae.safetensors").is_file():
         raise FileNotFoundError(f"run {run_id} has no checkpoint at {checkpoint}")
     return {"run_id": run_id, "checkpoint": str(checkpoint)}
+
+
+@task(name="link_runs", cache_policy=NO_CACHE, **_RETRY)
+def link_runs(cfg: dict[str, Any], experiment_id: str, runs: dict[str, str]) -> None:
+    """Lineage back from Prefect: the flow run gets a link artifact to each MLflow run (`runs`:
+    label -> run id; shown on its Artifacts tab) and a tag `mlflow:<run id>` per run (shown in
+    the runs list). MLflow runs carry `prefect.flow_run_id`/`_url` from `tracking.start_run`."""
+    from prefect.artifacts import create_link_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+
+    c = from_dict(cfg)
+    for label, run_id in runs.items():
+        link = tracking.mlflow_ui_url(c.tracking.uri, c.tracking.ui_url, experiment_id, run_id)
+        create_link_artifact(
+            link,
+            link_text=f"MLflow run {run_id} ({label})",
+            key=f"mlflow-{label}".lower().replace("_", "-")[:60],
+            description=f"MLflow run of this flow run's {label}",
+        )
+    flow_run_id = get_run_context().task_run.flow_run_id
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(flow_run_id).tags
+        new = [f"mlflow:{r}" for r in runs.values() if f"mlflow:{r}" not in tags]
+        client.update_flow_run(flow_run_id, tags=[*tags, *new])

@@ -73,6 +73,8 @@ def start_run(
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID") or _prefect_flow_run_id()
     if flow_run:
         all_tags["prefect.flow_run_id"] = flow_run
+        if ui := prefect_ui_url():
+            all_tags["prefect.flow_run_url"] = f"{ui}/runs/flow-run/{flow_run}"
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     return client(uri).create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
@@ -87,6 +89,24 @@ def task_run_id() -> str | None:
         return str(ctx.task_run.id) if ctx else None
     except Exception:  # Prefect's internals moved: lineage is a nicety
         return None
+
+
+def prefect_ui_url() -> str | None:
+    """The Prefect UI's address when a persistent server is configured (PREFECT_API_URL); a
+    temporary server's runs have no page to link to."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if not PREFECT_API_URL.value():
+        return None
+    return (PREFECT_UI_URL.value() or "").rstrip("/") or None
+
+
+def mlflow_ui_url(uri: str | None, ui_url: str | None, experiment_id: str, run_id: str) -> str:
+    """Where the MLflow UI shows a run (tracking.ui_url, else an http(s) tracking URI, else the
+    README's `mlflow ui` on 127.0.0.1:5000)."""
+    base = ui_url or (uri if uri and uri.startswith(("http://", "https://")) else None)
+    base = (base or "http://127.0.0.1:5000").rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _prefect_flow_run_id() -> str | None:
@@ -137,6 +157,13 @@ def log_artifact(
         c.log_artifacts(run_id, str(path), artifact_path)
     else:
         c.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_table(
+    run_id: str, table: dict[str, list[Any]], artifact_file: str, uri: str | None = None
+) -> None:
+    """A table artifact the MLflow UI shows as a table (columns as lists of equal length)."""
+    client(uri).log_table(run_id, table, artifact_file)
 
 
 def reopen_run(run_id: str, uri: str | None = None) -> None:

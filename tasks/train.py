@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Config, from_dict
 from sae import checkpoint
@@ -29,8 +28,9 @@ from sae.loader import ActivationLoader
 from sae.models import build_sae
 from sae.train import FREE_ON_RESUME, SHARED_FIELDS, FitConfig, fit_many
 from tasks import tracking
-from tasks.common import logger
+from tasks.common import logger, progress_bar
 from tasks.home import home
+from tasks.stage import CACHED, Stage
 
 # Which SAEConfig fields each architecture takes (the rest belong to other architectures).
 HPARAMS = {
@@ -75,17 +75,22 @@ def fit_config(c: Config) -> FitConfig:
 class _Logger:
     """on_step callback: buffers train/* metrics and sends them to MLflow in batches."""
 
-    def __init__(self, run_id: str, uri: str | None, tokens: int, checkpoint_every: int):
+    def __init__(
+        self, run_id: str, uri: str | None, tokens: int, checkpoint_every: int, bar: str = ""
+    ):
         self.run_id, self.uri, self.tokens = run_id, uri, tokens
         self.checkpoint_every = checkpoint_every
         self.buf: list[tuple[int, dict[str, float]]] = []
         self.last_print = 0.0
+        self.bar = progress_bar(tokens, bar, "tok") if bar else None
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.buf.append((step, {f"train/{k}": v for k, v in metrics.items()}))
         every = self.checkpoint_every  # sent before the state is saved: none lost to a kill
         if len(self.buf) >= 20 or (every and step % every == 0):
             self.flush()
+        if self.bar is not None:
+            self.bar.update(int(metrics.get("tokens", 0)) - self.bar.n)
         if time.monotonic() - self.last_print > 10:
             self.last_print = time.monotonic()
             seen, rate = metrics.get("tokens", 0), metrics.get("tokens_per_s", 0) or 1
@@ -141,19 +146,31 @@ def _previous(c: Config, key: str, experiment_id: str) -> list[tuple[str, str]]:
     return [(r.info.run_id, r.info.status) for r in runs]
 
 
-@task(name="train_saes", cache_policy=NO_CACHE)
+def _trained_by(inputs: dict[str, Any]) -> Any:
+    """train_saes's cache key content: the run keys and the tracking store (not the parent);
+    None (never cached) with train.resume=false, which asks for a fresh run every time."""
+    cfgs, key = inputs.get("cfgs") or [inputs["cfg"]], inputs["cache"]["key"]
+    if not all(cfg["train"]["resume"] for cfg in cfgs):
+        return None
+    return [
+        [run_key(cfg, key), cfg["tracking"]["uri"], cfg["tracking"]["experiment"]] for cfg in cfgs
+    ]
+
+
+@task(name="train_saes", cache_policy=Stage(content=_trained_by), **CACHED)
 def train_saes(
     cfgs: list[dict[str, Any]],
     cache: dict[str, Any],
     experiment_id: str,
     parent_run_id: str | None = None,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """Train one SAE per config on one read of the cache; each is its own MLflow run.
 
     Returns [{run_id, checkpoint, status}] in the order of `cfgs`, status one of trained,
     resumed, reused. With train.resume (default), a config trained before (same `run_key`) is
     reused, and unfinished runs of every config are resumed from their newest common trainer
-    state; the rest start afresh. The configs must share `stream_key`.
+    state; the rest start afresh. The configs must share `stream_key`. `force` trains afresh.
     """
     typed = [from_dict(cfg) for cfg in cfgs]
     keys = [run_key(cfg, cache["key"]) for cfg in cfgs]
@@ -162,7 +179,7 @@ def train_saes(
     out: list[dict[str, Any] | None] = [None] * len(cfgs)
     todo, states = [], []
     for i, (c, key) in enumerate(zip(typed, keys, strict=True)):
-        found = _previous(c, key, experiment_id) if c.train.resume else []
+        found = _previous(c, key, experiment_id) if c.train.resume and not force else []
         done = [r for r, status in found if status == "FINISHED" and _checkpoint(r).is_file()]
         if done:
             out[i] = {
@@ -273,9 +290,11 @@ def _train_group(
     locks = [open(_lock_path(r), "a") for r in run_ids]  # noqa: SIM115 (held to the end)
     for f in locks:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the files close, or the process dies
-    on_steps = [
-        _Logger(r, uri, t.train.tokens, t.train.checkpoint_every)
-        for r, t in zip(run_ids, typed, strict=True)
+    on_steps = [  # one terminal bar for the group: its SAEs step together
+        _Logger(
+            r, uri, t.train.tokens, t.train.checkpoint_every, "" if i else f"train ×{len(typed)}"
+        )
+        for i, (r, t) in enumerate(zip(run_ids, typed, strict=True))
     ]
     try:
         saes = [_build(t, d_in) for t in typed]
@@ -324,10 +343,14 @@ def _train_group(
             f.close()
 
 
-@task(name="train_sae", cache_policy=NO_CACHE)
+@task(name="train_sae", cache_policy=Stage(content=_trained_by), **CACHED)
 def train_sae(
-    cfg: dict[str, Any], cache: dict[str, Any], experiment_id: str, parent_run_id: str | None = None
+    cfg: dict[str, Any],
+    cache: dict[str, Any],
+    experiment_id: str,
+    parent_run_id: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train `cfg.sae` on the cache (or reuse / resume it: `train_saes`); returns {run_id,
     checkpoint, status}. The checkpoint lands in $SAEFLOW_HOME/saes/<run_id>."""
-    return train_saes.fn([cfg], cache, experiment_id, parent_run_id)[0]
+    return train_saes.fn([cfg], cache, experiment_id, parent_run_id, force)[0]

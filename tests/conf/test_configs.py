@@ -35,7 +35,7 @@ def test_defaults_are_the_offline_study() -> None:
         ("sae.d_sae=-3", "sae.d_sae must be > 0, got -3"),
         ("model=nope", "Could not find 'model/nope'"),
         ("sae=nope", "Available options in 'sae'"),
-        ("sae.dsae=3", "Could not override 'sae.dsae'"),
+        ("sae.dsae=3", "unknown key 'sae.dsae' (did you mean 'sae.d_sae'?)"),
         ("train.tokens=abc", "could not be converted to Integer"),
         ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda"),
         ("train.dtype=int8", "train.dtype='int8'"),

@@ -22,7 +22,7 @@ def test_sweep_trains_a_group_in_nested_runs_then_reuses_them(prefect_server, ti
     from tasks import tracking
 
     jobs = [[*TINY, "train.lr=0.002", "sae=relu"], [*TINY, "train.lr=0.002", "sae=topk", "sae.k=4"]]
-    first = sweep(jobs)
+    first = sweep(jobs=jobs)
     c = tracking.client()
     runs = [c.get_run(j["trained"]["run_id"]) for j in first["jobs"]]
     assert [j["trained"]["status"] for j in first["jobs"]] == ["trained", "trained"]
@@ -35,8 +35,8 @@ def test_sweep_trains_a_group_in_nested_runs_then_reuses_them(prefect_server, ti
         assert not (Path(os.environ["SAEFLOW_HOME"]) / "saes" / r.info.run_id / "state").exists()
     assert first["jobs"][1]["metrics"]["l0"] == pytest.approx(4.0, abs=0.5)
 
-    again = sweep(jobs)
-    assert [j["trained"]["status"] for j in again["jobs"]] == ["reused", "reused"]
+    again = sweep(jobs=jobs)  # served from Prefect's stage cache
+    assert [j["trained"]["status"] for j in again["jobs"]] == ["cached", "cached"]
     assert [j["trained"]["run_id"] for j in again["jobs"]] == [r.info.run_id for r in runs]
     assert again["study"]["parent_run_id"] != first["study"]["parent_run_id"]
 
