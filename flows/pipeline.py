@@ -187,7 +187,9 @@ def study(jobs: list[list[str]], kind: str, force: list[str] | None = None) -> d
         close_study(cfgs[0], opened["parent_run_id"], "FAILED")
         raise
     runs = ",".join(t["run_id"] for t in trained)
-    close_study(cfgs[0], opened["parent_run_id"], tags={"sae_run_id": runs[:5000]})
+    keys = ",".join(dict.fromkeys(train["key"] for train, _ in caches.values()))
+    tags = {"sae_run_id": runs[:5000], "cache_key": keys[:5000]}
+    close_study(cfgs[0], opened["parent_run_id"], tags=tags)
     return {"study": opened, "jobs": out}
 
 

@@ -99,6 +99,7 @@ def test_sweep_of_three_one_cache_three_children_compared_on_the_parent(study) -
     children = [c.get_run(j["trained"]["run_id"]) for j in out["jobs"]]
     assert [r.data.params["sae.k"] for r in children] == ["2", "4", "8"]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
+    assert c.get_run(parent).data.tags["cache_key"] == study["train_cache"]["key"]
     table = json.loads(Path(c.download_artifacts(parent, "comparison/table.json")).read_text())
     rows = {r[table["columns"].index("run_id")]: r for r in table["data"]}
     assert set(rows) == {r.info.run_id for r in children}
