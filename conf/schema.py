@@ -10,12 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 DTYPES = ("bf16", "fp16", "fp32")
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+"""tracking.uri schemes MLflow stores take (`postgresql+psycopg2://` counts as postgresql)."""
 
 
 def _positive(owner: str, **values: float) -> None:
@@ -56,6 +59,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model", "source", self.source, ("builtin", "hub"))
+        if not re.fullmatch(r"[0-9A-Za-z_][0-9A-Za-z._-]*", self.name):  # a directory name
+            raise ValueError(f"model.name must be letters, digits, . - _, got {self.name!r}")
         _choice("model", "dtype", self.dtype, DTYPES)
         if self.source == "hub" and not self.path:
             raise ValueError("model.path is required when model.source=hub (a Hub id or a dir)")
@@ -226,6 +231,12 @@ class EvalConfig:
         _positive(
             "eval", tokens=self.tokens, batch_size=self.batch_size, top_examples=self.top_examples
         )
+        # A run id names directories (saes/<id>, features/run_id=<id>): no path may hide in it.
+        if self.run_id is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", self.run_id):
+            raise ValueError(
+                f"eval.run_id must be an MLflow run id (letters, digits, - and _), "
+                f"got {self.run_id!r}"
+            )
 
 
 @dataclass
@@ -256,6 +267,15 @@ class TrackingConfig:
     ui_url: str | None = None
     """The MLflow UI's address, for links from Prefect flow runs; None = `uri` when it is an
     http(s) server, else http://127.0.0.1:5000 (the README's `mlflow ui`)."""
+
+    def __post_init__(self) -> None:
+        # MLflow would reject a mistyped scheme only at the first tracking call, after caching.
+        scheme = urlparse(self.uri).scheme.split("+")[0] if self.uri else ""
+        if scheme and scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"tracking.uri={self.uri!r} has the unknown scheme {scheme!r}; valid: "
+                f"{', '.join(TRACKING_SCHEMES)} (e.g. http://127.0.0.1:5000), or a local path"
+            )
 
 
 @dataclass

@@ -72,6 +72,10 @@ def connect(
         )
     con.register("_metrics", metrics)
     con.execute("CREATE VIEW metrics AS SELECT * FROM _metrics")
+    # Read-only from here: files only under the feature tables, and no query can undo that.
+    con.execute(f"SET allowed_directories = ['{_quote(str(Path(features_root).resolve()))}']")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
@@ -99,8 +103,25 @@ def _quote(s: str) -> str:
     return s.replace("'", "''")
 
 
+READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+"""Statements `query` runs (SELECT covers WITH, DESCRIBE, SHOW and SUMMARIZE)."""
+
+
+class ReadOnlyError(PermissionError):
+    """A statement that would write, attach, install or reconfigure."""
+
+
 def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:
-    """Run `sql` with `?` parameters bound (never pasted into the text)."""
+    """Run one read-only statement, `?`/`$n` parameters bound (never pasted into the text)."""
+    statements = con.extract_statements(sql)
+    if len(statements) != 1:
+        raise ReadOnlyError(f"give exactly one SQL statement, got {len(statements)}")
+    if statements[0].type not in READ_ONLY:
+        kind = statements[0].type.name
+        raise ReadOnlyError(
+            f"saeflow sql is read-only: a {kind} statement is not allowed; "
+            "use SELECT (or WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN)"
+        )
     return con.sql(sql, params=params or None).to_arrow_table()
 
 

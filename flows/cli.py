@@ -22,6 +22,7 @@ def _environment() -> None:
     os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")  # a temporary server: local only
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -84,14 +85,17 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
     from tasks.stage import forced
 
     jobs = expand_sweep(overrides) if multirun else [overrides]
-    for job in jobs:
-        load(job)  # validate every job before any work
+    typed = [load(job)[0] for job in jobs]  # validate every job before any work
     try:
         forced(force)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _environment()
     from flows import pipeline as p
+    from tasks.study import check_server
+
+    for uri in dict.fromkeys(t.tracking.uri for t in typed):
+        check_server(uri)  # now, in seconds: not after hours of caching, nor minutes of retries
 
     flow = {
         "run": p.pipeline,

@@ -101,9 +101,9 @@ def evaluate_flow(
     """Evaluate a trained SAE (`eval.run_id`, default the latest) and write its feature table."""
     _, cfg = load(with_experiment(overrides, experiment))
     redo = forced(force)
+    trained = find_sae(cfg)  # a bad eval.run_id or hook fails before any caching
     model = prepare_model(cfg)
     eval_cache = cache_activations(cfg, model, "eval", "cache" in redo)
-    trained = find_sae(cfg)
     args = (cfg, model, eval_cache, trained)
     return {
         "trained": trained,

@@ -7,20 +7,23 @@ An SAE maps an activation x (d_in,) to latents f (d_sae,) and back:
 
 Parameters (all fp32): W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,).
 Row i of W_dec is latent i's decoder direction. On disk (`save`): `sae.safetensors` (these four
-tensors, fp32) and `cfg.json` (`config()`, plus caller metadata under "meta"); `sae.models.load_sae`
-reads them back. Never pickle.
+tensors, fp32; the header's metadata names the arch) and `cfg.json` (`config()`, plus caller
+metadata under "meta"); `sae.models.load_sae` reads them back. Never pickle.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from sae.failpoint import failpoint
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
@@ -145,9 +148,18 @@ class SAE(nn.Module):
         dir = Path(dir)
         dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(dir / WEIGHTS))
         cfg = self.config() | ({"meta": meta} if meta is not None else {})
-        (dir / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        # Config first, weights last, each renamed into place: a kill leaves no half file, and
+        # weights beside a config always belong to it.
+        tmp = dir / f".{CONFIG}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, dir / CONFIG)
+        tmp = dir / f".{WEIGHTS}.{os.getpid()}.tmp"
+        # The arch in the weights' own header: relu and topk tensors have the same names and
+        # shapes, so only this tells load_sae that a cfg.json does not belong to them.
+        save_file(tensors, str(tmp), metadata={"arch": self.arch})
+        failpoint("sae.save")
+        os.replace(tmp, dir / WEIGHTS)
 
 
 def random_directions(n: int, d: int, norm: float) -> Tensor:

@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sae.failpoint import failpoint
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,6 +89,7 @@ class Manifest:
             json.dump(body, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        failpoint("cache.manifest_write")
         os.replace(tmp, dir / MANIFEST)
 
     @classmethod
@@ -172,14 +175,24 @@ def write_shard(
     name = f"shard-{index:05d}.parquet"
     tmp = dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
     # The layout DESIGN §4 measured at ~3 GB/s: no compression, dictionary or stats on activations.
-    pq.write_table(
-        table,
-        tmp,
-        compression="none",
-        use_dictionary=False,
-        write_statistics=["seq_id", "pos", "token_id"],
-        row_group_size=s * t,
-    )
+    try:
+        pq.write_table(
+            table,
+            tmp,
+            compression="none",
+            use_dictionary=False,
+            write_statistics=["seq_id", "pos", "token_id"],
+            row_group_size=s * t,
+        )
+    except OSError as e:  # a full disk (ENOSPC) or a file-size limit (EFBIG), typically
+        tmp.unlink(missing_ok=True)  # a half shard would only take more of the space
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise OSError(
+            e.errno,
+            f"cannot write shard {dir / name}: {reason}; free space on that disk or move "
+            "SAEFLOW_HOME, then re-run: the shards already written are kept",
+        ) from e
+    failpoint("cache.shard_write")  # a shard written, not yet renamed into place
     os.replace(tmp, dir / name)
     return Shard(name, s * t, first_seq, s, _sha256(dir / name))
 

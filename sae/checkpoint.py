@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sae.failpoint import failpoint
+
 STATE_VERSION = 1
 _NAME = re.compile(r"step-(\d{8})\.json")
 
@@ -60,6 +62,7 @@ def save(dir: Path, state: TrainState, keep: int = 2) -> None:
     stem = dir / f"step-{state.step:08d}"
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors.items()}
     _atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
+    failpoint("checkpoint.write")  # tensors in place, their JSON not yet: not a state
     text = json.dumps({"version": STATE_VERSION, "step": state.step, **state.values}, indent=1)
     _atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text + "\n"))
     for old in steps(dir)[:-keep]:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.base import SAE
+from sae.failpoint import failpoint
 from sae.hooks import HookPoint, activations_at, logits_from
 from sae.metrics import KLToClean, ReconstructionStats, loss_recovered
 
@@ -102,6 +103,7 @@ def evaluate_saes(
     ce = [_Mean() for _ in saes]
     kl = [_Mean() for _ in saes]
     for ids, keep, acts in _batches(model, hp, contexts):
+        failpoint("evaluate.batch")
         kl_to_clean = KLToClean(_logprobs(logits_from(model, hp, ids, acts)))  # once per batch
         for sae, st, ce_i, kl_i in zip(saes, stats, ce, kl, strict=True):
             x = acts[keep].to(sae.W_enc.dtype)  # (N, d_in): the kept positions

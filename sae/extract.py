@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sae.cache import MANIFEST, CacheError, Manifest, Shard, verify, write_shard
+from sae.failpoint import failpoint
 from sae.hooks import HookPoint, activations_at
 
 TOKENS = "tokens.npy"
@@ -35,9 +36,10 @@ META_BYTES_PER_ROW = 8 + 4 + 4 + 1 + 1  # seq_id, pos, token_id, special, outlie
 
 
 @contextmanager
-def locked(dir: Path) -> Iterator[None]:
-    """An exclusive lock on the cache directory, across processes (flock on `.lock`)."""
-    with open(dir / ".lock", "a") as f:
+def locked(dir: Path, name: str = ".lock") -> Iterator[None]:
+    """An exclusive lock on the cache directory, across processes (flock on `name`; the
+    kernel releases it if the holder dies)."""
+    with open(dir / name, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -84,6 +86,7 @@ def write_tokens(
             np.save(f, rows)
             f.flush()
             os.fsync(f.fileno())
+        failpoint("cache.tokens")  # tokens written, not yet renamed into place
         os.replace(tmp, path)
     return read_tokens(dir)
 
@@ -157,6 +160,19 @@ def _compute(
     return first, ids, special, acts, _outliers(acts, special, m.outlier_factor)
 
 
+@contextmanager
+def claimed(dir: Path, index: int) -> Iterator[bool]:
+    """Hold shard `index` for computing; yields False when it is already in the manifest.
+
+    Two runs building one cache (two pipelines started at once, or Dask workers) each compute
+    a shard only if no one else has: the second waits on the first's claim, then finds the
+    shard recorded. So the cache is built once, with no half-caches and no repeated work.
+    """
+    with locked(dir, f".shard-{index:05d}.lock"):
+        name = f"shard-{index:05d}.parquet"
+        yield not any(s.file == name for s in Manifest.load(dir).shards)
+
+
 def record_shard(dir: Path, shard: Shard) -> Manifest:
     """Add `shard` to the manifest (replacing an entry for the same file)."""
     with locked(dir):
@@ -165,7 +181,8 @@ def record_shard(dir: Path, shard: Shard) -> Manifest:
             [s for s in m.shards if s.file != shard.file] + [shard], key=lambda s: s.first_seq
         )
         m.save(dir)
-        return m
+    failpoint("cache.shard_recorded")  # between shards
+    return m
 
 
 def finish(dir: Path) -> Manifest:

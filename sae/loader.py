@@ -170,6 +170,13 @@ class Source:
                 f"shard {path}: column {self.hook!r} is {col.type}, expected "
                 f"fixed_size_binary({self.d_in * 2}) for d_in={self.d_in}"
             )
+        # bf16 and fp16 have the same width: read as the other, every value is silently wrong.
+        stored = (table.schema.metadata or {}).get(b"saeflow.dtype", b"").decode()
+        if stored and stored != self.manifest.dtype:
+            raise CacheError(
+                f"shard {path} holds {stored} activations but the manifest says "
+                f"dtype={self.manifest.dtype!r}; fix the manifest's dtype"
+            )
         acts = _from_binary(col, self.d_in, self.manifest.dtype).view(torch.int16).numpy()
         drop = np.zeros(len(acts), dtype=bool)
         for name in flags:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from sae.base import CONFIG, SAE, WEIGHTS
 from sae.batchtopk import BatchTopKSAE
@@ -46,19 +46,18 @@ def build_sae(arch: str, d_in: int, d_sae: int, *, seed: int | None = None, **hp
 
 
 def load_sae(dir: Path) -> SAE:
-    """The SAE saved by `SAE.save(dir)`: `cfg.json` + `sae.safetensors` (no pickle), eval mode."""
+    """The SAE saved by `SAE.save(dir)`: `cfg.json` + `sae.safetensors` (no pickle), eval mode.
+
+    Errors name the file: missing, unreadable, or weights that do not belong to the config.
+    """
     dir = Path(dir)
     for name in (CONFIG, WEIGHTS):
         if not (dir / name).is_file():
             raise FileNotFoundError(f"no SAE checkpoint at {dir}: {dir / name} is missing")
-    cfg = json.loads((dir / CONFIG).read_text())
-    cfg.pop("meta", None)
-    try:
-        arch, d_in, d_sae = cfg.pop("arch"), cfg.pop("d_in"), cfg.pop("d_sae")
-    except KeyError as e:
-        raise ValueError(f"{dir / CONFIG} lacks the key {e.args[0]!r}") from None
+    cfg = _read_config(dir / CONFIG)
+    arch, d_in, d_sae = cfg.pop("arch"), cfg.pop("d_in"), cfg.pop("d_sae")
     sae = build_sae(arch, d_in, d_sae, **cfg)
-    tensors = load_file(str(dir / WEIGHTS))
+    tensors, saved_arch = _read_weights(dir / WEIGHTS)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if found != expected:
@@ -66,8 +65,40 @@ def load_sae(dir: Path) -> SAE:
             f"{dir / WEIGHTS} does not match {dir / CONFIG}: tensors {found}, "
             f"expected {expected} for {arch} d_in={d_in} d_sae={d_sae}"
         )
+    if saved_arch is not None and saved_arch != arch:
+        raise ValueError(
+            f"{dir / WEIGHTS} does not match {dir / CONFIG}: the weights are a {saved_arch} "
+            f"SAE's, the config says arch={arch!r}"
+        )
     sae.load_state_dict({k: v.float() for k, v in tensors.items()})
     return sae.eval()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """cfg.json without its "meta"; it must name arch, d_in and d_sae."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the SAE checkpoint is corrupt") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds {type(cfg).__name__}, not an SAE config object")
+    cfg.pop("meta", None)
+    for key in ("arch", "d_in", "d_sae"):
+        if key not in cfg:
+            raise ValueError(f"{path} lacks the key {key!r}")
+    return cfg
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors, and the arch their header names (None: saved before it was recorded)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            return {k: f.get_tensor(k) for k in names}, (f.metadata() or {}).get("arch")
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}): the SAE checkpoint is corrupt"
+        ) from None
 
 
 def _arch(arch: str) -> type[SAE]:

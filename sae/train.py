@@ -33,6 +33,7 @@ from sae import checkpoint, metrics
 from sae.base import SAE, SAEOutput
 from sae.checkpoint import CheckpointError, TrainState
 from sae.checkpoint import steps as steps_in
+from sae.failpoint import failpoint
 
 OnStep = Callable[[int, dict[str, float]], None]
 
@@ -352,6 +353,7 @@ class _Trainer:
 
     def step(self, step: int, batch: Tensor) -> None:
         """Optimiser step number `step` (from 1) on the raw batch (B, d_in)."""
+        failpoint("train.step")
         self.lr, sparsity_scale = schedule(step - 1, self.cfg)
         for group in self.opt.param_groups:
             group["lr"] = self.lr
@@ -411,7 +413,8 @@ class _Trainer:
             if json.loads(json.dumps(value)) != saved:
                 raise CheckpointError(
                     f"the trainer state of step {state.step} was saved with {key}="
-                    f"{state.values[key]} but this run has {value}; it resumes only the same run"
+                    f"{state.values[key]} but this run has {value}; it resumes only the same "
+                    "run (train afresh with train.resume=false)"
                 )
         t = state.tensors
         device = self.sae.b_dec.device

@@ -7,6 +7,7 @@ records one shard; `finish_cache` seals it. A task runner can spread the shards 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import shutil
@@ -22,6 +23,7 @@ from transformers import AutoConfig, AutoTokenizer
 from conf.schema import Config, from_dict
 from sae.cache import FORMAT_VERSION, CacheError, Manifest, cache_key, verify
 from sae.extract import (
+    claimed,
     compute_shard,
     disk_needed,
     finish,
@@ -98,6 +100,12 @@ def _external(c: Config) -> dict[str, Any]:
         m.d_in(h)
     if not m.complete:
         raise CacheError(f"cache {path} is incomplete; finish it before training on it")
+    if c.cache.verify and (bad := verify(path, m)):  # before the study's MLflow run opens
+        raise CacheError(
+            f"cache {path}: shard(s) {', '.join(bad)} are missing or fail their checksum; an "
+            "external cache (cache.dir) is never rewritten: rebuild it, or set "
+            "cache.verify=false to train on it as it is"
+        )
     return {"dir": str(path), "key": m.key, "n_tokens": m.n_tokens, "reused": True, "todo": []}
 
 
@@ -118,7 +126,27 @@ def _plan(c: Config, model: dict[str, Any], split: str, key: str, tok: Any) -> M
     )
 
 
-@task(name="plan_cache", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def _transient(task: Any, run: Any, state: Any) -> bool:
+    """Retry I/O hiccups, not errors a retry cannot fix: a bad cache or data path, a corrupt
+    shard, a full disk (each would only wait before failing the same way)."""
+    try:
+        state.result()
+    except (CacheError, ValueError, FileNotFoundError):
+        return False
+    except OSError as e:
+        return e.errno not in (errno.ENOSPC, errno.EFBIG)
+    except Exception:
+        return True
+    return True
+
+
+@task(
+    name="plan_cache",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_transient,
+)
 def plan_cache(
     cfg: dict[str, Any], model: dict[str, Any], split: str, force: bool = False
 ) -> dict[str, Any]:
@@ -195,22 +223,34 @@ def _model(model: dict[str, Any], dtype: str) -> tuple[Any, threading.Lock]:
         return _MODELS[key]
 
 
-@task(name="cache_shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(
+    name="cache_shard",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+)
 def cache_shard(
     cfg: dict[str, Any], model: dict[str, Any], plan: dict[str, Any], index: int
 ) -> dict[str, Any]:
-    """Compute and record shard `index` of the planned cache."""
+    """Compute and record shard `index` of the planned cache, unless another run (holding
+    its claim) has: {file, rows, computed}."""
     c = from_dict(cfg)
     out = Path(plan["dir"])
-    m = Manifest.load(out)
-    lm, lock = _model(model, c.model.dtype)
-    hooks = [parse_hook(lm, h) for h in m.hooks]
-    tokens = read_tokens(out)
-    shard = compute_shard(out, lm, hooks, tokens, index, m, c.cache.batch_size, lock)
-    m = record_shard(out, shard)
+    with claimed(out, index) as mine:
+        m = Manifest.load(out)
+        if not mine:
+            logger().info(f"cache {m.key}: shard {index} was computed by another run")
+            shard = next(s for s in m.shards if s.first_seq == index * m.shard_seqs)
+            return {"file": shard.file, "rows": shard.rows, "computed": False}
+        lm, lock = _model(model, c.model.dtype)
+        hooks = [parse_hook(lm, h) for h in m.hooks]
+        tokens = read_tokens(out)
+        shard = compute_shard(out, lm, hooks, tokens, index, m, c.cache.batch_size, lock)
+        m = record_shard(out, shard)
     done = len(m.shards) - (m.n_shards - plan["n_todo"])  # by this run, any worker
     logger().info(progress(m, max(done, 1), plan["n_todo"], time.time() - plan["started"]))
-    return {"file": shard.file, "rows": shard.rows}
+    return {"file": shard.file, "rows": shard.rows, "computed": True}
 
 
 @task(name="finish_cache", cache_policy=NO_CACHE)

@@ -11,15 +11,31 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from conf.schema import from_dict
-from sae.cache import sequences
+from sae.base import SAE
+from sae.cache import Manifest, sequences
 from sae.evaluate import ce_baselines, evaluate_saes
+from sae.failpoint import failpoint
 from sae.features import feature_stats
 from sae.hooks import HookPoint, load_lm, parse_hook
 from sae.models import load_sae
 from tasks import tracking
 from tasks.common import logger
-from tasks.home import home
+from tasks.home import inside
 from tasks.stage import CACHED, Stage
+
+
+def _load_sae(trained: dict[str, Any], eval_dir: Path, hook: str) -> SAE:
+    """The SAE of `trained`, which must take the eval cache's activations at `hook`: one trained
+    on another model's width would fail deep in a matrix product, naming neither."""
+    sae = load_sae(Path(trained["checkpoint"]))
+    d_in = Manifest.load(eval_dir).d_in(hook)
+    if sae.d_in != d_in:
+        raise ValueError(
+            f"the SAE of run {trained['run_id']} takes d_in={sae.d_in}, but the activations at "
+            f"{hook} have d_in={d_in} (eval cache {eval_dir}): it was trained on another "
+            "model or hook; evaluate it with the model and hook it was trained on"
+        )
+    return sae
 
 
 def _contexts(eval_dir: Path, hook: str, batch_size: int):
@@ -74,12 +90,12 @@ def _evaluate(
     trained: list[dict[str, Any]],
 ) -> list[dict[str, float]]:
     c, log = from_dict(cfg), logger()
+    eval_dir = Path(eval_cache["dir"])
+    saes = [_load_sae(t, eval_dir, c.hook) for t in trained]  # before any forward pass
     lm, _ = load_lm(model["path"], model["revision"], c.model.dtype)
     hp = parse_hook(lm, c.hook)
-    eval_dir = Path(eval_cache["dir"])
     contexts = _contexts(eval_dir, c.hook, c.eval.batch_size)
     baselines = _baselines(lm, hp, eval_dir, contexts)
-    saes = [load_sae(Path(t["checkpoint"])) for t in trained]
     results = evaluate_saes(lm, hp, saes, contexts, baselines, c.eval.dense_threshold)
     for t, metrics in zip(trained, results, strict=True):
         metrics["dead_window_tokens"] = metrics.get("tokens", 0.0)
@@ -97,8 +113,8 @@ def features(
 ) -> dict[str, Any]:
     """One row per latent (DESIGN §6) as Parquet under features/run_id=<id>/, and as an artifact."""
     c = from_dict(cfg)
+    sae = _load_sae(trained, Path(eval_cache["dir"]), c.hook)
     lm, tok = load_lm(model["path"], model["revision"], c.model.dtype)
-    sae = load_sae(Path(trained["checkpoint"]))
     unembed = lm.get_output_embeddings()
     table = feature_stats(
         sae,
@@ -110,10 +126,11 @@ def features(
         before=c.eval.context_before,
         after=c.eval.context_after,
     )
-    out = home() / "features" / f"run_id={trained['run_id']}"
+    out = inside("features", f"run_id={trained['run_id']}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "feature_stats.parquet"
     pq.write_table(table, path.with_suffix(".tmp"))
+    failpoint("features.write")
     os.replace(path.with_suffix(".tmp"), path)
     tracking.log_artifact(trained["run_id"], path, None, c.tracking.uri)
     logger().info(f"feature stats of {table.num_rows} latents -> {path}")

@@ -11,10 +11,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import ModelConfig, from_dict
+from conf.schema import Config, ModelConfig, from_dict
 from sae.stdlib_lm import LMSpec, build_stdlib_lm
 from tasks.common import logger
-from tasks.home import home
+from tasks.home import inside
 
 
 def lm_spec(c: ModelConfig) -> LMSpec:
@@ -32,24 +32,45 @@ def _weights_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_hooks(c: Config, hf: Any) -> None:
+    """Hooks past a Hub model's last block fail here, before any caching (the schema knows only
+    the builtin model's depth)."""
+    n = getattr(hf, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        return  # an unusual config: parse_hook checks against the loaded model
+    for name, hook in [("hook", c.hook)] + [("cache.hooks", h) for h in c.cache.hooks]:
+        if int(hook.split(".")[1]) >= n:  # the schema checked the form blocks.<L>.<site>
+            raise ValueError(
+                f"{name}={hook!r} does not exist: model {c.model.path} has {n} blocks "
+                f"(0..{n - 1}); valid: blocks.<0..{n - 1}>.resid_pre|attn_out|mlp_out|resid_post"
+            )
+
+
 @task(name="prepare_model", cache_policy=NO_CACHE)
 def prepare_model(cfg: dict[str, Any]) -> dict[str, Any]:
     """Build (once) or locate the model; return its `path` for `from_pretrained` and its
     `identity` (weights hash or Hub commit) for activation cache keys."""
-    c = from_dict(cfg).model
+    full = from_dict(cfg)
+    c = full.model
     if c.source == "hub":
+        from transformers import AutoConfig
+
         local = Path(c.path).expanduser()
         if local.is_dir():
+            _check_hooks(full, AutoConfig.from_pretrained(local))
             return {
                 "path": str(local.resolve()),
                 "revision": None,
                 "identity": _weights_hash(local),
             }
-        from transformers import AutoConfig
-
-        commit = getattr(
-            AutoConfig.from_pretrained(c.path, revision=c.revision), "_commit_hash", None
-        )
+        if c.path.startswith(("/", "./", "../", "~")):  # meant as a directory, not a Hub id
+            raise FileNotFoundError(
+                f"model.path={c.path!r} is not a directory; a local model is a directory "
+                "written by save_pretrained, a Hub id looks like 'gpt2' or 'EleutherAI/pythia-70m'"
+            )
+        hf = AutoConfig.from_pretrained(c.path, revision=c.revision)
+        _check_hooks(full, hf)
+        commit = getattr(hf, "_commit_hash", None)
         return {
             "path": c.path,
             "revision": c.revision,
@@ -57,7 +78,7 @@ def prepare_model(cfg: dict[str, Any]) -> dict[str, Any]:
         }
     spec = lm_spec(c)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
-    out = home() / "models" / f"{c.name}-{digest.hexdigest()[:10]}"
+    out = inside("models", f"{c.name}-{digest.hexdigest()[:10]}")
     log = logger()
     build = build_stdlib_lm(out, spec, log=log.info)
     log.info(

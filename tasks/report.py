@@ -12,9 +12,10 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import from_dict
 from dashboards.report import COMPARED, comparison, run_report
+from sae.failpoint import failpoint
 from tasks import tracking
 from tasks.common import logger
-from tasks.home import home
+from tasks.home import inside
 
 CURVES = ("loss", "fvu", "l0", "dead_frac")
 SHOWN = ("sae.arch", "sae.d_sae", "hook", "train.tokens", "train.lr", "cache.key")
@@ -24,6 +25,7 @@ def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
+    failpoint("report.write")
     os.replace(tmp, path)
 
 
@@ -47,7 +49,7 @@ def report(
     shown = {"run_id": run.info.run_id, "run_name": run.info.run_name}
     shown |= {k: run.data.params[k] for k in SHOWN if k in run.data.params}
     page = run_report(shown, metrics, history, pq.read_table(features["path"]))
-    path = home() / "reports" / f"{run.info.run_id}.html"
+    path = inside("reports", f"{run.info.run_id}.html")
     _write(path, page)
     tracking.log_artifact(run.info.run_id, path, "report", uri)
     runs = [
@@ -56,7 +58,7 @@ def report(
         if r.get("experiment") == c.get_experiment(run.info.experiment_id).name
         and r.get("eval_l0") is not None
     ]
-    compare = home() / "reports" / f"compare-{run.info.experiment_id}.html"
+    compare = inside("reports", f"compare-{run.info.experiment_id}.html")
     _write(compare, comparison(runs))
     if parent_run_id:
         tracking.log_artifact(parent_run_id, compare, "report", uri)
@@ -79,7 +81,7 @@ def compare_sweep(
         if r["run_id"] in overrides
     ]
     rows.sort(key=lambda r: list(overrides).index(r["run_id"]))
-    path = home() / "reports" / f"sweep-{parent_run_id}.html"
+    path = inside("reports", f"sweep-{parent_run_id}.html")
     _write(path, comparison(rows, f"Sweep {parent_run_id[:8]}", extra=("overrides",)))
     tracking.log_artifact(parent_run_id, path, "comparison", uri)
     table = {c: [r.get(c) for r in rows] for c in ("overrides", *COMPARED)}

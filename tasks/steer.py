@@ -17,7 +17,7 @@ from sae.models import load_sae
 from sae.steer import generate, intervention, next_token_probs
 from tasks import tracking
 from tasks.common import logger
-from tasks.home import home
+from tasks.home import inside
 
 
 @task(name="steer", cache_policy=NO_CACHE)
@@ -47,7 +47,7 @@ def steer(cfg: dict[str, Any], model: dict[str, Any], trained: dict[str, Any]) -
                 "top_token_steered": tok.decode([int(p1[0].argmax())]),
             }
         )
-    out = home() / "steer" / trained["run_id"]
+    out = inside("steer", trained["run_id"])
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"feature-{s.feature}-{s.mode}-{s.value:g}.json"
     result = {"feature": s.feature, "mode": s.mode, "value": s.value, "hook": c.hook, "rows": rows}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -9,8 +13,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.schema import from_dict
+from sae.base import CONFIG
+from sae.failpoint import failpoint
 from tasks import tracking
-from tasks.home import home
+from tasks.home import home, inside
 from tasks.train import flatten
 
 
@@ -23,10 +29,29 @@ def experiment_name(cfg: dict[str, Any]) -> str:
 _RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
 
 
+def check_server(uri: str | None, timeout: float = 10.0) -> None:
+    """Raise ConnectionError, naming `uri`, if it is an http(s) tracking server that does not
+    answer. Why: MLflow's client retries a refused connection for minutes (7 retries with
+    exponential backoff, MLFLOW_HTTP_REQUEST_MAX_RETRIES) before it says anything."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered, if with an error status (a proxy, no /health): it is there
+    except OSError as e:  # URLError (refused, unknown host) or a timeout
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); start "
+            "it (mlflow server --host 127.0.0.1 --port 5000) or fix tracking.uri, or use the "
+            "local store (tracking=local)"
+        ) from None
+
+
 @task(name="open_study", cache_policy=NO_CACHE, **_RETRY)
 def open_study(cfg: dict[str, Any], kind: str = "pipeline") -> dict[str, str]:
     """Create (once) the experiment and start the parent run; returns their ids."""
     uri = from_dict(cfg).tracking.uri
+    check_server(uri)  # seconds, not MLflow's minutes of retries per attempt
     exp_id = tracking.ensure_experiment(experiment_name(cfg), uri)
     parent = tracking.start_run(exp_id, kind, uri=uri, tags={"saeflow.stage": kind})
     tracking.log_params(parent, flatten(cfg), uri)
@@ -45,6 +70,7 @@ def close_study(
     tags: dict[str, str] | None = None,
 ) -> None:
     uri = from_dict(cfg).tracking.uri
+    failpoint("study.close")
     if tags:
         tracking.set_tags(parent_run_id, tags, uri)
     tracking.end_run(parent_run_id, status, uri)
@@ -73,10 +99,32 @@ def find_sae(cfg: dict[str, Any]) -> dict[str, str]:
                 "train one first or pass eval.run_id=<MLflow run id>"
             )
         run_id = runs[0].info.run_id
-    checkpoint = home() / "saes" / run_id
+    checkpoint = inside("saes", run_id)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(
+            f"eval.run_id={run_id!r}: no SAE was trained under this run id (no {checkpoint}); "
+            'list the trained ones with: saeflow sql "select run_id, run_name, status from runs"'
+        )
     if not (checkpoint / "sae.safetensors").is_file():
-        raise FileNotFoundError(f"run {run_id} has no checkpoint at {checkpoint}")
+        raise FileNotFoundError(
+            f"run {run_id} has no checkpoint at {checkpoint} (its training did not finish); "
+            "re-run its saeflow train to resume it"
+        )
+    if (hook := _trained_at(checkpoint)) not in (None, c.hook):
+        raise ValueError(
+            f"the SAE of run {run_id} was trained at hook {hook!r}, not hook={c.hook!r}: "
+            f"pass hook={hook}"
+        )
     return {"run_id": run_id, "checkpoint": str(checkpoint)}
+
+
+def _trained_at(checkpoint: Path) -> str | None:
+    """The hook in the checkpoint's cfg.json (None if it does not say: load_sae then names
+    what is wrong with the file)."""
+    try:
+        return json.loads((checkpoint / CONFIG).read_text())["meta"]["hook"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @task(name="link_runs", cache_policy=NO_CACHE, **_RETRY)

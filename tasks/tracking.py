@@ -17,6 +17,7 @@ import pyarrow as pa
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from sae.failpoint import failpoint
 from tasks.home import home
 
 _BATCH = 900  # MLflow accepts at most 1000 metrics / 100 params per log_batch call
@@ -142,6 +143,7 @@ def log_history(
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for step, ms in history for k, v in ms.items()]
     for i in range(0, len(items), _BATCH):
+        failpoint("tracking.log_batch")
         client(uri).log_batch(run_id, metrics=items[i : i + _BATCH])
 
 

@@ -240,6 +240,17 @@ def _lock_path(run_id: str) -> Path:
     return path
 
 
+def _check_cache(c: Config, dir: Path, manifest: Manifest) -> None:
+    """Before any MLflow run starts (checksums: plan_cache). A cache smaller than one batch
+    would put each of its rows in every batch many times."""
+    if manifest.n_tokens < c.train.batch_size:
+        raise ValueError(
+            f"cache {dir} holds {manifest.n_tokens:,} tokens, fewer than one batch "
+            f"(train.batch_size={c.train.batch_size:,}); cache more text (cache.tokens, "
+            "data.paths) or lower train.batch_size"
+        )
+
+
 def _build(c: Config, d_in: int) -> SAE:
     hparams = {k: getattr(c.sae, k) for k in HPARAMS[c.sae.arch]}
     return build_sae(c.sae.arch, d_in, c.sae.d_sae, seed=c.train.seed, **hparams)
@@ -255,7 +266,9 @@ def _train_group(
 ) -> list[dict[str, Any]]:
     typed = [from_dict(cfg) for cfg in cfgs]
     c, uri = typed[0], typed[0].tracking.uri
-    d_in = Manifest.load(Path(cache["dir"])).d_in(c.hook)
+    manifest = Manifest.load(Path(cache["dir"]))
+    d_in = manifest.d_in(c.hook)
+    _check_cache(c, Path(cache["dir"]), manifest)
     found = _resumable(candidates)
     if found:
         run_ids, step = found

@@ -1,12 +1,15 @@
-"""Shared fixtures: a private data directory, a tiny builtin model, a Prefect test server."""
+"""Shared fixtures: a private data directory, a tiny builtin model, a real Prefect server."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.servers import BIN, free_port, serving
 
 # Before Prefect is imported anywhere: no telemetry (its task logs 'database is locked').
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -59,12 +62,12 @@ def tiny_model(saeflow_home: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def prefect_server(saeflow_home: Path):
-    """A real, temporary Prefect API for the session (started once: ~10 s)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(prefect_api: str):
+    """In-process flows of the session run against the real server of `prefect_api`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        yield prefect_api
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +76,22 @@ def study(prefect_server, tiny_model, saeflow_home: Path) -> dict:
     from flows.pipeline import pipeline
 
     return pipeline(TINY)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory, saeflow_home: Path) -> Iterator[str]:
+    """`prefect server start` on 127.0.0.1 with its UI; yields the API URL (…/api)."""
+    root = tmp_path_factory.mktemp("prefect_server")
+    port = free_port()
+    env = os.environ | {
+        "PREFECT_HOME": str(root),
+        "PREFECT_UI_ENABLED": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    }
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with serving(
+        cmd, env, root / "server.log", f"http://127.0.0.1:{port}/api/health", "prefect server"
+    ):
+        yield f"http://127.0.0.1:{port}/api"

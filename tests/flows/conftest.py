@@ -1,81 +1,17 @@
-"""Real servers on localhost for the deployment and browser tests: a Prefect server (with its
-UI), `saeflow serve` against it, and an MLflow server over the session's tracking store."""
+"""Real servers on localhost for the deployment and browser tests: `saeflow serve` against the
+session's Prefect server (tests/conftest.py), and an MLflow server over its tracking store."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{what} did not answer {url} within {timeout:.0f}s")
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A server in its own process group (so its children die with it), logging to `log`."""
-    out = open(log, "wb")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(
-        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory, saeflow_home: Path) -> Iterator[str]:
-    """`prefect server start` on 127.0.0.1 with its UI; yields the API URL (…/api)."""
-    root = tmp_path_factory.mktemp("prefect_server")
-    port = free_port()
-    env = os.environ | {
-        "PREFECT_HOME": str(root),
-        "PREFECT_UI_ENABLED": "true",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-    }
-    env.pop("PREFECT_API_URL", None)
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    proc = start(cmd, env, root / "server.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", proc, 120, "prefect server")
-        yield f"http://127.0.0.1:{port}/api"
-    finally:
-        stop(proc)
+from tests.servers import BIN, ROOT, free_port, serving, start, stop
 
 
 @pytest.fixture(scope="session")
@@ -120,9 +56,25 @@ def mlflow_ui(saeflow_home: Path) -> Iterator[str]:
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", tracking.tracking_uri(),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    proc = start(cmd, env, saeflow_home / "mlflow-server.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 120, "mlflow server")
+    with serving(
+        cmd,
+        env,
+        saeflow_home / "mlflow-server.log",
+        f"http://127.0.0.1:{port}/health",
+        "mlflow server",
+    ):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh `mlflow server` as a lab would run it (SQLite here for Postgres, a directory
+    for object storage), artifacts proxied through it."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with serving(cmd, env, root / "server.log", f"http://127.0.0.1:{port}/health", "mlflow server"):
+        yield f"http://127.0.0.1:{port}"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import TINY
-from tests.flows.conftest import ROOT
+from tests.servers import ROOT
 
 SHOTS = ROOT / ".test-artifacts" / "ui"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
