@@ -240,6 +240,21 @@ class EvalConfig:
 
 
 @dataclass
+class RunnerConfig:
+    kind: str = "local"
+    """Where mapped tasks (cache shards, sweep training groups) run: `local` (threads in the
+    flow's process) or `dask` (Dask workers through prefect-dask)."""
+    address: str | None = None
+    """dask: the scheduler of an existing cluster (`tcp://host:8786`); None = a LocalCluster."""
+    workers: int = 2
+    """dask, LocalCluster: worker processes (one thread each: torch uses the cores)."""
+
+    def __post_init__(self) -> None:
+        _choice("runner", "kind", self.kind, ("local", "dask"))
+        _positive("runner", workers=self.workers)
+
+
+@dataclass
 class SteerConfig:
     feature: int = 0
     """The SAE latent to steer with (`saeflow steer`; the SAE is eval.run_id or the latest)."""
@@ -287,6 +302,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
     hook: str = "blocks.2.resid_post"
     """Hook point, `blocks.{L}.resid_pre|attn_out|mlp_out|resid_post` (see sae/hooks.py)."""

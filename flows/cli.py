@@ -23,6 +23,8 @@ def _environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")  # a temporary server: local only
+    # Its default 20 s start-up limit failed `saeflow run` on a busy 2-core machine (measured).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -97,15 +99,18 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
     for uri in dict.fromkeys(t.tracking.uri for t in typed):
         check_server(uri)  # now, in seconds: not after hours of caching, nor minutes of retries
 
+    from flows.runner import task_runner
+
     flow = {
         "run": p.pipeline,
         "cache": p.cache_flow,
         "train": p.train_flow,
         "evaluate": p.evaluate_flow,
         "steer": p.steer_flow,
-    }[name]
+    }[name].with_options(task_runner=task_runner(typed[0].runner))
     if name == "run" and multirun:
-        print(_sweep_summary(p.sweep(jobs=jobs, force=force)))
+        sweep = p.sweep.with_options(task_runner=task_runner(typed[0].runner))
+        print(_sweep_summary(sweep(jobs=jobs, force=force)))
         return 0
     for job in jobs:
         result = flow(job) if name == "steer" else flow(job, force=force)

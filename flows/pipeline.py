@@ -221,12 +221,20 @@ def _train(
     for i, cfg in enumerate(cfgs):
         groups.setdefault(stream_key(cfg, caches[_cache_spec(cfg)][0]["key"]), []).append(i)
     trained: list[dict[str, Any]] = [{}] * len(cfgs)
-    for members in groups.values():
+    t = train_saes.with_options(refresh_cache=redo or None)
+    spread = cfgs[0]["runner"]["kind"] != "local"  # groups run at once on the runner's workers
+    runs = {}
+    for key, members in groups.items():
         train_cache = caches[_cache_spec(cfgs[members[0]])][0]
         args = ([cfgs[i] for i in members], train_cache, opened["experiment_id"])
-        group, cached = _run(train_saes, *args, opened["parent_run_id"], redo, force=redo)
-        for i, t in zip(members, group, strict=True):
-            trained[i] = t | ({"status": "cached"} if cached else {})
+        args += (opened["parent_run_id"], redo)
+        runs[key] = t.submit(*args) if spread else t(*args, return_state=True)
+    for key, members in groups.items():
+        if spread:
+            runs[key].wait()
+        state = runs[key].state if spread else runs[key]
+        for i, one in zip(members, state.result(), strict=True):
+            trained[i] = one | ({"status": "cached"} if state.name == "Cached" else {})
     return trained
 
 

@@ -16,6 +16,15 @@ def serve(defaults: list[str] | None = None) -> int:
     override strings, pre-filled with `defaults`), `experiment` (MLflow experiment) and, where
     a stage can be reused, `force` (stages to redo); a bad override fails the flow run before
     any work, naming it and the valid choices."""
+    from flows.config import load
+    from flows.runner import task_runner
+
     params = {"overrides": list(defaults)} if defaults else {}
-    prefect_serve(*(f.to_deployment(name=DEPLOYMENT, parameters=params) for f in FLOWS))
+    runner = task_runner(load(defaults or [])[0].runner)  # `saeflow serve runner=dask`
+    prefect_serve(
+        *(
+            f.with_options(task_runner=runner).to_deployment(name=DEPLOYMENT, parameters=params)
+            for f in FLOWS
+        )
+    )
     return 0
