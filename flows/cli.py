@@ -13,7 +13,8 @@ USAGE = """saeflow run [-m] [--force STAGE] [overrides]   the pipeline: cache ->
 saeflow cache|train|evaluate [overrides]   one stage
 saeflow steer [steer.feature=N steer.value=X eval.run_id=ID]   generate with a feature
 saeflow sql "SELECT ..."|<dashboard>|list [--param V]... [--format table|csv|json]
-saeflow serve [overrides]            Prefect deployments of the flows, for the Prefect UI"""
+saeflow serve [overrides]            Prefect deployments of the flows, for the Prefect UI
+saeflow deploy --pool NAME [overrides]   the same deployments on a work pool's workers"""
 
 
 def _environment() -> None:
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("query", help="SQL, a dashboards/*.sql name, a .sql file, or 'list'")
     s.add_argument("--param", action="append", default=[], help="$1, $2, … in order")
     s.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    s = sub.add_parser("deploy")
+    s.add_argument("--pool", required=True, help="a Prefect work pool (prefect work-pool create)")
+    s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")
     s = sub.add_parser("serve")
     s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")
     args = parser.parse_args(argv)
@@ -171,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sql":
             return _sql(args.query, args.format, args.param)
+        if args.command == "deploy":
+            from flows.config import load
+
+            load(args.overrides)
+            _environment()
+            from flows.deploy import deploy
+
+            for d in deploy(args.pool, args.overrides):
+                print(f"deployment {d} on work pool {args.pool}")
+            return 0
         if args.command == "serve":
             from flows.config import load
 
