@@ -85,15 +85,14 @@ def _steer_summary(result: dict[str, Any]) -> str:
 
 def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) -> int:
     from flows.config import ConfigError, expand_sweep, load
-    from tasks.stage import forced
 
     jobs = expand_sweep(overrides) if multirun else [overrides]
     typed = [load(job)[0] for job in jobs]  # validate every job before any work
+    from tasks.stage import forced  # Prefect, which makes its home on import: after validation
     try:
         forced(force)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _environment()
     from flows import pipeline as p
     from tasks.study import check_server
 
@@ -170,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")
     args = parser.parse_args(argv)
+    _environment()  # before anything imports Prefect: it reads its settings once, at import
     from flows.config import ConfigError
 
     try:
@@ -179,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
             from flows.config import load
 
             load(args.overrides)
-            _environment()
             from flows.deploy import deploy
 
             for d in deploy(args.pool, args.overrides):
@@ -189,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
             from flows.config import load
 
             load(args.overrides)  # the forms' defaults must be valid too
-            _environment()
             from flows.serve import serve
 
             return serve(args.overrides)

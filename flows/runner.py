@@ -22,6 +22,6 @@ def task_runner(c: RunnerConfig) -> TaskRunner:
             "n_workers": c.workers,
             "threads_per_worker": 1,  # torch's own threads use the cores
             "processes": True,
-            "dashboard_address": None,  # no HTTP server the runner does not need
+            "dashboard_address": ":0",  # a free port: two runs on one box must not collide
         }
     )

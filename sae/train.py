@@ -196,19 +196,41 @@ def train_step(
     grad_clip: float,
     bf16: bool,
     forward: Callable[[Tensor, float], SAEOutput] | None = None,
+    world: int = 1,
 ) -> SAEOutput:
     """One optimiser step on the scaled batch x (B, d_in); returns the forward's output.
-    `forward` replaces sae.__call__ (a torch.compile'd SAE)."""
+    `forward` replaces sae.__call__ (a torch.compile'd SAE). With `world` > 1 (torchrun) x is
+    this rank's slice of the global batch and the gradients are averaged over the ranks."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = (sae if forward is None else forward)(x, sparsity_scale)  # x_hat (B, d_in), f, …
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
+    if world > 1:
+        _average_gradients(sae, world)
     sae.before_step()  # topk: drop the gradient component along each decoder row
     if grad_clip > 0:  # no host sync: the clip factor stays a tensor
         torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip, foreach=True)
     opt.step()
     sae.after_step()  # topk: back onto the unit sphere
     return out
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialised (torchrun), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(sae: SAE, world: int) -> None:
+    """g ← Σ_ranks g / world: with equal slices, the mean-loss gradient of the whole batch.
+    TopK's sparse gradients are made dense first (all-reduce takes dense tensors)."""
+    for p in sae.parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+        torch.distributed.all_reduce(g)
+        p.grad = g.div_(world)
 
 
 # target_l0: per step, log λ moves by L0_GAIN·log(l0 / target), at most ±L0_MAX_STEP; frozen
@@ -335,6 +357,14 @@ class _Trainer:
         device: torch.device,
     ):
         self.control = None if cfg.target_l0 is None else _L0Controller(sae, cfg)
+        self.rank, self.world = world()
+        if self.world > 1:  # data-parallel: rank 0 alone logs and writes trainer states
+            if cfg.batch_size % self.world:
+                raise ValueError(
+                    f"batch_size {cfg.batch_size} must divide by the {self.world} ranks: equal "
+                    "slices make the averaged gradient the whole batch's"
+                )
+            on_step, checkpoint = (on_step, checkpoint) if self.rank == 0 else (None, None)
         self.sae, self.cfg, self.checkpoint = sae.to(device).float().train(), cfg, checkpoint
         self.config = sae.config()  # as built: target_l0 changes l1_coeff as it goes
         self.bf16 = resolve_dtype(cfg.dtype, device) == "bf16"
@@ -357,9 +387,18 @@ class _Trainer:
         self.lr, sparsity_scale = schedule(step - 1, self.cfg)
         for group in self.opt.param_groups:
             group["lr"] = self.lr
+        if self.world > 1:  # every rank reads the global batch and trains on its slice
+            batch = batch[self.rank :: self.world]
         x = batch.to(self.sae.b_dec.device, non_blocking=True).float() * self.scale
         out = train_step(
-            self.sae, self.opt, x, sparsity_scale, self.cfg.grad_clip, self.bf16, self.forward
+            self.sae,
+            self.opt,
+            x,
+            sparsity_scale,
+            self.cfg.grad_clip,
+            self.bf16,
+            self.forward,
+            self.world,
         )
         if self.control is not None:
             self.control.update(step, out)
@@ -384,7 +423,8 @@ class _Trainer:
             raise FloatingPointError(
                 f"parameters {bad} became NaN/inf by step {step}" + self.monitor.kept()
             )
-        checkpoint.save(self.checkpoint, self.state(step, shared, rng))
+        if self.checkpoint is not None:  # None on ranks other than 0
+            checkpoint.save(self.checkpoint, self.state(step, shared, rng))
 
     def state(self, step: int, shared: dict[str, Any], rng: dict[str, Tensor]) -> TrainState:
         names = {p: n for n, p in self.sae.named_parameters()}
