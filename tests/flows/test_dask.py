@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY
 from tests.servers import ROOT
 
@@ -18,6 +20,7 @@ def _shards(cache: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cache.glob("shard-*")}
 
 
+@pytest.mark.slow  # ~2 min: a cluster or a worker in its own processes; `./saeflow test -m slow`
 def test_dask_workers_cache_what_the_local_runner_does(
     study, prefect_api: str, tiny_model: dict, tmp_path: Path
 ) -> None:

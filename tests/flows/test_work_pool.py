@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY
 from tests.servers import BIN, ROOT, start, stop
 
 
+@pytest.mark.slow  # ~2 min: a cluster or a worker in its own processes; `./saeflow test -m slow`
 def test_pipeline_runs_on_a_process_work_pool(
     prefect_api: str, tiny_model: dict, saeflow_home: Path
 ) -> None:
