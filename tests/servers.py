@@ -66,3 +66,25 @@ def serving(
         yield
     finally:
         stop(proc)
+
+
+def fresh_home(home: Path, model_dir: Path) -> Path:
+    """A data directory holding only a copy of the built model (so no child rebuilds it)."""
+    import shutil
+
+    shutil.copytree(model_dir, home / "models" / model_dir.name)
+    return home
+
+
+def child_env(home: Path, api: str) -> dict[str, str]:
+    """The environment of a `python -m flows.cli` child on its own data directory, reporting
+    to the session's Prefect server; one torch thread (children share two cores)."""
+    env = os.environ | {
+        "SAEFLOW_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_API_URL": api,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("SAEFLOW_FAILPOINT", None)
+    return env

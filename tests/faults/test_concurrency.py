@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import TINY
-from tests.servers import ROOT
+from tests.servers import ROOT, child_env, fresh_home
 
 LOGGER = """
 import sys
@@ -60,21 +60,11 @@ def test_eight_runs_log_to_the_embedded_store_at_once(tmp_path: Path) -> None:
 def test_two_pipelines_asking_for_one_cache_build_it_once(
     tmp_path: Path, prefect_api: str, tiny_model: dict
 ) -> None:
-    import shutil
-
     from sae.cache import Manifest, verify
 
-    home = tmp_path / "home"
-    model_dir = Path(tiny_model["path"])
-    shutil.copytree(model_dir, home / "models" / model_dir.name)
+    home = fresh_home(tmp_path / "home", Path(tiny_model["path"]))
     job = [*TINY, "cache.tokens=65536", "cache.shard_tokens=2048", "eval.tokens=8192"]
-    env = os.environ | {
-        "SAEFLOW_HOME": str(home),
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_API_URL": prefect_api,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = child_env(home, prefect_api)
     cmd = [sys.executable, "-m", "flows.cli", "cache", *job]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]  # fmt: skip

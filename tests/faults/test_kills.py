@@ -9,8 +9,6 @@ directory holding a copy of the tiny model; the points run two at a time (two co
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY
-from tests.servers import ROOT
+from tests.servers import child_env, fresh_home
 
 JOB = [*TINY, "train.checkpoint_every=8", "tracking.experiment=faults"]
 POINTS = {  # failpoint (name:n-th time) -> the stage it interrupts
@@ -41,24 +39,11 @@ AFTER_TRAINING = {"evaluate", "features", "report", "close"}
 
 
 def run(home: Path, api: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
-    env = os.environ | {
-        "SAEFLOW_HOME": str(home),
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_API_URL": api,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",  # two children share two cores
-    }
-    env.pop("SAEFLOW_FAILPOINT", None)
+    env = child_env(home, api)
     if failpoint:
         env["SAEFLOW_FAILPOINT"] = failpoint
     cmd = [sys.executable, "-m", "flows.cli", "run", *JOB]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def fresh_home(root: Path, name: str, model_dir: Path) -> Path:
-    home = root / name
-    shutil.copytree(model_dir, home / "models" / model_dir.name)
-    return home
 
 
 def outcome(home: Path) -> dict[str, Any]:
@@ -89,7 +74,7 @@ def outcome(home: Path) -> dict[str, Any]:
 
 
 def kill_and_rerun(root: Path, api: str, model_dir: Path, point: str) -> dict[str, Any]:
-    home = fresh_home(root, point.replace(":", "-"), model_dir)
+    home = fresh_home(root / point.replace(":", "-"), model_dir)
     killed = run(home, api, point)
     between = outcome(home)
     again = run(home, api)
@@ -107,7 +92,7 @@ def results(tmp_path_factory, prefect_api: str, tiny_model: dict) -> dict[str, A
     """The uninterrupted reference and every point's killed + re-run outcome."""
     root, model_dir = tmp_path_factory.mktemp("faults"), Path(tiny_model["path"])
     with ThreadPoolExecutor(2) as pool:
-        reference = pool.submit(lambda: run(fresh_home(root, "reference", model_dir), prefect_api))
+        reference = pool.submit(lambda: run(fresh_home(root / "reference", model_dir), prefect_api))
         points = {p: pool.submit(kill_and_rerun, root, prefect_api, model_dir, p) for p in POINTS}
         ref = reference.result()
         assert ref.returncode == 0, ref.stderr[-3000:]

@@ -4,8 +4,6 @@ LocalCluster of 2 processes) give the same cache, byte for byte, as the local ru
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
-from tests.servers import ROOT
+from tests.servers import child_env, fresh_home
 
 
 def _shards(cache: Path) -> dict[str, str]:
@@ -24,15 +22,8 @@ def _shards(cache: Path) -> dict[str, str]:
 def test_dask_workers_cache_what_the_local_runner_does(
     study, prefect_api: str, tiny_model: dict, tmp_path: Path
 ) -> None:
-    home, model_dir = tmp_path / "home", Path(tiny_model["path"])
-    shutil.copytree(model_dir, home / "models" / model_dir.name)
-    env = os.environ | {
-        "SAEFLOW_HOME": str(home),
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_API_URL": prefect_api,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
+    home = fresh_home(tmp_path / "home", Path(tiny_model["path"]))
+    env = child_env(home, prefect_api)
     cmd = [sys.executable, "-m", "flows.cli", "cache", *TINY, "runner=dask", "runner.workers=2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
