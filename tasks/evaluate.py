@@ -68,7 +68,7 @@ def evaluate(
     cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
 ) -> dict[str, float]:
     """eval/* metrics of the SAE in `trained` on the eval cache's contexts, logged to its run."""
-    return _evaluate(cfg, model, eval_cache, [trained])[0]
+    return evaluate_many.fn(cfg, model, eval_cache, [trained])[0]
 
 
 @task(name="evaluate_saes", cache_policy=Stage(content=_evaluated), **CACHED)
@@ -80,15 +80,6 @@ def evaluate_many(
 ) -> list[dict[str, float]]:
     """`evaluate` for SAEs at the same hook of the same model, in one pass over the contexts
     (the prefix to the hook and the clean logits shared: DESIGN §9's cost per SAE)."""
-    return _evaluate(cfg, model, eval_cache, trained)
-
-
-def _evaluate(
-    cfg: dict[str, Any],
-    model: dict[str, Any],
-    eval_cache: dict[str, Any],
-    trained: list[dict[str, Any]],
-) -> list[dict[str, float]]:
     c, log = from_dict(cfg), logger()
     eval_dir = Path(eval_cache["dir"])
     saes = [_load_sae(t, eval_dir, c.hook) for t in trained]  # before any forward pass
