@@ -274,6 +274,43 @@ class SteerConfig:
 
 
 @dataclass
+class ScalingConfig:
+    """`saeflow scaling`: a grid of SAEs on one cache, and power laws fitted to it."""
+
+    d_sae: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    """Dictionary sizes of the grid."""
+    tokens: list[int] = field(default_factory=lambda: [153_600, 307_200, 614_400])
+    """Training tokens of the grid (SAEs with equal tokens train from one read of the cache)."""
+    lr: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    """Learning rates of the grid: the best per budget is fitted against compute."""
+    budget_bin: float = 2.0
+    """Budgets within this factor of each other count as one (the best SAE of each bin is
+    the compute-efficient one)."""
+    extrapolate: float = 10.0
+    """The recommendation is for this many times the grid's largest budget."""
+    split_threshold: float = 0.5
+    """Decoder cosine at or above which a feature of the larger SAE is a child of its best
+    match in the smaller one (feature splitting)."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the exponents' 90% intervals."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_sae", "tokens", "lr"):
+            values = getattr(self, name)
+            if not values or any(v <= 0 for v in values):
+                raise ValueError(f"scaling.{name} must be a non-empty list of values > 0")
+            if len(set(values)) != len(values):
+                raise ValueError(f"scaling.{name} has repeated values: {values}")
+        if self.budget_bin <= 1:
+            raise ValueError(f"scaling.budget_bin must be > 1, got {self.budget_bin}")
+        _positive("scaling", extrapolate=self.extrapolate, n_boot=self.n_boot)
+        if not 0 < self.split_threshold <= 1:
+            raise ValueError(
+                f"scaling.split_threshold must be in (0, 1], got {self.split_threshold}"
+            )
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; None = SQLite under $SAEFLOW_HOME/mlflow."""
@@ -304,6 +341,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     hook: str = "blocks.2.resid_post"
     """Hook point, `blocks.{L}.resid_pre|attn_out|mlp_out|resid_post` (see sae/hooks.py)."""
     run_name: str | None = None

@@ -208,3 +208,143 @@ def comparison(runs: list[dict[str, Any]], title: str = "Runs compared", extra: 
         f"<h2>Table</h2><table class='m' id='runs'><tr>{head}</tr>{body}</table>"
         f"<script type='application/json' id='data'>{html.escape(data)}</script></body></html>"
     )
+
+
+Layer = tuple[str, list[tuple[float, float, str]]]  # (colour, [(x, y, tooltip)])
+
+
+def loglog_plot(
+    layers: list[Layer],
+    xlabel: str,
+    ylabel: str,
+    fit: tuple[float, float] | None = None,
+    mark: tuple[float, float] | None = None,
+    w: int = 440,
+    h: int = 300,
+) -> str:
+    """An SVG log-log scatter: layers of dots, the line y = coef·x^exponent of `fit` across the
+    x range, and a star at `mark` (an extrapolation, which widens the range)."""
+    pts = [(x, y) for _, layer in layers for x, y, _ in layer if x > 0 and y > 0]
+    if mark:
+        pts.append(mark)
+    if not pts:
+        return _empty(w, h, f"no points of {ylabel}")
+    lx, ly = [math.log10(x) for x, _ in pts], [math.log10(y) for _, y in pts]
+    x0, x1, y0, y1 = min(lx), max(lx), min(ly), max(ly)
+    sx, sy = (w - 70) / ((x1 - x0) or 1), (h - 50) / ((y1 - y0) or 1)
+
+    def at(x: float, y: float) -> str:
+        return f"{50 + (math.log10(x) - x0) * sx:.1f}' cy='{h - 30 - (math.log10(y) - y0) * sy:.1f}"
+
+    parts = []
+    if fit:
+        coef, exponent = fit
+        ends = [10**x0, 10**x1]
+        xy = [(50 + (math.log10(x) - x0) * sx, h - 30 - (math.log10(coef * x**exponent) - y0) * sy)
+              for x in ends]  # fmt: skip
+        parts.append(
+            f"<line x1='{xy[0][0]:.1f}' y1='{xy[0][1]:.1f}' x2='{xy[1][0]:.1f}' "
+            f"y2='{xy[1][1]:.1f}' stroke='#36c' stroke-dasharray='4 3'/>"
+        )
+    for colour, layer in layers:
+        parts += [
+            f"<circle cx='{at(x, y)}' r='4' fill='{colour}'><title>{_e(tip)}: "
+            f"{xlabel}={x:.4g}, {ylabel}={y:.4g}</title></circle>"
+            for x, y, tip in layer
+            if x > 0 and y > 0
+        ]
+    if mark:
+        parts.append(
+            f"<circle cx='{at(*mark)}' r='7' fill='none' stroke='#36c' stroke-width='2'>"
+            f"<title>extrapolated: {xlabel}={mark[0]:.4g}, {ylabel}={mark[1]:.4g}</title></circle>"
+        )
+    return (
+        f"<svg width='{w}' height='{h}' class='plot'>"
+        f"<text x='50' y='{h - 4}'>{_e(xlabel)} {10**x0:.3g} … {10**x1:.3g} (log)</text>"
+        f"<text x='0' y='12'>{_e(ylabel)} {10**y0:.3g} … {10**y1:.3g} (log)</text>"
+        f"{''.join(parts)}</svg>"
+    )
+
+
+def scaling_page(
+    points: list[dict[str, Any]],
+    fits: list[dict[str, Any]],
+    budget: float,
+    families: list[dict[str, Any]],
+    arch: str,
+) -> str:
+    """The scaling study's HTML: loss and FVU vs compute (every SAE, the compute-efficient
+    ones, the fit), the best d_sae, tokens and lr vs compute with their fits, the fitted
+    exponents, the recommendation at `budget`, and split families with top examples."""
+    law = {f["quantity"]: f for f in fits}
+
+    def layer(y: str, pick: str | None, colour: str) -> Layer:
+        return (
+            colour,
+            [
+                (
+                    p["compute"],
+                    float(p[y]),
+                    f"d_sae={p['d_sae']} tokens={p['tokens']} lr={p['lr']:g}",
+                )
+                for p in points
+                if pick is None or p[pick]
+            ],
+        )
+
+    def plot(y: str, pick: str, label: str) -> str:
+        f = law[y]
+        layers = (
+            [layer(y, None, "#bbb"), layer(y, pick, "#c33")]
+            if y in ("loss", "fvu")
+            else [layer(y, pick, "#c33")]
+        )
+        return loglog_plot(
+            layers, "compute (FLOPs)", label, (f["coef"], f["exponent"]), (budget, f["at_budget"])
+        )
+
+    rows = "".join(
+        f"<tr><td>{_e(f['quantity'])}</td><td>{f['exponent']:.3f}</td>"
+        f"<td>[{f['exponent_lo']:.3f}, {f['exponent_hi']:.3f}]</td><td>{f['coef']:.4g}</td>"
+        f"<td>{f['n_points']}</td><td>{f['at_budget']:.4g}</td></tr>"
+        for f in fits
+    )
+    cards = []
+    for fam in families:
+        kids = "".join(
+            f"<div class='meta'>child {child} (cos {cos:.2f})</div>"
+            + "".join(f"<div class='ex'>{_highlight(t)}</div>" for t in ex)
+            for (child, cos), ex in zip(fam["children"], fam["child_examples"], strict=True)
+        )
+        cards.append(
+            f"<div class='card'><h3>feature {fam['parent']} of d_sae={fam['small_d_sae']} → "
+            f"{len(fam['children'])} features of d_sae={fam['large_d_sae']}</h3>"
+            + "".join(f"<div class='ex'>{_highlight(t)}</div>" for t in fam["parent_examples"])
+            + kids
+            + "</div>"
+        )
+    rec = (
+        f"At {budget:.3g} FLOPs the fits recommend d_sae ≈ {law['d_sae']['at_budget']:,.0f}, "
+        f"≈ {law['tokens']['at_budget']:,.0f} training tokens and "
+        f"lr ≈ {law['lr']['at_budget']:.3g}, "
+        f"for a loss of ≈ {law['loss']['at_budget']:.4g}."
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>saeflow · scaling</title>"
+        f"<style>{_STYLE}</style></head><body><h1>Scaling study ({len(points)} {_e(arch)} "
+        "SAEs)</h1>"
+        f"<p id='recommendation'>{_e(rec)}</p>"
+        "<p class='meta'>grey: every SAE; red: the least-loss SAE of each compute budget "
+        "(or each size × tokens cell's best lr); dashed: the power-law fit; ring: the "
+        "extrapolation.</p><div class='plots'>"
+        f"{plot('loss', 'frontier', 'final training loss')}"
+        f"{plot('fvu', 'fvu_frontier', 'held-out FVU')}"
+        f"{plot('d_sae', 'frontier', 'compute-optimal d_sae')}"
+        f"{plot('tokens', 'frontier', 'compute-optimal tokens')}"
+        f"{plot('lr', 'best_lr', 'best learning rate')}</div>"
+        "<h2>Fits (y ≈ coef · C^exponent, 90% bootstrap interval)</h2><table class='m' "
+        "id='fits'><tr><th>quantity</th><th>exponent</th><th>interval</th><th>coef</th>"
+        f"<th>points</th><th>at {budget:.3g}</th></tr>{rows}</table>"
+        f"<h2>Feature splitting ({len(families)} families shown)</h2>{''.join(cards)}"
+        "</body></html>"
+    )

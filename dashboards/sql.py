@@ -4,7 +4,10 @@
 `features` reads every run's `features/run_id=<id>/feature_stats.parquet` (hive-partitioned, so
 `run_id` is a column); `examples` is one row per top example (run_id, feature_id, rank, text,
 activation, seq_id, pos); `runs` and `metrics` are tables handed in from MLflow's API (DuckDB
-cannot read MLflow's SQLite offline, STACK.md). The database is in memory: Parquet stays the
+cannot read MLflow's SQLite offline, STACK.md). `saeflow scaling` adds `scaling_points` (one row
+per SAE: compute, loss, fvu, l0, whether it is on the frontier), `scaling_fits` (one row per
+fitted quantity: exponent, interval, the value at the extrapolated budget) and `feature_splits`
+(parent feature of the smaller SAE, child in the larger, cosine). The database is in memory: Parquet stays the
 source. A dashboard query takes its parameters as $1, $2, … bound by DuckDB, never pasted.
 """
 
@@ -30,6 +33,12 @@ EXAMPLE_COLUMNS = (
     "run_id VARCHAR, feature_id INTEGER, rank BIGINT, text VARCHAR, activation FLOAT, "
     "seq_id BIGINT, pos INTEGER"
 )
+SCALING_VIEWS = {
+    "scaling_points": "points.parquet",
+    "scaling_fits": "fits.parquet",
+    "feature_splits": "splits.parquet",
+}
+"""Views over `saeflow scaling`'s tables in features/scaling/study=<parent run id>/."""
 DASHBOARDS = Path(__file__).parent
 """Where the ready queries live: `<name>.sql`."""
 
@@ -58,6 +67,16 @@ def connect(
         )
     else:  # feature tables written elsewhere without examples
         con.execute(f"CREATE TABLE examples ({EXAMPLE_COLUMNS})")
+    for view, name in SCALING_VIEWS.items():  # a scaling study's tables, `study` a column
+        pattern = Path(features_root) / "scaling" / "study=*" / name
+        if sorted(pattern.parent.parent.glob(f"study=*/{name}")):
+            con.execute(
+                f"CREATE VIEW {view} AS SELECT study, * EXCLUDE (study) FROM "
+                f"read_parquet('{_quote(str(pattern))}', hive_partitioning = true, "
+                "union_by_name = true)"
+            )
+        else:
+            con.execute(f"CREATE TABLE {view} (study VARCHAR)")
     con.register("_runs", runs)
     con.execute("CREATE VIEW runs AS SELECT * FROM _runs")
     if metrics is None:

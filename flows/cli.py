@@ -11,6 +11,7 @@ from tasks.home import home
 
 USAGE = """saeflow run [-m] [--force STAGE] [overrides]   the pipeline: cache -> train -> evaluate
 saeflow cache|train|evaluate [overrides]   one stage
+saeflow scaling [overrides]          a scaling-law study: scaling.d_sae × tokens × lr, fits
 saeflow steer [steer.feature=N steer.value=X eval.run_id=ID]   generate with a feature
 saeflow sql "SELECT ..."|<dashboard>|list [--param V]... [--format table|csv|json]
 saeflow serve [overrides]            Prefect deployments of the flows, for the Prefect UI
@@ -68,6 +69,28 @@ def _sweep_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scaling_summary(result: dict[str, Any]) -> str:
+    s, study = result["scaling"], result["study"]
+    lines = [
+        _sweep_summary(result),
+        "",
+        f"{'fit':<8}{'exponent':>10}{'90% interval':>20}{'points':>8}   "
+        f"at {s['fits'][0]['budget']:.3g} FLOPs",
+    ]
+    for f in s["fits"]:
+        interval = f"[{f['exponent_lo']:.3f}, {f['exponent_hi']:.3f}]"
+        lines.append(
+            f"{f['quantity']:<8}{f['exponent']:>10.3f}{interval:>20}{f['n_points']:>8}   "
+            f"{f['at_budget']:.4g}"
+        )
+    lines += [
+        f"report         {s['report']}",
+        f"tables         {s['dir']} (points, fits, splits)",
+        "query          saeflow sql scaling_fits --param " + study["parent_run_id"],
+    ]
+    return "\n".join(lines)
+
+
 def _steer_summary(result: dict[str, Any]) -> str:
     lines = [
         f"feature {result['feature']} of run {result['run_id']} at {result['hook']}: "
@@ -84,11 +107,15 @@ def _steer_summary(result: dict[str, Any]) -> str:
 
 
 def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) -> int:
-    from flows.config import ConfigError, expand_sweep, load
+    from flows.config import ConfigError, check_grid, expand_sweep, load
 
     jobs = expand_sweep(overrides) if multirun else [overrides]
     typed = [load(job)[0] for job in jobs]  # validate every job before any work
+    if name == "scaling":
+        for t in typed:
+            check_grid(t)
     from tasks.stage import forced  # Prefect, which makes its home on import: after validation
+
     try:
         forced(force)
     except ValueError as e:
@@ -107,6 +134,7 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
         "train": p.train_flow,
         "evaluate": p.evaluate_flow,
         "steer": p.steer_flow,
+        "scaling": p.scaling,
     }[name].with_options(task_runner=task_runner(typed[0].runner))
     if name == "run" and multirun:
         sweep = p.sweep.with_options(task_runner=task_runner(typed[0].runner))
@@ -116,6 +144,8 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
         result = flow(job) if name == "steer" else flow(job, force=force)
         if name == "run":
             print(_summary(result))
+        elif name == "scaling":
+            print(_scaling_summary(result))
         elif name == "steer":
             print(_steer_summary(result))
         else:
@@ -148,7 +178,7 @@ def _param(value: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saeflow", usage=USAGE)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "cache", "train", "evaluate", "steer"):
+    for name in ("run", "cache", "train", "evaluate", "steer", "scaling"):
         s = sub.add_parser(name)
         s.add_argument("-m", "--multirun", action="store_true")
         s.add_argument(

@@ -99,3 +99,17 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         )
         choices.append([f"{key}={v}" for v in values])
     return [list(combo) for combo in product(*choices)]
+
+
+def check_grid(c: Config) -> None:
+    """A scaling grid must span ≥ 3 compute budgets and ≥ 3 (d_sae, tokens) cells for its fits:
+    said before hours of training, not after."""
+    from sae.scaling import grid_budgets
+
+    s = c.scaling
+    budgets = grid_budgets(c.sae.arch, s.d_sae, s.tokens, c.sae.k, s.budget_bin)
+    if budgets < 3 or len(s.d_sae) * len(s.tokens) < 3:
+        raise ConfigError(
+            f"scaling.d_sae={s.d_sae} × scaling.tokens={s.tokens} spans {budgets} compute "
+            f"budget(s) (bins of ×{s.budget_bin:g}); the fits need ≥ 3: add sizes or token counts"
+        )

@@ -9,17 +9,19 @@ config (tasks/stage.py): a re-run reuses the activation caches and trained SAEs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, flow, unmapped
 from prefect.futures import as_completed
 
-from flows.config import expand_sweep, load
+from flows.config import check_grid, expand_sweep, load
 from tasks.cache import cache_shard, finish_cache, plan_cache
 from tasks.common import with_progress
 from tasks.evaluate import evaluate, evaluate_many, features
 from tasks.model import prepare_model
 from tasks.report import compare_sweep, report
+from tasks.scaling import feature_splits, fit_study, scaling_report
 from tasks.stage import forced
 from tasks.steer import steer
 from tasks.study import close_study, find_sae, link_runs, open_study
@@ -155,9 +157,56 @@ def sweep(
     return study([with_experiment(job, experiment) for job in todo or [[]]], "sweep", force)
 
 
-def study(jobs: list[list[str]], kind: str, force: list[str] | None = None) -> dict[str, Any]:
+@flow(name="scaling")
+def scaling(
+    overrides: list[str] | None = None,
+    experiment: str | None = None,
+    force: list[str] | None = None,
+) -> dict[str, Any]:
+    """A scaling-law study ("Scaling Monosemanticity"): one SAE per scaling.d_sae ×
+    scaling.tokens × scaling.lr, all on one activation cache (SAEs with equal tokens train from
+    one read of it), each a nested MLflow run under one parent. On the parent: power laws of the
+    final loss and held-out FVU per compute budget, of the compute-optimal d_sae and tokens and
+    of the best lr against compute (bootstrap intervals), the recommendation for
+    scaling.extrapolate × the largest budget, feature splitting between consecutive sizes, and
+    the report; points, fits and splits as Parquet for `saeflow sql`.
+    """
+    base = with_experiment(overrides, experiment)
+    typed, _ = load(base)  # a bad override fails here, before the grid is built
+    s, arch = typed.scaling, typed.sae.arch
+    check_grid(typed)
+    jobs = [_grid_job(base, arch, n, t, lr) for n in s.d_sae for t in s.tokens for lr in s.lr]
+    return study(jobs, "scaling", force, analyse=_scaling)
+
+
+def _grid_job(base: list[str], arch: str, d_sae: int, tokens: int, lr: float) -> list[str]:
+    name = f"run_name={arch}-{d_sae}-{tokens}tok-lr{lr:g}"
+    return [*base, f"sae.d_sae={d_sae}", f"train.tokens={tokens}", f"train.lr={lr!r}", name]
+
+
+def _scaling(
+    cfgs: list[dict[str, Any]], out: list[dict[str, Any]], opened: dict[str, str]
+) -> dict[str, Any]:
+    """fits -> feature splits -> report, on the scaling study's parent run."""
+    parent = opened["parent_run_id"]
+    fitted = fit_study(
+        cfgs, [{"trained": j["trained"], "metrics": j["metrics"]} for j in out], parent
+    )
+    checkpoints = {j["trained"]["run_id"]: j["trained"]["checkpoint"] for j in out}
+    splits = feature_splits(cfgs[0], fitted, checkpoints, parent)
+    shown = scaling_report(cfgs[0], fitted, splits, parent)
+    return {"scaling": {"fits": fitted["fits"], "dir": fitted["dir"]} | splits | shown}
+
+
+Analyse = Callable[[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]], dict[str, Any]]
+
+
+def study(
+    jobs: list[list[str]], kind: str, force: list[str] | None = None, analyse: Analyse | None = None
+) -> dict[str, Any]:
     """The DAG of DESIGN §3 for `jobs`: caches, grouped training, evaluation, feature stats,
-    reports, and for a sweep the comparison on its parent run."""
+    reports, for a sweep or scaling study the comparison on its parent run, then `analyse`
+    (configs, per-job results, the opened study) before the parent run is closed."""
     if not jobs:
         raise ValueError("a sweep needs at least one job")
     cfgs = [load(job)[1] for job in jobs]  # all validated before any work
@@ -177,9 +226,10 @@ def study(jobs: list[list[str]], kind: str, force: list[str] | None = None) -> d
                 | {"eval_cache": eval_cache, "trained": t, "metrics": m, "features": feats}
                 | {"report": report(cfg, t, feats, opened["parent_run_id"])}
             )
-        if kind == "sweep":
+        if kind in ("sweep", "scaling"):
             runs = [{"run_id": j["trained"]["run_id"], "overrides": j["overrides"]} for j in out]
             compare_sweep(cfgs[0], opened["parent_run_id"], runs)
+        extra = analyse(cfgs, out, opened) if analyse else {}
         labels = {"study": opened["parent_run_id"]}
         labels |= {f"sae-{i}": t["run_id"] for i, t in enumerate(trained)}
         link_runs(cfgs[0], opened["experiment_id"], labels)
@@ -190,7 +240,7 @@ def study(jobs: list[list[str]], kind: str, force: list[str] | None = None) -> d
     keys = ",".join(dict.fromkeys(train["key"] for train, _ in caches.values()))
     tags = {"sae_run_id": runs[:5000], "cache_key": keys[:5000]}
     close_study(cfgs[0], opened["parent_run_id"], tags=tags)
-    return {"study": opened, "jobs": out}
+    return {"study": opened, "jobs": out} | extra
 
 
 Caches = dict[str, tuple[dict[str, Any], dict[str, Any]]]

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from prefect import serve as prefect_serve
 
-from flows.pipeline import cache_flow, evaluate_flow, pipeline, steer_flow, sweep, train_flow
+from flows.pipeline import (
+    cache_flow,
+    evaluate_flow,
+    pipeline,
+    scaling,
+    steer_flow,
+    sweep,
+    train_flow,
+)
 
-FLOWS = (pipeline, sweep, cache_flow, train_flow, evaluate_flow, steer_flow)
+FLOWS = (pipeline, sweep, scaling, cache_flow, train_flow, evaluate_flow, steer_flow)
 DEPLOYMENT = "saeflow"
 """Each flow's deployment is `<flow name>/saeflow`, e.g. `pipeline/saeflow`."""
 

@@ -3,6 +3,13 @@ bootstrap intervals, and the compute-efficient frontier.
 
     loss(C) ≈ a · C^b            fitted as log y = log a + b · log x (least squares)
     N_opt(C) ≈ a_N · C^b_N       the best dictionary size per compute budget, likewise
+    D_opt(C) ≈ a_D · C^b_D       the best number of training tokens (b_N + b_D ≈ 1 when C ∝ N·D)
+    lr_opt(C) ≈ a_η · C^b_η      the best learning rate of each (N, D) cell of the grid
+
+A grid of SAEs (sizes × tokens × learning rates) gives one point per SAE. Budgets are binned by
+compute (a bin spans a factor `bin_factor`); the point of least loss in each bin is that budget's
+compute-efficient SAE, and loss, N_opt and D_opt are fitted through those points. The learning
+rate is fitted through every (N, D) cell's best learning rate, at the cell's compute.
 
 Compute C of training an SAE on T tokens (forward + backward, 2 FLOPs per multiply-add):
 dense (relu, jumprelu) ≈ 10 · d_in · d_sae · T (DESIGN §9); topk/batchtopk with sparse
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,3 +82,88 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
         if not out or loss < out[-1][1]:
             out.append((c, loss))
     return out
+
+
+@dataclass(frozen=True)
+class Point:
+    """One trained SAE of a scaling grid."""
+
+    run_id: str
+    d_sae: int
+    tokens: int
+    lr: float
+    compute: float
+    loss: float
+    """The training objective at the end of training (what the paper's laws are about)."""
+    fvu: float
+    """Held-out fraction of variance unexplained."""
+    l0: float
+
+
+def best_per_budget(points: list[Point], bin_factor: float = 2.0, by: str = "loss") -> list[Point]:
+    """The point of least `by` in each compute bin (bins of a factor `bin_factor`, from the
+    least compute up), sorted by compute."""
+    if not points:
+        return []
+    least = min(p.compute for p in points)
+    bins: dict[int, Point] = {}
+    for p in points:
+        # + 1e-9: budgets on exact powers of the factor must not fall a bin short by rounding
+        b = math.floor(math.log(p.compute / least, bin_factor) + 1e-9)
+        if b not in bins or getattr(p, by) < getattr(bins[b], by):
+            bins[b] = p
+    return [bins[b] for b in sorted(bins)]
+
+
+def best_lr_per_cell(points: list[Point]) -> list[Point]:
+    """The point of least loss among each (d_sae, tokens) cell's learning rates."""
+    cells: dict[tuple[int, int], Point] = {}
+    for p in points:
+        key = (p.d_sae, p.tokens)
+        if key not in cells or p.loss < cells[key].loss:
+            cells[key] = p
+    return sorted(cells.values(), key=lambda p: p.compute)
+
+
+FITTED = ("loss", "fvu", "d_sae", "tokens", "lr")
+"""What `fit_scaling` fits against compute."""
+
+
+def fit_scaling(
+    points: list[Point], bin_factor: float = 2.0, n_boot: int = 1000, seed: int = 0
+) -> dict[str, PowerLaw]:
+    """Power laws against compute of: the least loss (and, separately, the least held-out FVU)
+    per budget, the d_sae and tokens of the least-loss SAE per budget, and each cell's best lr.
+    Raises ValueError, naming what to add, when the grid spans fewer than 3 budgets or cells."""
+    best = best_per_budget(points, bin_factor)
+    if len(best) < 3:
+        raise ValueError(
+            f"the grid spans {len(best)} compute budget(s) (bins of ×{bin_factor:g}); the fits "
+            "need ≥ 3: add dictionary sizes (scaling.d_sae) or token counts (scaling.tokens)"
+        )
+    cells = best_lr_per_cell(points)
+    if len(cells) < 3:
+        raise ValueError("the learning-rate fit needs ≥ 3 (d_sae, tokens) cells")
+    by_fvu = best_per_budget(points, bin_factor, "fvu")
+    c = [p.compute for p in best]
+    kw: dict[str, Any] = {"n_boot": n_boot, "seed": seed}
+    return {
+        "loss": fit_power_law(c, [p.loss for p in best], **kw),
+        "fvu": fit_power_law([p.compute for p in by_fvu], [p.fvu for p in by_fvu], **kw),
+        "d_sae": fit_power_law(c, [float(p.d_sae) for p in best], **kw),
+        "tokens": fit_power_law(c, [float(p.tokens) for p in best], **kw),
+        "lr": fit_power_law([p.compute for p in cells], [p.lr for p in cells], **kw),
+    }
+
+
+def grid_budgets(
+    arch: str, d_sae: list[int], tokens: list[int], k: int = 0, bin_factor: float = 2.0
+) -> int:
+    """How many compute bins a size × tokens grid spans, before anything is trained: compute is
+    proportional to d_in for every architecture, so d_in = 1 gives the same bins."""
+    points = [
+        Point("", n, t, 1.0, training_flops(arch, 1, n, t, k), 0.0, 0.0, 0.0)
+        for n in d_sae
+        for t in tokens
+    ]
+    return len(best_per_budget(points, bin_factor))

@@ -29,7 +29,7 @@ def test_pipeline_runs_on_a_process_work_pool(
     cmd = [sys.executable, "-m", "flows.cli", "deploy", "--pool", "saeflow-pool", *TINY]
     deployed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert deployed.returncode == 0, deployed.stderr[-2000:]
-    assert deployed.stdout.count("on work pool saeflow-pool") == 6
+    assert deployed.stdout.count("on work pool saeflow-pool") == 7
     cmd = [str(BIN / "prefect"), "worker", "start", "--pool", "saeflow-pool"]
     worker = start(cmd, env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}, saeflow_home / "worker.log")
     try:
