@@ -107,13 +107,13 @@ def _steer_summary(result: dict[str, Any]) -> str:
 
 
 def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) -> int:
-    from flows.config import ConfigError, check_grid, expand_sweep, load
+    from flows.config import ConfigError, expand_sweep, load, scaling_jobs
 
     jobs = expand_sweep(overrides) if multirun else [overrides]
     typed = [load(job)[0] for job in jobs]  # validate every job before any work
     if name == "scaling":
-        for t in typed:
-            check_grid(t)
+        for job in jobs:
+            scaling_jobs(job)
     from tasks.stage import forced  # Prefect, which makes its home on import: after validation
 
     try:

@@ -113,3 +113,25 @@ def check_grid(c: Config) -> None:
             f"scaling.d_sae={s.d_sae} × scaling.tokens={s.tokens} spans {budgets} compute "
             f"budget(s) (bins of ×{s.budget_bin:g}); the fits need ≥ 3: add sizes or token counts"
         )
+
+
+def scaling_jobs(base: list[str]) -> list[list[str]]:
+    """`saeflow scaling`'s jobs: `base` plus one (d_sae, tokens, lr) of the grid each, run
+    name `<arch>-<d_sae>-<tokens>tok-lr<lr>`; the grid and every job validated."""
+    typed, _ = load(base)
+    check_grid(typed)
+    s, arch = typed.scaling, typed.sae.arch
+    grid = [(n, t, lr) for n in s.d_sae for t in s.tokens for lr in s.lr]
+    jobs = [
+        [
+            *base,
+            f"sae.d_sae={n}",
+            f"train.tokens={t}",
+            f"train.lr={lr!r}",
+            f"run_name={arch}-{n}-{t}tok-lr{lr:g}",
+        ]
+        for n, t, lr in grid
+    ]
+    for job in jobs:
+        load(job)
+    return jobs

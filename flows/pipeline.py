@@ -15,7 +15,7 @@ from typing import Any
 from prefect import Task, flow, unmapped
 from prefect.futures import as_completed
 
-from flows.config import check_grid, expand_sweep, load
+from flows.config import expand_sweep, load, scaling_jobs
 from tasks.cache import cache_shard, finish_cache, plan_cache
 from tasks.common import with_progress
 from tasks.evaluate import evaluate, evaluate_many, features
@@ -171,17 +171,8 @@ def scaling(
     scaling.extrapolate × the largest budget, feature splitting between consecutive sizes, and
     the report; points, fits and splits as Parquet for `saeflow sql`.
     """
-    base = with_experiment(overrides, experiment)
-    typed, _ = load(base)  # a bad override fails here, before the grid is built
-    s, arch = typed.scaling, typed.sae.arch
-    check_grid(typed)
-    jobs = [_grid_job(base, arch, n, t, lr) for n in s.d_sae for t in s.tokens for lr in s.lr]
+    jobs = scaling_jobs(with_experiment(overrides, experiment))  # all validated first
     return study(jobs, "scaling", force, analyse=_scaling)
-
-
-def _grid_job(base: list[str], arch: str, d_sae: int, tokens: int, lr: float) -> list[str]:
-    name = f"run_name={arch}-{d_sae}-{tokens}tok-lr{lr:g}"
-    return [*base, f"sae.d_sae={d_sae}", f"train.tokens={tokens}", f"train.lr={lr!r}", name]
 
 
 def _scaling(

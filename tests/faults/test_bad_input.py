@@ -217,6 +217,27 @@ def test_sweep_with_one_bad_job_runs_none(cli, saeflow_home: Path) -> None:
     assert _work(saeflow_home) == work  # the good job did not start either
 
 
+@pytest.mark.parametrize(
+    ("grid", "expect"),
+    [
+        (["scaling.d_sae=[16,32]", "scaling.tokens=[8192]"], "spans 2 compute budget(s)"),
+        (["scaling.lr=[]"], "scaling.lr must be a non-empty list of values > 0"),
+        (["scaling.d_sae=[16,16,32]"], "scaling.d_sae has repeated values: [16, 16, 32]"),
+        (["scaling.budget_bin=1"], "scaling.budget_bin must be > 1, got 1.0"),
+        (["sae=topk", "sae.k=24", "scaling.d_sae=[16,32,64]"], "sae.k=24 must be <= sae.d_sae=16"),
+    ],
+    ids=["too-few-budgets", "no-lr", "repeated-size", "bin-of-one", "k-above-a-size"],
+)
+def test_scaling_grid_that_cannot_fit_is_refused_before_any_work(
+    cli, saeflow_home: Path, grid: list[str], expect: str
+) -> None:
+    work = _work(saeflow_home)
+    code, err = cli("scaling", *TINY, *grid, EXPERIMENT)
+    assert code == 2, err[-2000:]
+    assert said(err).startswith("saeflow: bad config: ") and expect in said(err), said(err)
+    assert _work(saeflow_home) == work
+
+
 # --- (2) the model and its hooks -----------------------------------------------------------
 def test_hook_past_a_hub_models_last_block(cli, study: dict[str, Any]) -> None:
     hub = ["model.source=hub", f"model.path={study['model']['path']}"]
