@@ -130,7 +130,6 @@ class CacheConfig:
     """Recompute shards that fail their checksum instead of stopping with an error."""
     hooks: list[str] = field(default_factory=list)
     """More hook points cached in the same forward pass as `hook` (for later SAEs)."""
-
     def __post_init__(self) -> None:
         _choice("cache", "dtype", self.dtype, ("bf16", "fp16"))
         if self.outlier_factor < 0:
@@ -197,6 +196,10 @@ class TrainConfig:
     """Reuse a finished run with the same settings; resume an unfinished one."""
     compile: bool = False
     """torch.compile the SAE's forward."""
+    processes: int = 1
+    """Data-parallel ranks on this machine (torchrun; gloo on CPU, NCCL on CUDA with one GPU per
+    rank): each trains on batch_size / processes rows of every batch, gradients averaged, so the
+    SAE is that of one process up to float summation order. train.batch_size must divide by it."""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
@@ -210,7 +213,15 @@ class TrainConfig:
             lr=self.lr,
             log_every=self.log_every,
             shuffle_rows=self.shuffle_rows,
+            processes=self.processes,
         )
+        if self.batch_size % self.processes:
+            raise ValueError(
+                f"train.processes={self.processes} must divide train.batch_size="
+                f"{self.batch_size}: every rank trains on an equal slice of each batch; use a "
+                f"divisor of {self.batch_size} or a batch_size that is a multiple of "
+                f"{self.processes}"
+            )
 
 
 @dataclass
@@ -350,6 +361,13 @@ class Config:
     def __post_init__(self) -> None:
         for name, hook in [("hook", self.hook)] + [("cache.hooks", h) for h in self.cache.hooks]:
             self._check_hook(name, hook)
+        if self.train.processes > 1 and (self.sae.arch != "relu" or self.sae.target_l0):
+            # Each rank would pick batchtopk's top k·B, AuxK's dead latents and target_l0's L0
+            # from its own slice: not the one-process SAE. Shared statistics are not built.
+            raise ValueError(
+                f"train.processes={self.train.processes} (data-parallel) supports sae=relu "
+                "without sae.target_l0 for now; use train.processes=1, or a sweep over devices"
+            )
         if self.model.source == "builtin" and self.data.context_length > self.model.n_ctx:
             raise ValueError(
                 f"data.context_length={self.data.context_length} exceeds "

@@ -294,11 +294,12 @@ class _Monitor:
         self.logged_step = 0
         self.first_bad = torch.tensor(-1, device=sae.b_dec.device)  # a tensor: no sync per step
         self.last_tokens, self.last_time = 0, time.perf_counter()
+        self.world = world()[1]
 
     def update(
         self, step: int, x: Tensor, out: SAEOutput, lr: float, sparsity_scale: float
     ) -> None:
-        self.tokens += x.shape[0]
+        self.tokens += x.shape[0] * self.world  # data-parallel: x is this rank's slice
         bad = ~torch.isfinite(out.loss.detach())
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
         every = self.cfg.checkpoint_every  # a state's step is logged: lost logs resume with it

@@ -4,6 +4,8 @@ Several SAEs that share a stream of batches train from one read of the cache (`f
 is identified by `run_key` (tag `saeflow.run_key`): asked again, a finished run is reused and an
 unfinished one (killed, failed) resumes from its newest trainer state in
 $SAEFLOW_HOME/saes/<run_id>/state, continuing the same loss trajectory in the same MLflow run.
+With train.processes > 1 the group trains data-parallel under torchrun (tasks/ddp.py); the
+runs, their locks and the final save stay here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,11 @@ from conf.schema import Config, from_dict
 from sae import checkpoint
 from sae.base import CONFIG, SAE, WEIGHTS
 from sae.cache import Manifest
+from sae.checkpoint import TrainState
 from sae.checkpoint import steps as steps_in
 from sae.loader import ActivationLoader
 from sae.models import build_sae
-from sae.train import FREE_ON_RESUME, SHARED_FIELDS, FitConfig, fit_many
+from sae.train import FREE_ON_RESUME, SHARED_FIELDS, FitConfig, OnStep, fit_many
 from tasks import tracking
 from tasks.common import logger, progress_bar
 from tasks.home import home
@@ -109,6 +113,8 @@ class _Logger:
 def run_key(cfg: dict[str, Any], cache_key: str) -> str:
     """What fixes a trained SAE: the cache, hook, SAE and training settings (not how it logs)."""
     train = {k: v for k, v in cfg["train"].items() if k not in UNKEYED}
+    if train.get("processes") == 1:  # the keys of runs from before the field stay theirs
+        del train["processes"]
     spec = {
         "cache": cache_key,
         "hook": cfg["hook"],
@@ -121,9 +127,9 @@ def run_key(cfg: dict[str, Any], cache_key: str) -> str:
 
 UNKEYED = (*FREE_ON_RESUME, "resume")
 """train.* settings that do not change the trained SAE (threads: to the last bit on CPU, yes)."""
-STREAM = (*SHARED_FIELDS, "shuffle_rows")
-"""train.* settings SAEs must share to be trained from one read of the cache: fit_many's, and
-the loader's shuffle buffer."""
+STREAM = (*SHARED_FIELDS, "shuffle_rows", "processes")
+"""train.* settings SAEs must share to be trained from one read of the cache: fit_many's, the
+loader's shuffle buffer, and the data-parallel ranks that train them."""
 
 
 def stream_key(cfg: dict[str, Any], cache_key: str) -> str:
@@ -256,6 +262,53 @@ def _build(c: Config, d_in: int) -> SAE:
     return build_sae(c.sae.arch, d_in, c.sae.d_sae, seed=c.train.seed, **hparams)
 
 
+def load_states(run_ids: list[str], step: int) -> list[TrainState]:
+    """The runs' trainer states of `step`, to resume them from."""
+    return [checkpoint.load(state_dir(r), step) for r in run_ids]
+
+
+def step_loggers(typed: list[Config], run_ids: list[str], bar: bool = True) -> list[_Logger]:
+    """One train/* logger per run, and one terminal bar for the group: its SAEs step together."""
+    label = f"train ×{len(typed)}" if bar else ""
+    return [
+        _Logger(r, t.tracking.uri, t.train.tokens, t.train.checkpoint_every, "" if i else label)
+        for i, (r, t) in enumerate(zip(run_ids, typed, strict=True))
+    ]
+
+
+def fit_group(
+    typed: list[Config],
+    run_ids: list[str],
+    cache_dir: Path,
+    d_in: int,
+    resume: list[TrainState] | None,
+    on_steps: Sequence[OnStep | None],
+) -> list[SAE]:
+    """Build the group's SAEs and its loader as configured and train them (resumed from
+    `resume`), writing trainer states to the runs' state dirs: in the task's process, or as one
+    torchrun rank of tasks/ddp.py, where every rank builds the same."""
+    c = typed[0]
+    saes = [_build(t, d_in) for t in typed]
+    loader = ActivationLoader(
+        cache_dir,
+        c.hook,
+        c.train.batch_size,
+        buffer_rows=c.train.shuffle_rows,
+        seed=c.train.seed,
+        exclude_special=c.cache.exclude_special,
+        state=resume[0].loader if resume else None,
+    )
+    with loader:
+        return fit_many(
+            saes,
+            loader,
+            [fit_config(t) for t in typed],
+            list(on_steps),
+            checkpoints=[state_dir(r) for r in run_ids],
+            resume=list(resume) if resume else None,
+        )
+
+
 def _train_group(
     cfgs: list[dict[str, Any]],
     keys: list[str],
@@ -265,95 +318,99 @@ def _train_group(
     parent_run_id: str | None,
 ) -> list[dict[str, Any]]:
     typed = [from_dict(cfg) for cfg in cfgs]
-    c, uri = typed[0], typed[0].tracking.uri
+    c, uri, ranks = typed[0], typed[0].tracking.uri, typed[0].train.processes
     manifest = Manifest.load(Path(cache["dir"]))
     d_in = manifest.d_in(c.hook)
     _check_cache(c, Path(cache["dir"]), manifest)
     found = _resumable(candidates)
+    # Read before the runs reopen: a bad state fails with the runs as they were. torchrun's
+    # ranks read their own.
+    resume = load_states(*found) if found and ranks == 1 else None
     if found:
         run_ids, step = found
-        resume = [checkpoint.load(state_dir(r), step) for r in run_ids]
-        for r in run_ids:
-            tracking.reopen_run(r, uri)
-            tracking.set_tags(
-                r,
-                {"saeflow.resumed_from_step": str(step), "saeflow.resumed_by": str(parent_run_id)},
-                uri,
-            )
-        logger().info(f"resuming {len(run_ids)} run(s) {run_ids} from step {step}")
+        _reopen_runs(run_ids, step, uri, parent_run_id)
     else:
-        resume = [None] * len(cfgs)
-        run_ids = [
-            tracking.start_run(
-                experiment_id,
-                t.run_name or f"{t.sae.arch}-{t.sae.d_sae}",
-                uri=uri,
-                parent_run_id=parent_run_id,
-                tags={"cache_key": cache["key"], "saeflow.stage": "train", "saeflow.run_key": key},
-            )
-            for t, key in zip(typed, keys, strict=True)
-        ]
-        for r, cfg in zip(run_ids, cfgs, strict=True):
-            tracking.log_params(
-                r, flatten(cfg) | {"sae.d_in": d_in, "cache.key": cache["key"]}, uri
-            )
+        run_ids = _start_runs(typed, cfgs, keys, cache, d_in, experiment_id, parent_run_id)
+        step = None
     group = tracking.task_run_id() or uuid.uuid4().hex  # one read of the cache for these runs
     for r in run_ids:
         tracking.set_tags(r, {"saeflow.group": group}, uri)
     locks = [open(_lock_path(r), "a") for r in run_ids]  # noqa: SIM115 (held to the end)
     for f in locks:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the files close, or the process dies
-    on_steps = [  # one terminal bar for the group: its SAEs step together
-        _Logger(
-            r, uri, t.train.tokens, t.train.checkpoint_every, "" if i else f"train ×{len(typed)}"
-        )
-        for i, (r, t) in enumerate(zip(run_ids, typed, strict=True))
-    ]
+    on_steps = step_loggers(typed, run_ids) if ranks == 1 else []  # torchrun: rank 0 logs
     try:
-        saes = [_build(t, d_in) for t in typed]
-        loader = ActivationLoader(
-            Path(cache["dir"]),
-            c.hook,
-            c.train.batch_size,
-            buffer_rows=c.train.shuffle_rows,
-            seed=c.train.seed,
-            exclude_special=c.cache.exclude_special,
-            state=resume[0].loader if resume[0] else None,
-        )
-        with loader:
-            saes = fit_many(
-                saes,
-                loader,
-                [fit_config(t) for t in typed],
-                on_steps,  # type: ignore[arg-type]
-                checkpoints=[state_dir(r) for r in run_ids],
-                resume=resume,
-            )
+        if ranks == 1:
+            saes = fit_group(typed, run_ids, Path(cache["dir"]), d_in, resume, on_steps)
+            for log in on_steps:
+                log.flush()
+        else:
+            from tasks import ddp  # here, not above: tasks.ddp imports this module
+
+            saes = ddp.fit(cfgs, run_ids, cache, d_in, step)
+        status = "resumed" if found else "trained"
+        return [
+            _finish(r, sae, t, cache, status)
+            for r, sae, t in zip(run_ids, saes, typed, strict=True)
+        ]
+    except BaseException as e:
         for log in on_steps:
             log.flush()
-        out = []
-        for r, sae, t in zip(run_ids, saes, typed, strict=True):
-            dir = home() / "saes" / r
-            meta = {"hook": t.hook, "cache_key": cache["key"], "run_id": r, "model": t.model.name}
-            sae.save(dir, meta=meta)
-            tracking.log_artifact(r, dir / WEIGHTS, "checkpoint", uri)
-            tracking.log_artifact(r, dir / CONFIG, "checkpoint", uri)
-            tracking.end_run(r, "FINISHED", uri)
-            shutil.rmtree(state_dir(r), ignore_errors=True)  # the final weights supersede it
-            logger().info(f"trained {t.sae.arch} SAE: run {r}, checkpoint {dir}")
-            out.append(
-                {"run_id": r, "checkpoint": str(dir), "status": "resumed" if found else "trained"}
-            )
-        return out
-    except BaseException as e:
-        for r, log in zip(run_ids, on_steps, strict=True):
-            log.flush()
+        for r in run_ids:
             tracking.set_tags(r, {"error": f"{type(e).__name__}: {e}"[:5000]}, uri)
             tracking.end_run(r, "FAILED" if isinstance(e, Exception) else "KILLED", uri)
         raise
     finally:
         for f in locks:
             f.close()
+
+
+def _reopen_runs(run_ids: list[str], step: int, uri: str | None, parent: str | None) -> None:
+    for r in run_ids:
+        tracking.reopen_run(r, uri)
+        tracking.set_tags(
+            r, {"saeflow.resumed_from_step": str(step), "saeflow.resumed_by": str(parent)}, uri
+        )
+    logger().info(f"resuming {len(run_ids)} run(s) {run_ids} from step {step}")
+
+
+def _start_runs(
+    typed: list[Config],
+    cfgs: list[dict[str, Any]],
+    keys: list[str],
+    cache: dict[str, Any],
+    d_in: int,
+    experiment_id: str,
+    parent_run_id: str | None,
+) -> list[str]:
+    """A new MLflow run per config, its params the flattened config."""
+    run_ids = []
+    for t, cfg, key in zip(typed, cfgs, keys, strict=True):
+        uri = t.tracking.uri
+        r = tracking.start_run(
+            experiment_id,
+            t.run_name or f"{t.sae.arch}-{t.sae.d_sae}",
+            uri=uri,
+            parent_run_id=parent_run_id,
+            tags={"cache_key": cache["key"], "saeflow.stage": "train", "saeflow.run_key": key},
+        )
+        params = flatten(cfg) | {"sae.d_in": d_in, "cache.key": cache["key"]}
+        tracking.log_params(r, params, uri)
+        run_ids.append(r)
+    return run_ids
+
+
+def _finish(run_id: str, sae: SAE, t: Config, cache: dict[str, Any], status: str) -> dict:
+    """Save the trained SAE, log it, end its run FINISHED; {run_id, checkpoint, status}."""
+    dir, uri = home() / "saes" / run_id, t.tracking.uri
+    meta = {"hook": t.hook, "cache_key": cache["key"], "run_id": run_id, "model": t.model.name}
+    sae.save(dir, meta=meta)
+    tracking.log_artifact(run_id, dir / WEIGHTS, "checkpoint", uri)
+    tracking.log_artifact(run_id, dir / CONFIG, "checkpoint", uri)
+    tracking.end_run(run_id, "FINISHED", uri)
+    shutil.rmtree(state_dir(run_id), ignore_errors=True)  # the final weights supersede it
+    logger().info(f"trained {t.sae.arch} SAE: run {run_id}, checkpoint {dir}")
+    return {"run_id": run_id, "checkpoint": str(dir), "status": status}
 
 
 @task(name="train_sae", cache_policy=Stage(content=_trained_by), **CACHED)

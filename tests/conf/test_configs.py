@@ -65,3 +65,11 @@ def test_target_l0_only_where_lambda_sets_l0() -> None:
         load(["sae=topk", "sae.target_l0=20"])
     with pytest.raises(ConfigError, match=r"sae\.target_l0 must be in \(0, d_sae\]"):
         load(["sae.target_l0=5000"])
+
+
+@pytest.mark.parametrize("sae", [["sae=topk"], ["sae=batchtopk"], ["sae.target_l0=20"]])
+def test_data_parallel_refuses_what_each_rank_would_decide_alone(sae: list[str]) -> None:
+    from flows.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="train.processes=2 .data-parallel. supports sae=relu"):
+        load(["train.processes=2", *sae])
