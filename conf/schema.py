@@ -130,8 +130,23 @@ class CacheConfig:
     """Recompute shards that fail their checksum instead of stopping with an error."""
     hooks: list[str] = field(default_factory=list)
     """More hook points cached in the same forward pass as `hook` (for later SAEs)."""
+    store: str | None = None
+    """A directory shared between machines (`s3://bucket/prefix`, `gs://bucket/prefix`,
+    `file:///mnt/shared/caches`; S3 endpoint in the query: `?endpoint_override=host:port&
+    scheme=http`, credentials from AWS_*): finished caches are published there under their key,
+    write-once, and a machine fetches a cache from there instead of computing it. None = local."""
+
     def __post_init__(self) -> None:
         _choice("cache", "dtype", self.dtype, ("bf16", "fp16"))
+        if self.store is not None:
+            url = urlparse(self.store)
+            if url.scheme not in ("s3", "gs", "gcs", "file") or (
+                not url.path.startswith("/") if url.scheme == "file" else not url.netloc
+            ):
+                raise ValueError(
+                    f"cache.store={self.store!r} is not a store URL; valid: s3://bucket[/prefix], "
+                    "gs://bucket[/prefix], file:///absolute/path"
+                )
         if self.outlier_factor < 0:
             raise ValueError(f"cache.outlier_factor must be >= 0, got {self.outlier_factor}")
         _positive(

@@ -7,8 +7,9 @@ activation, seq_id, pos); `runs` and `metrics` are tables handed in from MLflow'
 cannot read MLflow's SQLite offline, STACK.md). `saeflow scaling` adds `scaling_points` (one row
 per SAE: compute, loss, fvu, l0, whether it is on the frontier), `scaling_fits` (one row per
 fitted quantity: exponent, interval, the value at the extrapolated budget) and `feature_splits`
-(parent feature of the smaller SAE, child in the larger, cosine). The database is in memory: Parquet stays the
-source. A dashboard query takes its parameters as $1, $2, … bound by DuckDB, never pasted.
+(parent feature of the smaller SAE, child in the larger, cosine). The database is in memory:
+Parquet stays the source. A dashboard query takes its parameters as $1, $2, … bound by DuckDB,
+never pasted.
 """
 
 from __future__ import annotations

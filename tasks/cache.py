@@ -1,8 +1,10 @@
 """Cache activations at the hook(s) for one data split (DESIGN §4), as Prefect tasks.
 
-`plan_cache` decides the content key, reuses a finished cache, else writes the plan and the
-tokens and lists the shards still to do; `cache_shard` (mapped, one per shard) computes and
-records one shard; `finish_cache` seals it. A task runner can spread the shards over workers.
+`plan_cache` decides the content key, reuses a finished cache (local, else fetched from
+`cache.store`), else writes the plan and the tokens and lists the shards still to do;
+`cache_shard` (mapped, one per shard) computes and records one shard; `finish_cache` seals it
+and publishes it to `cache.store` (tasks/store.py). A task runner can spread the shards over
+workers; a store spreads the finished caches over machines.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig, AutoTokenizer
@@ -40,6 +44,7 @@ from sae.hooks import load_lm, parse_hook
 from sae.text import documents, token_contexts
 from tasks.common import logger
 from tasks.home import home
+from tasks.store import fetch, publish, shown
 
 _MODELS: dict[tuple, tuple[Any, threading.Lock]] = {}
 _MODELS_LOCK = threading.Lock()
@@ -55,6 +60,18 @@ def _file_hash(path: Path) -> str | None:
 def hooks_of(c: Config) -> list[str]:
     """`hook` and `cache.hooks`, deduplicated, in a stable order (part of the key)."""
     return list(dict.fromkeys([c.hook, *c.cache.hooks]))
+
+
+def kernels() -> dict[str, str]:
+    """What fixes the last bits of the caching forward pass (on the CPU: `load_lm`) besides the
+    config: the torch and transformers versions and the CPU kernels torch dispatches to (AVX2
+    and AVX-512 matmuls sum in different orders). In the key, so that two machines sharing a
+    `cache.store` never write one shard differently. Measured: 1 or 2 threads, same bytes."""
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
@@ -89,6 +106,7 @@ def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
         "outlier_factor": c.cache.outlier_factor,
         "shard_tokens": c.cache.shard_tokens,
         "batch_size": c.cache.batch_size,  # batching can change the last bits of a forward pass
+        "kernels": kernels(),
     }
 
 
@@ -140,6 +158,39 @@ def _transient(task: Any, run: Any, state: Any) -> bool:
     return True
 
 
+def _reuse(c: Config, split: str, key: str, out: Path, force: bool) -> dict[str, Any] | None:
+    """The finished cache `key`: local (checksums checked with cache.verify), else fetched from
+    cache.store; None when it is to be computed (or repaired, with cache.repair)."""
+    log = logger()
+    m = Manifest.load(out) if (out / "manifest.json").is_file() else None
+    m = m if m is not None and m.complete else None
+    bad = verify(out, m) if m is not None and c.cache.verify else []
+    reused = {"dir": str(out), "key": key, "reused": True, "todo": [], "store": c.cache.store}
+    # Not after `force`: a forced cache is computed here, and publishing it checks it against
+    # the store's copy byte for byte.
+    if (
+        c.cache.store
+        and not force
+        and (m is None or bad)
+        and (got := fetch(c.cache.store, key, out))
+    ):
+        log.info(
+            f"{split} cache {key} fetched from {shown(c.cache.store)}: {got['fetched']} shards, "
+            f"{got['bytes'] / 1e6:,.1f} MB in {got['seconds']:.1f}s; no work"
+        )
+        return reused | {"n_tokens": Manifest.load(out).n_tokens, "fetched": got}
+    if m is not None:
+        if bad and not c.cache.repair:
+            raise CacheError(
+                f"cache {out}: shard(s) {', '.join(bad)} fail their checksum; "
+                "re-run with cache.repair=true to recompute just those"
+            )
+        if not bad:
+            log.info(f"{split} cache {key} already complete ({m.n_tokens:,} tokens): no work")
+            return reused | {"n_tokens": m.n_tokens}
+    return None
+
+
 @task(
     name="plan_cache",
     cache_policy=NO_CACHE,
@@ -154,6 +205,10 @@ def plan_cache(
 
     Not cached by Prefect: the reuse check reads the manifest (and verifies the shards with
     cache.verify), which a stored result could not. `force` recomputes the cache from scratch.
+    With `cache.store`, a cache missing here (or failing its checksums) is fetched from the
+    store when the store has it complete (`fetched` in the result); a store shard failing its
+    checksum stops the run (CacheError naming it): the store is shared, so its corruption is
+    reported rather than computed around.
     """
     c, log = from_dict(cfg), logger()
     if split == "train" and c.cache.dir:
@@ -163,15 +218,8 @@ def plan_cache(
     if force and out.exists():
         log.warning(f"force: removing {split} cache {out} to compute it again")
         shutil.rmtree(out)
-    if (out / "manifest.json").is_file() and (m := Manifest.load(out)).complete:
-        if c.cache.verify and (bad := verify(out, m)) and not c.cache.repair:
-            raise CacheError(
-                f"cache {out}: shard(s) {', '.join(bad)} fail their checksum; "
-                "re-run with cache.repair=true to recompute just those"
-            )
-        if not (c.cache.verify and bad):
-            log.info(f"{split} cache {key} already complete ({m.n_tokens:,} tokens): no work")
-            return {"dir": str(out), "key": key, "n_tokens": m.n_tokens, "reused": True, "todo": []}
+    if (done := _reuse(c, split, key, out, force)) is not None:
+        return done
     tok = AutoTokenizer.from_pretrained(model["path"], revision=model["revision"])
     plan = _plan(c, model, split, key, tok)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +258,7 @@ def plan_cache(
         "todo": left,
         "started": time.time(),
         "n_todo": len(left),
+        "store": c.cache.store,
     }
 
 
@@ -253,14 +302,29 @@ def cache_shard(
     return {"file": shard.file, "rows": shard.rows, "computed": True}
 
 
-@task(name="finish_cache", cache_policy=NO_CACHE)
+@task(
+    name="finish_cache",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_transient,
+)
 def finish_cache(plan: dict[str, Any]) -> dict[str, Any]:
-    """Seal the cache once every shard is in; returns {dir, key, n_tokens, reused}."""
-    if plan["reused"]:
-        return {k: plan[k] for k in ("dir", "key", "n_tokens", "reused")}
-    m = finish(Path(plan["dir"]))
-    if m.n_planned < m.key_inputs["n_contexts"]:
-        logger().warning(
-            f"data ran out: cached {m.n_planned} of {m.key_inputs['n_contexts']} contexts"
+    """Seal the cache once every shard is in, publish it to `cache.store` (unless it came from
+    there); returns {dir, key, n_tokens, reused}."""
+    out = {k: plan[k] for k in ("dir", "key", "n_tokens", "reused") if k in plan}
+    if not plan["reused"]:
+        m = finish(Path(plan["dir"]))
+        out["n_tokens"] = m.n_tokens
+        if m.n_planned < m.key_inputs["n_contexts"]:
+            logger().warning(
+                f"data ran out: cached {m.n_planned} of {m.key_inputs['n_contexts']} contexts"
+            )
+    if plan.get("store") and not plan.get("fetched"):  # also a cache made before the store was set
+        sent = publish(Path(plan["dir"]), plan["store"])
+        logger().info(
+            f"cache {plan['key']} published to {shown(plan['store'])}: {sent['uploaded']} "
+            f"objects uploaded ({sent['bytes'] / 1e6:,.1f} MB in {sent['seconds']:.1f}s), "
+            f"{sent['same']} already there"
         )
-    return {"dir": plan["dir"], "key": plan["key"], "n_tokens": m.n_tokens, "reused": False}
+    return out

@@ -71,5 +71,5 @@ def test_target_l0_only_where_lambda_sets_l0() -> None:
 def test_data_parallel_refuses_what_each_rank_would_decide_alone(sae: list[str]) -> None:
     from flows.config import ConfigError, load
 
-    with pytest.raises(ConfigError, match="train.processes=2 .data-parallel. supports sae=relu"):
+    with pytest.raises(ConfigError, match=r"train.processes=2 \(data-parallel\) supports sae=relu"):
         load(["train.processes=2", *sae])

@@ -77,5 +77,5 @@ def test_fit_scaling_names_what_a_small_grid_lacks() -> None:
     from sae.scaling import fit_scaling
 
     two_budgets = [p for p in _grid() if p.d_sae == 64 and p.tokens in (1000, 2000)]
-    with pytest.raises(ValueError, match="spans 2 compute budget.*scaling.d_sae"):
+    with pytest.raises(ValueError, match=r"spans 2 compute budget.*scaling\.d_sae"):
         fit_scaling(two_budgets)
