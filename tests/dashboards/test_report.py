@@ -62,3 +62,45 @@ def test_pipeline_report_renders_cards_and_searches_in_chromium(study) -> None:
     assert arts == {f"report/{run}.html"}
     compare = _dom(Path(study["report"]["comparison"]))
     assert compare.count("<circle") >= 2 and run in compare  # one point per run, two plots
+
+
+def test_loglog_plot_puts_points_of_the_law_on_its_line() -> None:
+    from dashboards.report import loglog_plot
+
+    law = (3.0, -0.25)
+    pts = [(10.0**e, law[0] * (10.0**e) ** law[1], f"p{e}") for e in (9, 10, 11, 12)]
+    svg = loglog_plot([("#c33", pts)], "C", "loss", fit=law, mark=(1e13, law[0] * 1e13 ** law[1]))
+    dots = [(float(x), float(y)) for x, y in re.findall(r"cx='([\d.]+)' cy='([\d.]+)' r='4'", svg)]
+    ring = re.search(r"cx='([\d.]+)' cy='([\d.]+)' r='7'", svg)
+    x1, y1, x2, y2 = map(float, re.search(
+        r"x1='([\d.]+)' y1='([\d.]+)' x2='([\d.]+)' y2='([\d.]+)'", svg).groups())  # fmt: skip
+    assert len(dots) == 4 and ring is not None
+    for x, y in [*dots, (float(ring[1]), float(ring[2]))]:  # on the dashed fit line, to 0.2 px
+        assert y == pytest.approx(y1 + (y2 - y1) * (x - x1) / (x2 - x1), abs=0.2)
+    assert dots == sorted(dots) and dots[0][1] < dots[-1][1]  # y falls: svg y grows downwards
+
+
+def test_scaling_page_shows_fits_recommendation_and_families() -> None:
+    from dashboards.report import scaling_page
+
+    points = [
+        {"run_id": f"r{i}", "d_sae": 2**i, "tokens": 1000 * 2**i, "lr": 1e-3, "compute": 4.0**i,
+         "loss": 4.0**-i, "fvu": 0.5 * 2.0**-i, "l0": 10.0, "frontier": True,
+         "fvu_frontier": True, "best_lr": True}
+        for i in range(1, 5)
+    ]  # fmt: skip
+    fits = [
+        {"quantity": q, "coef": 1.0, "exponent": b, "exponent_lo": b - 0.01,
+         "exponent_hi": b + 0.01, "n_points": 4, "at_budget": 1e4 if q == "d_sae" else 0.5}
+        for q, b in [("loss", -1.0), ("fvu", -0.5), ("d_sae", 0.5), ("tokens", 0.5), ("lr", 0.0)]
+    ]  # fmt: skip
+    family = {"parent": 3, "small_d_sae": 2, "large_d_sae": 4, "children": [(0, 0.9), (2, 0.7)],
+              "parent_examples": ["def «main»("],
+              "child_examples": [["«import» os"], ["x"]]}  # fmt: skip
+    page = scaling_page(points, fits, 2560.0, [family], "relu")
+    assert (
+        page.count("<svg") == 5 and page.count("r='4'") == 8 + 8 + 4 + 4 + 4
+    )  # loss, fvu: all + frontier
+    assert "recommend d_sae ≈ 10,000" in page and "<mark>main</mark>" in page
+    assert "feature 3 of d_sae=2 → 2 features of d_sae=4" in page
+    assert "child 2 (cos 0.70)" in page
