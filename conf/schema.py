@@ -44,6 +44,10 @@ class ModelConfig:
     """Hub revision (source=hub); part of the activation cache key."""
     dtype: str = "fp32"
     """Dtype of the language model's forward pass (caching and evaluation)."""
+    device: str = "auto"
+    """Where the language model runs for caching, evaluation and steering: auto (cuda when torch
+    sees a GPU, else cpu), cpu or cuda. On cuda the activation cache key also holds the GPU's
+    name and compute capability; building the builtin model is not affected."""
     # The builtin model's recipe (source=builtin); see sae/stdlib_lm.py and DESIGN §8.
     n_layer: int = 4
     n_embd: int = 128
@@ -62,6 +66,7 @@ class ModelConfig:
         if not re.fullmatch(r"[0-9A-Za-z_][0-9A-Za-z._-]*", self.name):  # a directory name
             raise ValueError(f"model.name must be letters, digits, . - _, got {self.name!r}")
         _choice("model", "dtype", self.dtype, DTYPES)
+        _choice("model", "device", self.device, ("auto", "cpu", "cuda"))
         if self.source == "hub" and not self.path:
             raise ValueError("model.path is required when model.source=hub (a Hub id or a dir)")
         _positive(

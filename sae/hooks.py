@@ -51,14 +51,18 @@ class HookPoint:
 
 
 def load_lm(
-    path: str, revision: str | None = None, dtype: str = "fp32"
+    path: str,
+    revision: str | None = None,
+    dtype: str = "fp32",
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """`from_pretrained` a causal LM and its tokenizer (Hub id or local directory), eval mode."""
+    """`from_pretrained` a causal LM and its tokenizer (Hub id or local directory), eval mode,
+    on `device` (cpu, cuda, cuda:N: resolve `auto` before calling)."""
     transformers.utils.logging.disable_progress_bar()  # keep the flow logs readable
     kwargs = {"revision": revision} if revision else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], **kwargs)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:

@@ -44,6 +44,7 @@ from sae.hooks import load_lm, parse_hook
 from sae.text import documents, token_contexts
 from tasks.common import logger
 from tasks.home import home
+from tasks.model import lm_device
 from tasks.store import fetch, publish, shown
 
 _MODELS: dict[tuple, tuple[Any, threading.Lock]] = {}
@@ -62,21 +63,37 @@ def hooks_of(c: Config) -> list[str]:
     return list(dict.fromkeys([c.hook, *c.cache.hooks]))
 
 
-def kernels() -> dict[str, str]:
-    """What fixes the last bits of the caching forward pass (on the CPU: `load_lm`) besides the
-    config: the torch and transformers versions and the CPU kernels torch dispatches to (AVX2
-    and AVX-512 matmuls sum in different orders). In the key, so that two machines sharing a
-    `cache.store` never write one shard differently. Measured: 1 or 2 threads, same bytes."""
-    return {
+def kernels(device: torch.device | None = None) -> dict[str, str]:
+    """What fixes the last bits of the caching forward pass on `device` (None: the CPU) besides
+    the config: the torch and transformers versions and the CPU kernels torch dispatches to
+    (AVX2 and AVX-512 matmuls sum in different orders; the outlier norms run on the CPU on any
+    device). On cuda also the GPU, its compute capability and the CUDA runtime, which pick the
+    GPU's kernels; a CPU forward adds nothing, so CPU caches keep the keys they had before
+    `model.device`. In the key, so that two machines sharing a `cache.store` never write one
+    shard differently. Measured: 1 or 2 threads, same bytes."""
+    out = {
         "torch": torch.__version__.split("+")[0],
         "transformers": transformers.__version__,
         "cpu": torch.backends.cpu.get_cpu_capability(),
     }
+    if device is not None and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        out |= {
+            "device": "cuda",
+            "gpu": torch.cuda.get_device_name(device),
+            "sm": f"{major}.{minor}",
+            "cuda": str(torch.version.cuda),
+        }
+    return out
 
 
-def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
-    """Everything that determines the activations, in clear (stored in the manifest)."""
+def key_inputs(
+    c: Config, model: dict[str, Any], split: str, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Everything that determines the activations, in clear (stored in the manifest); the
+    forward runs on `device` (None: where `model.device` puts it on this machine)."""
     n_tokens = c.cache.tokens if split == "train" else c.eval.tokens
+    device = lm_device(c.model) if device is None else device
     return {
         "format_version": FORMAT_VERSION,
         "model": {
@@ -106,7 +123,7 @@ def key_inputs(c: Config, model: dict[str, Any], split: str) -> dict[str, Any]:
         "outlier_factor": c.cache.outlier_factor,
         "shard_tokens": c.cache.shard_tokens,
         "batch_size": c.cache.batch_size,  # batching can change the last bits of a forward pass
-        "kernels": kernels(),
+        "kernels": kernels(device),
     }
 
 
@@ -262,14 +279,26 @@ def plan_cache(
     }
 
 
-def _model(model: dict[str, Any], dtype: str) -> tuple[Any, threading.Lock]:
+def _model(model: dict[str, Any], dtype: str, device: torch.device) -> tuple[Any, threading.Lock]:
     """One loaded model per process, shared by shard tasks in threads (with a forward lock)."""
-    key = (model["path"], model["revision"], dtype)
+    key = (model["path"], model["revision"], dtype, str(device))
     with _MODELS_LOCK:
         if key not in _MODELS:
-            lm, _ = load_lm(model["path"], model["revision"], dtype)
+            lm, _ = load_lm(model["path"], model["revision"], dtype, device)
             _MODELS[key] = (lm, threading.Lock())
         return _MODELS[key]
+
+
+def check_kernels(m: Manifest, here: dict[str, str]) -> None:
+    """A shard is computed where its cache was planned to be: a worker whose device or kernels
+    differ from the key's (a GPU planner, a CPU-only worker) would write other bytes under it."""
+    planned = m.key_inputs.get("kernels")
+    if planned is not None and planned != here:
+        raise ValueError(
+            f"cache {m.key} was planned for a forward pass on {planned}, but this worker would "
+            f"run it on {here}; run its shards on machines like the planner's, or set "
+            "model.device so that they match (e.g. model.device=cpu everywhere)"
+        )
 
 
 @task(
@@ -292,7 +321,9 @@ def cache_shard(
             logger().info(f"cache {m.key}: shard {index} was computed by another run")
             shard = next(s for s in m.shards if s.first_seq == index * m.shard_seqs)
             return {"file": shard.file, "rows": shard.rows, "computed": False}
-        lm, lock = _model(model, c.model.dtype)
+        device = lm_device(c.model)
+        check_kernels(m, kernels(device))
+        lm, lock = _model(model, c.model.dtype, device)
         hooks = [parse_hook(lm, h) for h in m.hooks]
         tokens = read_tokens(out)
         shard = compute_shard(out, lm, hooks, tokens, index, m, c.cache.batch_size, lock)

@@ -21,6 +21,7 @@ from sae.models import load_sae
 from tasks import tracking
 from tasks.common import logger
 from tasks.home import inside
+from tasks.model import lm_device
 from tasks.stage import CACHED, Stage
 
 
@@ -81,9 +82,10 @@ def evaluate_many(
     """`evaluate` for SAEs at the same hook of the same model, in one pass over the contexts
     (the prefix to the hook and the clean logits shared: DESIGN §9's cost per SAE)."""
     c, log = from_dict(cfg), logger()
+    device = lm_device(c.model)
     eval_dir = Path(eval_cache["dir"])
     saes = [_load_sae(t, eval_dir, c.hook) for t in trained]  # before any forward pass
-    lm, _ = load_lm(model["path"], model["revision"], c.model.dtype)
+    lm, _ = load_lm(model["path"], model["revision"], c.model.dtype, device)  # SAEs follow it
     hp = parse_hook(lm, c.hook)
     contexts = _contexts(eval_dir, c.hook, c.eval.batch_size)
     baselines = _baselines(lm, hp, eval_dir, contexts)
@@ -105,7 +107,9 @@ def features(
     """One row per latent (DESIGN §6) as Parquet under features/run_id=<id>/, and as an artifact."""
     c = from_dict(cfg)
     sae = _load_sae(trained, Path(eval_cache["dir"]), c.hook)
-    lm, tok = load_lm(model["path"], model["revision"], c.model.dtype)
+    # No forward pass here (the activations come from the eval cache): only the tokenizer and
+    # the unembedding are read, on the CPU with the SAE, whatever model.device is.
+    lm, tok = load_lm(model["path"], model["revision"], c.model.dtype, "cpu")
     unembed = lm.get_output_embeddings()
     table = feature_stats(
         sae,

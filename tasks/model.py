@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Config, ModelConfig, from_dict
 from sae.stdlib_lm import LMSpec, build_stdlib_lm
+from sae.train import resolve_device
 from tasks.common import logger
 from tasks.home import inside
 
@@ -20,6 +22,18 @@ from tasks.home import inside
 def lm_spec(c: ModelConfig) -> LMSpec:
     fields = {f.name for f in dataclasses.fields(LMSpec)}
     return LMSpec(**{k: v for k, v in dataclasses.asdict(c).items() if k in fields})
+
+
+def lm_device(c: ModelConfig) -> torch.device:
+    """Where the language model runs (`model.device`; auto = cuda when torch sees a GPU). Every
+    task that loads the model calls it first: cuda without CUDA fails before any work."""
+    if c.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "model.device='cuda' but torch sees no CUDA device on this machine "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+            "use model.device=auto or model.device=cpu"
+        )
+    return resolve_device(c.device)
 
 
 def _weights_hash(path: Path) -> str:
@@ -52,6 +66,7 @@ def prepare_model(cfg: dict[str, Any]) -> dict[str, Any]:
     `identity` (weights hash or Hub commit) for activation cache keys."""
     full = from_dict(cfg)
     c = full.model
+    lm_device(c)  # before building a model that could not run where it was asked to
     if c.source == "hub":
         from transformers import AutoConfig
 

@@ -18,6 +18,7 @@ from sae.steer import generate, intervention, next_token_probs
 from tasks import tracking
 from tasks.common import logger
 from tasks.home import inside
+from tasks.model import lm_device
 
 
 @task(name="steer", cache_policy=NO_CACHE)
@@ -26,15 +27,17 @@ def steer(cfg: dict[str, Any], model: dict[str, Any], trained: dict[str, Any]) -
     {path, feature, mode, value, rows: [{prompt, unsteered, steered}]}."""
     c = from_dict(cfg)
     s = c.steer
-    lm, tok = load_lm(model["path"], model["revision"], c.model.dtype)
+    device = lm_device(c.model)
+    lm, tok = load_lm(model["path"], model["revision"], c.model.dtype, device)
     hp = parse_hook(lm, c.hook)
-    sae = load_sae(Path(trained["checkpoint"]))
+    sae = load_sae(Path(trained["checkpoint"])).to(device)  # the intervention runs in the LM
     fn = intervention(sae, s.feature, s.mode, s.value)
     rows = []
     for prompt in s.prompts:
         ids = tok(prompt, return_tensors="pt").input_ids
         if tok.bos_token_id is not None:  # contexts were cached with a BOS in front
             ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+        ids = ids.to(device)
         plain = generate(lm, ids, s.max_new_tokens)
         steered = generate(lm, ids, s.max_new_tokens, hp, fn)
         p0, p1 = next_token_probs(lm, ids), next_token_probs(lm, ids, hp, fn)

@@ -4,9 +4,12 @@ references taken by hand: `output_hidden_states` and forward hooks on the module
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 from torch import nn
 from transformers import (
     GPT2Config,
@@ -15,6 +18,7 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
 from conf.schema import Config
@@ -22,6 +26,7 @@ from sae.hooks import (
     SITES,
     HookPoint,
     activations_at,
+    load_lm,
     logits_from,
     parse_hook,
     runs_from,
@@ -253,3 +258,40 @@ def test_config_accepts_every_site() -> None:
         assert Config(hook=f"blocks.1.{site}").hook == f"blocks.1.{site}"
     with pytest.raises(ValueError, match=re.escape("resid_pre|attn_out|mlp_out|resid_post")):
         Config(hook="blocks.1.mlp")
+
+
+@pytest.fixture(scope="module")
+def saved_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 and a word-level tokenizer, written as `save_pretrained` writes them."""
+    out = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    _gpt2().save_pretrained(out)
+    words = WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, V)}}, unk_token="[UNK]")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(words)).save_pretrained(out)
+    return out
+
+
+def test_load_lm_runs_on_the_cpu_by_default(saved_lm: Path, ids) -> None:
+    model, tok = load_lm(str(saved_lm), None, "bf16")
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
+    assert next(model.parameters()).dtype == torch.bfloat16 and len(tok) == V
+    same, _ = load_lm(str(saved_lm), None, "fp32", "cpu")
+    torch.testing.assert_close(_logits(same, ids), _logits(_saved(saved_lm), ids))
+
+
+@pytest.mark.gpu
+def test_load_lm_puts_the_model_on_cuda(saved_lm: Path, ids) -> None:
+    model, _ = load_lm(str(saved_lm), None, "fp32", "cuda")
+    assert {p.device.type for p in model.parameters()} == {"cuda"} and not model.training
+    hp = parse_hook(model, "blocks.1.resid_post")
+    acts = activations_at(model, [hp], ids.cuda())[hp.name]
+    assert acts.device.type == "cuda"
+    want = activations_at(_saved(saved_lm), [hp], ids)[hp.name]
+    torch.testing.assert_close(acts.cpu(), want, rtol=1e-4, atol=1e-5)
+    got = _logits(model, ids.cuda()).cpu()
+    torch.testing.assert_close(got, _logits(_saved(saved_lm), ids), rtol=1e-4, atol=1e-4)
+
+
+def _saved(path: Path) -> nn.Module:
+    """The reference: the saved model loaded by hand, fp32 on the CPU."""
+    return GPT2LMHeadModel.from_pretrained(path).eval()
