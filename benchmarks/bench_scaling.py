@@ -63,7 +63,8 @@ def findings(fits: dict[str, dict], points: list[dict], splits: list[dict]) -> l
         f"{fits['d_sae']['exponent'] + fits['tokens']['exponent']:.3f}).",
         f"- *The best learning rate decreases with compute*: {law('lr')} — "
         + {-1: "yes", 1: "no", 0: "not resolved (the interval spans 0)"}[sign("lr")]
-        + ".",
+        + f"; the best lr is at the grid's edge in {fits['lr']['at_grid_edge']:.0%} of the cells"
+        + " (there the fit only bounds the optimum).",
     ]
     if splits:
         pairs = sorted({(r["small_d_sae"], r["large_d_sae"]) for r in splits})

@@ -274,15 +274,26 @@ class EvalConfig:
 class RunnerConfig:
     kind: str = "local"
     """Where mapped tasks (cache shards, sweep training groups) run: `local` (threads in the
-    flow's process) or `dask` (Dask workers through prefect-dask)."""
+    flow's process), `dask` (Dask workers through prefect-dask) or `ray` (Ray workers through
+    prefect-ray, an optional extra: `pip install 'saeflow[ray]'`)."""
     address: str | None = None
-    """dask: the scheduler of an existing cluster (`tcp://host:8786`); None = a LocalCluster."""
+    """dask: the scheduler of an existing cluster (`tcp://host:8786`); None = a LocalCluster.
+    ray: an existing cluster (`ray://host:10001`, or `auto`: the one this machine belongs to);
+    None = a Ray instance of this run's own, shut down with it."""
     workers: int = 2
-    """dask, LocalCluster: worker processes (one thread each: torch uses the cores)."""
+    """dask, LocalCluster: worker processes (one thread each: torch uses the cores).
+    ray, own instance: CPUs it offers, so at most this many tasks at once (one CPU each)."""
 
     def __post_init__(self) -> None:
-        _choice("runner", "kind", self.kind, ("local", "dask"))
+        from importlib.util import find_spec
+
+        _choice("runner", "kind", self.kind, ("local", "dask", "ray"))
         _positive("runner", workers=self.workers)
+        if self.kind == "ray" and find_spec("prefect_ray") is None:
+            raise ValueError(
+                "runner.kind='ray' needs prefect-ray, which is not installed: "
+                "pip install 'saeflow[ray]' (or use runner=local or runner=dask)"
+            )
 
 
 @dataclass
@@ -312,7 +323,7 @@ class ScalingConfig:
     """Dictionary sizes of the grid."""
     tokens: list[int] = field(default_factory=lambda: [153_600, 307_200, 614_400])
     """Training tokens of the grid (SAEs with equal tokens train from one read of the cache)."""
-    lr: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    lr: list[float] = field(default_factory=lambda: [3e-3, 1e-2, 3e-2])
     """Learning rates of the grid: the best per budget is fitted against compute."""
     budget_bin: float = 2.0
     """Budgets within this factor of each other count as one (the best SAE of each bin is

@@ -334,7 +334,14 @@ def scaling_page(
         f"<style>{_STYLE}</style></head><body><h1>Scaling study ({len(points)} {_e(arch)} "
         "SAEs)</h1>"
         f"<p id='recommendation'>{_e(rec)}</p>"
-        "<p class='meta'>grey: every SAE; red: the least-loss SAE of each compute budget "
+        + (
+            f"<p class='meta'>The best lr is at the edge of the grid in "
+            f"{law['lr']['at_grid_edge']:.0%} of the cells: its fit only bounds the optimum "
+            "(widen scaling.lr).</p>"
+            if (law["lr"].get("at_grid_edge") or 0) > 0.5
+            else ""
+        )
+        + "<p class='meta'>grey: every SAE; red: the least-loss SAE of each compute budget "
         "(or each size × tokens cell's best lr); dashed: the power-law fit; ring: the "
         "extrapolation.</p><div class='plots'>"
         f"{plot('loss', 'frontier', 'final training loss')}"

@@ -92,10 +92,14 @@ def fit_study(
         for p in points
     ]
     fixed_l0 = c.sae.arch in ("topk", "batchtopk") or c.sae.target_l0 is not None
+    # A cell whose best lr is the grid's least or greatest only bounds its optimum.
+    cells = best_lr_per_cell(points)
+    edge = sum(p.lr in (min(s.lr), max(s.lr)) for p in cells) / len(cells) if len(s.lr) > 1 else 1
     fit_rows = [
         {"quantity": q, "coef": f.coef, "exponent": f.exponent, "exponent_lo": f.exponent_lo}
         | {"exponent_hi": f.exponent_hi, "n_points": f.n, "budget": budget, "at_budget": f(budget)}
         | {"arch": c.sae.arch, "fixed_sparsity": fixed_l0}
+        | {"at_grid_edge": edge if q == "lr" else None}
         for q, f in fits.items()
     ]
     out = study_dir(parent_run_id)
@@ -111,6 +115,11 @@ def fit_study(
     for name in ("points.parquet", "fits.parquet"):
         tracking.log_artifact(parent_run_id, out / name, "scaling", uri)
     log = logger()
+    if edge > 0.5:
+        log.warning(
+            f"the best lr is the least or greatest of scaling.lr={s.lr} in {edge:.0%} of the "
+            "(d_sae, tokens) cells: the lr fit only bounds the optimum; widen scaling.lr"
+        )
     for q in FITTED:
         f = fits[q]
         log.info(
