@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any
 
@@ -27,6 +28,12 @@ def _environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")  # a temporary server: local only
     # Its default 20 s start-up limit failed `saeflow run` on a busy 2-core machine (measured).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (`kill`, a scheduler's stop) unwinds like Ctrl-C: without it Python dies at once
+    and the temporary Prefect server saeflow started outlives it (measured)."""
+    raise KeyboardInterrupt
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -199,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     _environment()  # before anything imports Prefect: it reads its settings once, at import
     from flows.config import ConfigError
 
