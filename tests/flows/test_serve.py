@@ -16,7 +16,9 @@ def test_deployments_take_overrides_experiment_and_force(served: str) -> None:
     with temporary_settings({PREFECT_API_URL: served}), get_client(sync_client=True) as client:
         deployments = client.read_deployments()
         flows = {client.read_flow(d.flow_id).name for d in deployments}
-    assert flows == {"pipeline", "sweep", "cache_activations", "train_sae", "evaluate_sae", "steer"}
+    assert flows == {
+        "pipeline", "sweep", "scaling", "cache_activations", "train_sae", "evaluate_sae", "steer"
+    }  # fmt: skip
     pipeline = next(d for d in deployments if d.parameter_openapi_schema["title"] == "Parameters"
                     and "force" in d.parameter_openapi_schema["properties"]
                     and "jobs" not in d.parameter_openapi_schema["properties"])  # fmt: skip
