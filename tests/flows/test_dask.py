@@ -39,16 +39,24 @@ def test_dask_workers_cache_what_the_local_runner_does(
 def test_dask_workers_train_a_sweeps_groups_as_the_local_runner_does(
     study, prefect_api: str, tiny_model: dict, tmp_path: Path
 ) -> None:
+    sweep_groups_match_the_local_runner("dask", study, prefect_api, tiny_model, tmp_path)
+
+
+def sweep_groups_match_the_local_runner(
+    runner: str, study: dict, prefect_api: str, tiny_model: dict, tmp_path: Path, **env: str
+) -> None:
+    """A sweep of two stream groups on `runner`'s 2 workers: two training tasks, nested runs
+    evaluated, and the SAE the study also trained equal to the local runner's."""
     import mlflow
     import torch
     from safetensors.torch import load_file
 
     home = fresh_home(tmp_path / "home", Path(tiny_model["path"]))
-    env = child_env(home, prefect_api)
     # two token counts: two stream groups, each a task submitted to a worker of its own
     cmd = [sys.executable, "-m", "flows.cli", "run", "-m", *TINY, "train.tokens=16384,32768",
-           "runner=dask", "runner.workers=2"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+           f"runner={runner}", "runner.workers=2"]  # fmt: skip
+    done = subprocess.run(cmd, env=child_env(home, prefect_api) | env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     runs = [
