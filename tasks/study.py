@@ -16,6 +16,7 @@ from conf.schema import from_dict
 from sae.base import CONFIG
 from sae.failpoint import failpoint
 from tasks import tracking
+from tasks.common import logger
 from tasks.home import home, inside
 from tasks.train import flatten
 
@@ -49,17 +50,52 @@ def check_server(uri: str | None, timeout: float = 10.0) -> None:
 
 @task(name="open_study", cache_policy=NO_CACHE, **_RETRY)
 def open_study(cfg: dict[str, Any], kind: str = "pipeline") -> dict[str, str]:
-    """Create (once) the experiment and start the parent run; returns their ids."""
+    """Create (once) the experiment and start the parent run; returns their ids. Runs that
+    killed processes left RUNNING in the experiment are marked KILLED on the way."""
     uri = from_dict(cfg).tracking.uri
     check_server(uri)  # seconds, not MLflow's minutes of retries per attempt
     exp_id = tracking.ensure_experiment(experiment_name(cfg), uri)
     parent = tracking.start_run(exp_id, kind, uri=uri, tags={"saeflow.stage": kind})
+    if orphans := tracking.close_orphans(exp_id, f"{kind} run {parent}", uri):
+        logger().info(
+            f"{len(orphans)} run(s) left RUNNING by killed processes marked KILLED: "
+            + ", ".join(orphans)
+        )
+        # A parent run is opened in its flow's process, so that flow run died with it
+        # (an SAE run's owner may be a Dask worker whose flow lives on).
+        flow_runs = {t["prefect.flow_run_id"] for t in orphans.values()
+                     if "prefect.flow_run_id" in t and "mlflow.parentRunId" not in t}  # fmt: skip
+        crash_flow_runs(sorted(flow_runs), f"its process was killed; found by {kind} run {parent}")
     tracking.log_params(parent, flatten(cfg), uri)
     return {
         "experiment_id": exp_id,
         "parent_run_id": parent,
         "tracking_uri": tracking.tracking_uri(uri),
     }
+
+
+def crash_flow_runs(flow_run_ids: list[str], message: str) -> list[str]:
+    """Mark Crashed those of the Prefect flow runs that still read Running; their ids. A flow
+    run the server does not know (a temporary server's, gone with it) is skipped."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    crashed: list[str] = []
+    if not flow_run_ids:
+        return crashed  # no client: outside a flow it would start a temporary server
+    with get_client(sync_client=True) as client:
+        for flow_run_id in flow_run_ids:
+            try:
+                state = client.read_flow_run(flow_run_id).state
+            except ObjectNotFound:
+                continue
+            if state is not None and state.is_running():
+                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+                crashed.append(flow_run_id)
+    if crashed:
+        logger().info(f"Prefect flow run(s) of killed processes marked Crashed: {crashed}")
+    return crashed
 
 
 @task(name="close_study", cache_policy=NO_CACHE, **_RETRY)

@@ -18,9 +18,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sae.failpoint import failpoint
+from tasks import owner
 from tasks.home import home
 
 _BATCH = 900  # MLflow accepts at most 1000 metrics / 100 params per log_batch call
+OWNER = "saeflow.owner"  # the process that runs a RUNNING run (tasks/owner.py)
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -70,7 +72,7 @@ def start_run(
     tags: dict[str, str] | None = None,
 ) -> str:
     """Create a run (nested under `parent_run_id` when given) and return its id."""
-    all_tags = {"git_commit": git_commit(), **(tags or {})}
+    all_tags = {"git_commit": git_commit(), OWNER: owner.this_process(), **(tags or {})}
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID") or _prefect_flow_run_id()
     if flow_run:
         all_tags["prefect.flow_run_id"] = flow_run
@@ -169,8 +171,28 @@ def log_table(
 
 
 def reopen_run(run_id: str, uri: str | None = None) -> None:
-    """Mark a killed or failed run RUNNING again (it is being resumed)."""
+    """Mark a killed or failed run RUNNING again (it is being resumed), owned by this process:
+    the owner first, so that no other study sees it RUNNING under its dead first owner."""
+    set_tags(run_id, {OWNER: owner.this_process()}, uri)
     client(uri).update_run(run_id, status="RUNNING")
+
+
+def close_orphans(experiment_id: str, by: str, uri: str | None = None) -> dict[str, dict]:
+    """End KILLED every RUNNING run of the experiment whose owning process is gone (killed
+    outright, so nothing ended its run; `tasks/owner.py`), tagging it `saeflow.orphaned` with
+    who found it (`by`). Returns {run_id: its tags}. A resumable training run stays resumable:
+    resume takes any status but FINISHED."""
+    c = client(uri)
+    found = c.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50_000)
+    closed = {}
+    for run in found:
+        tag = run.data.tags.get(OWNER)
+        if tag and owner.is_gone(tag):
+            note = f"its process ({tag}) ended without ending it; found by {by}"
+            set_tags(run.info.run_id, {"saeflow.orphaned": note}, uri)
+            end_run(run.info.run_id, "KILLED", uri)
+            closed[run.info.run_id] = run.data.tags
+    return closed
 
 
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:

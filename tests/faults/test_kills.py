@@ -56,9 +56,16 @@ def outcome(home: Path) -> dict[str, Any]:
         [] if exp is None else c.search_runs([exp.experiment_id], "tags.`saeflow.stage` = 'train'")
     )
     done = [r for r in runs if r.info.status == "FINISHED"]
+    every = [] if exp is None else c.search_runs([exp.experiment_id])
     weights = {r.info.run_id: home / "saes" / r.info.run_id / "sae.safetensors" for r in done}
     return {
         "runs": [(r.info.run_id, r.info.status) for r in runs],
+        "running": [r.info.run_id for r in every if r.info.status == "RUNNING"],
+        "killed_flow_runs": [  # of the study parents that killed processes left behind
+            r.data.tags["prefect.flow_run_id"]
+            for r in every
+            if r.info.status == "KILLED" and "mlflow.parentRunId" not in r.data.tags
+        ],
         "metrics": [
             {k: v for k, v in r.data.metrics.items() if k.startswith("eval/")} for r in done
         ],
@@ -102,7 +109,12 @@ def results(tmp_path_factory, prefect_api: str, tiny_model: dict) -> dict[str, A
 
 
 @pytest.mark.parametrize("point", list(POINTS))
-def test_killed_pipeline_reruns_to_the_uninterrupted_result(results: dict, point: str) -> None:
+def test_killed_pipeline_reruns_to_the_uninterrupted_result(
+    results: dict, point: str, prefect_api: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from sae.cache import Manifest, verify
 
     r, ref = results[point], results["reference"]
@@ -118,8 +130,15 @@ def test_killed_pipeline_reruns_to_the_uninterrupted_result(results: dict, point
     assert len(after["weights"]) == 1 and after["weights"] == ref["weights"], point
     assert after["metrics"] == ref["metrics"], point
     assert [s for _, s in after["runs"]] == ["FINISHED"], after["runs"]  # resumed, not restarted
-    # finished stages not redone
+    # nothing reads RUNNING: the killed process's parent (and SAE run) were marked KILLED
+    assert after["running"] == [], after["running"]
+    # ... and its Prefect flow run Crashed (a kill while caching comes before the parent opens)
     stage = POINTS[point]
+    assert len(after["killed_flow_runs"]) == (stage != "cache"), after["killed_flow_runs"]
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as c:
+        states = [c.read_flow_run(f).state for f in after["killed_flow_runs"]]
+    assert all(s.is_crashed() and "process was killed" in s.message for s in states), states
+    # finished stages not redone
     if stage != "cache":
         assert after["shards"] == r["between"]["shards"], "shards were recomputed"
     if stage in AFTER_TRAINING:
