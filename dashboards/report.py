@@ -230,8 +230,8 @@ def loglog_plot(
     if not pts:
         return _empty(w, h, f"no points of {ylabel}")
     lx, ly = [math.log10(x) for x, _ in pts], [math.log10(y) for _, y in pts]
-    x0, x1, y0, y1 = min(lx), max(lx), min(ly), max(ly)
-    sx, sy = (w - 70) / ((x1 - x0) or 1), (h - 50) / ((y1 - y0) or 1)
+    (x0, x1), (y0, y1) = _padded(min(lx), max(lx)), _padded(min(ly), max(ly))
+    sx, sy = (w - 70) / (x1 - x0), (h - 50) / (y1 - y0)
 
     def at(x: float, y: float) -> str:
         return f"{50 + (math.log10(x) - x0) * sx:.1f}' cy='{h - 30 - (math.log10(y) - y0) * sy:.1f}"
@@ -258,12 +258,59 @@ def loglog_plot(
             f"<circle cx='{at(*mark)}' r='7' fill='none' stroke='#36c' stroke-width='2'>"
             f"<title>extrapolated: {xlabel}={mark[0]:.4g}, {ylabel}={mark[1]:.4g}</title></circle>"
         )
+    # the frame and ticks as paths: the fit is the plot's only <line>
+    bottom = h - 30
+    axes = [f"<path d='M50,20 V{bottom} H{w - 20}' fill='none' stroke='#999'/>"]
+    for t in _log_ticks(x0, x1):
+        x = 50 + (t - x0) * sx
+        axes.append(f"<path d='M{x:.1f},{bottom} v4' stroke='#999'/><text x='{x:.1f}' "
+                    f"y='{bottom + 14}' text-anchor='middle'>{_tick(t)}</text>")  # fmt: skip
+    for t in _log_ticks(y0, y1):
+        y = bottom - (t - y0) * sy
+        axes.append(f"<path d='M50,{y:.1f} h-4' stroke='#999'/><text x='44' y='{y + 3:.1f}' "
+                    f"text-anchor='end'>{_tick(t)}</text>")  # fmt: skip
     return (
         f"<svg width='{w}' height='{h}' class='plot'>"
-        f"<text x='50' y='{h - 4}'>{_e(xlabel)} {10**x0:.3g} … {10**x1:.3g} (log)</text>"
-        f"<text x='0' y='12'>{_e(ylabel)} {10**y0:.3g} … {10**y1:.3g} (log)</text>"
-        f"{''.join(parts)}</svg>"
+        f"<text x='50' y='{h - 2}'>{_e(xlabel)} (log)</text>"
+        f"<text x='0' y='12'>{_e(ylabel)} (log)</text>"
+        f"{''.join(parts)}{''.join(axes)}</svg>"
     )
+
+
+def _padded(lo: float, hi: float) -> tuple[float, float]:
+    """A log10 range with 5% room at each end, and half a decade around a single value (a
+    flat series, such as the same best lr at every budget, then sits mid-plot)."""
+    if hi - lo < 1e-9:
+        return lo - 0.5, hi + 0.5
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """log10 positions of ticks in [lo, hi]: the decades, or 1-2-5 steps in a narrow range."""
+    steps = (
+        (1,),
+        (1, 3),
+        (1, 2, 5),
+        (1, 1.5, 2, 3, 5, 7),
+        (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9),
+    )
+    for mantissas in steps:
+        ticks = [
+            math.log10(m) + e
+            for e in range(math.floor(lo), math.ceil(hi) + 1)
+            for m in mantissas
+            if lo <= math.log10(m) + e <= hi
+        ]
+        if len(ticks) >= 3:
+            return ticks
+    return ticks
+
+
+def _tick(t: float) -> str:
+    """A tick label: 0.003, 20, 5e+09, 1.5e+09."""
+    v = 10**t
+    return f"{v:.4g}" if 1e-3 <= v < 1e4 else f"{v:.2g}"
 
 
 def scaling_page(
