@@ -7,8 +7,9 @@ An SAE maps an activation x (d_in,) to latents f (d_sae,) and back:
 
 Parameters (all fp32): W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,).
 Row i of W_dec is latent i's decoder direction. On disk (`save`): `sae.safetensors` (these four
-tensors, fp32; the header's metadata names the arch) and `cfg.json` (`config()`, plus caller
-metadata under "meta"); `sae.models.load_sae` reads them back. Never pickle.
+tensors, fp32; the header's metadata names the arch and the tensors' sha256) and `cfg.json`
+(`config()`, plus caller metadata under "meta"); `sae.models.load_sae` reads them back and checks
+the sha256. Never pickle.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from sae.checkpoint import digest
 from sae.failpoint import failpoint
 
 WEIGHTS = "sae.safetensors"
@@ -156,8 +158,9 @@ class SAE(nn.Module):
         os.replace(tmp, dir / CONFIG)
         tmp = dir / f".{WEIGHTS}.{os.getpid()}.tmp"
         # The arch in the weights' own header: relu and topk tensors have the same names and
-        # shapes, so only this tells load_sae that a cfg.json does not belong to them.
-        save_file(tensors, str(tmp), metadata={"arch": self.arch})
+        # shapes, so only this tells load_sae that a cfg.json does not belong to them. The
+        # tensors' sha256 too: safetensors checks its header, not the data.
+        save_file(tensors, str(tmp), metadata={"arch": self.arch, "sha256": digest(tensors)})
         failpoint("sae.save")
         os.replace(tmp, dir / WEIGHTS)
 

@@ -13,6 +13,7 @@ SAEs one after the other can always find a step that every one of them reached.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -46,6 +47,17 @@ class TrainState:
         return self.values.get("loader")
 
 
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: each one's name, dtype, shape and raw bytes. Why:
+    a safetensors file checks its header, not its data; a flipped bit in a weight would load."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # bf16 too: numpy lacks it
+    return h.hexdigest()
+
+
 def steps(dir: Path) -> list[int]:
     """Steps with a complete state in `dir`, ascending ([] if none or no dir)."""
     dir = Path(dir)
@@ -63,7 +75,8 @@ def save(dir: Path, state: TrainState, keep: int = 2) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors.items()}
     _atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
     failpoint("checkpoint.write")  # tensors in place, their JSON not yet: not a state
-    text = json.dumps({"version": STATE_VERSION, "step": state.step, **state.values}, indent=1)
+    head = {"version": STATE_VERSION, "step": state.step, "tensors_sha256": digest(tensors)}
+    text = json.dumps(head | state.values, indent=1)
     _atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text + "\n"))
     for old in steps(dir)[:-keep]:
         (dir / f"step-{old:08d}.json").unlink(missing_ok=True)  # JSON first: never half a state
@@ -87,6 +100,15 @@ def load(dir: Path, step: int | None = None) -> TrainState | None:
         raise CheckpointError(f"trainer state {stem}.* is unreadable: {e}") from e
     if values.pop("version", None) != STATE_VERSION or values.pop("step", None) != step:
         raise CheckpointError(f"{stem}.json is not a version-{STATE_VERSION} state of step {step}")
+    expected = values.pop("tensors_sha256", None)  # None: saved before states carried it
+    if expected is not None and digest(tensors) != expected:
+        older = [s for s in found if s < step]
+        raise CheckpointError(
+            f"trainer state {stem}.safetensors is corrupt: its tensors do not match the sha256 "
+            f"in {stem}.json; "
+            + (f"delete both files to resume from step {older[-1]}, or " if older else "")
+            + "train afresh with train.resume=false"
+        )
     return TrainState(step, tensors, values)
 
 

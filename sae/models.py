@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from sae.base import CONFIG, SAE, WEIGHTS
 from sae.batchtopk import BatchTopKSAE
+from sae.checkpoint import digest
 from sae.jumprelu import JumpReLUSAE
 from sae.relu import ReluSAE
 from sae.topk import TopKSAE
@@ -90,15 +91,22 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The tensors, and the arch their header names (None: saved before it was recorded)."""
+    """The tensors, checked against the sha256 in their header, and the arch the header names
+    (either None: saved before it was recorded)."""
     try:
         with safe_open(str(path), "pt") as f:
             names = f.keys()  # a safe_open handle is not iterable
-            return {k: f.get_tensor(k) for k in names}, (f.metadata() or {}).get("arch")
+            tensors, meta = {k: f.get_tensor(k) for k in names}, f.metadata() or {}
     except SafetensorError as e:
         raise ValueError(
             f"{path} is not a readable safetensors file ({e}): the SAE checkpoint is corrupt"
         ) from None
+    if "sha256" in meta and digest(tensors) != meta["sha256"]:
+        raise ValueError(
+            f"{path} is corrupt: its tensors do not match the sha256 in its header (a changed "
+            "byte in the weights); restore the file or retrain (train.resume=false)"
+        )
+    return tensors, meta.get("arch")
 
 
 def _arch(arch: str) -> type[SAE]:

@@ -426,6 +426,16 @@ def test_corrupt_sae_weights(cli, saeflow_home: Path) -> None:
     assert f"{weights} is not a readable safetensors file" in said(err)
 
 
+def test_sae_weights_with_a_flipped_bit(cli, saeflow_home: Path) -> None:
+    from tests.sae.test_checkpoint import flip_last_byte
+
+    sae = make_sae(saeflow_home)
+    flip_last_byte(sae / "sae.safetensors")  # still a valid file: only the sha256 tells
+    code, err = cli("evaluate", *TINY, f"eval.run_id={sae.name}")
+    assert code == 1
+    assert f"{sae / 'sae.safetensors'} is corrupt: its tensors do not match the sha256" in said(err)
+
+
 def test_cfg_json_that_is_not_json(cli, saeflow_home: Path) -> None:
     sae = make_sae(saeflow_home)
     (sae / "cfg.json").write_text('{"arch": "relu", ')

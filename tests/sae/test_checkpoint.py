@@ -91,6 +91,22 @@ def test_unreadable_or_missing_state(tmp_path: Path) -> None:
         checkpoint.load(tmp_path)
 
 
+def flip_last_byte(path: Path) -> None:
+    """One bit of the last tensor's data changed: the file still parses, a weight moves."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_state_whose_tensors_changed_is_named_with_the_step_before(tmp_path: Path) -> None:
+    fit(build_sae("relu", D, D_SAE, seed=0), stream(), cfg(), checkpoint=tmp_path)
+    flip_last_byte(tmp_path / "step-00000025.safetensors")
+    with pytest.raises(CheckpointError, match=r"step-00000025.safetensors is corrupt: its tensors "
+                       r"do not match the sha256 .* to resume from step 20"):  # fmt: skip
+        checkpoint.load(tmp_path)
+    assert checkpoint.load(tmp_path, 20).step == 20  # the older state is whole
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_state(tmp_path: Path) -> None:
     def poisoned():
         for step, x in enumerate(stream(), start=1):

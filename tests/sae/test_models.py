@@ -252,3 +252,18 @@ def test_gradients_match_the_textbook_formula(arch: str) -> None:
     loss.backward()
     for name, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, fast[name], rtol=1e-10, atol=1e-12)
+
+
+def test_weights_whose_bytes_changed_are_refused(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tests.sae.test_checkpoint import flip_last_byte
+
+    build_sae("relu", 8, 16, seed=0).save(tmp_path)
+    weights = tmp_path / "sae.safetensors"
+    flip_last_byte(weights)
+    with pytest.raises(ValueError, match=r"sae.safetensors is corrupt: its tensors do not match"):
+        load_sae(tmp_path)
+    # saved before the header carried a sha256: loads as it did
+    save_file(load_file(str(weights)), str(weights), metadata={"arch": "relu"})
+    assert isinstance(load_sae(tmp_path), ReluSAE)
