@@ -27,6 +27,9 @@ def _positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}.{name} must be > 0, got {value}")
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # as sae.train.DEVICE (conf imports no torch)
+
+
 def _choice(owner: str, name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{owner}.{name}={value!r} is not one of {', '.join(valid)}")
@@ -203,7 +206,7 @@ class TrainConfig:
     """bf16 autocast (fp32 master weights), fp32, or auto: bf16 where the device has fast bf16
     matmuls (CUDA, CPUs with AVX512-BF16/AMX), else fp32 (measured: bf16 is far slower on AVX2)."""
     device: str = "auto"
-    """auto | cpu | cuda."""
+    """auto | cpu | cuda | cuda:N (GPU N; `runner.devices` spreads a sweep's SAEs over GPUs)."""
     seed: int = 0
     log_every: int = 10
     shuffle_rows: int = 262_144
@@ -225,7 +228,8 @@ class TrainConfig:
         if self.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _choice("train", "dtype", self.dtype, ("auto", "bf16", "fp32"))
-        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         _positive(
             "train",
             tokens=self.tokens,
@@ -283,12 +287,20 @@ class RunnerConfig:
     workers: int = 2
     """dask, LocalCluster: worker processes (one thread each: torch uses the cores).
     ray, own instance: CPUs it offers, so at most this many tasks at once (one CPU each)."""
+    devices: list[str] = field(default_factory=list)
+    """A sweep's or scaling study's SAEs placed round-robin on these devices (`[cuda:0,
+    cuda:1]`): SAE i trains on devices[i mod n] (its `train.device`), so each device is a
+    training group of its own; with runner=dask or ray and `workers` ≥ n they train at once.
+    [] = every SAE on its `train.device`."""
 
     def __post_init__(self) -> None:
         from importlib.util import find_spec
 
         _choice("runner", "kind", self.kind, ("local", "dask", "ray"))
         _positive("runner", workers=self.workers)
+        for d in self.devices:
+            if d == "auto" or not DEVICE.fullmatch(d):
+                raise ValueError(f"runner.devices: {d!r} is not one of cpu, cuda, cuda:N")
         if self.kind == "ray" and find_spec("prefect_ray") is None:
             raise ValueError(
                 "runner.kind='ray' needs prefect-ray, which is not installed: "
@@ -392,6 +404,12 @@ class Config:
     def __post_init__(self) -> None:
         for name, hook in [("hook", self.hook)] + [("cache.hooks", h) for h in self.cache.hooks]:
             self._check_hook(name, hook)
+        if self.train.processes > 1 and ":" in self.train.device:
+            raise ValueError(
+                f"train.device={self.train.device!r} is one GPU, but train.processes="
+                f"{self.train.processes} puts a rank on each of GPUs 0 … "
+                f"{self.train.processes - 1}: use train.device=cuda"
+            )
         if self.train.processes > 1 and (self.sae.arch != "relu" or self.sae.target_l0):
             # Each rank would pick batchtopk's top k·B, AuxK's dead latents and target_l0's L0
             # from its own slice: not the one-process SAE. Shared statistics are not built.

@@ -101,6 +101,14 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in product(*choices)]
 
 
+def place(jobs: list[list[str]]) -> list[list[str]]:
+    """`runner.devices` (of the first job: a study has one runner): job i gets
+    `train.device=devices[i mod n]`, so each device trains a group of its own."""
+    devices = load(jobs[0])[0].runner.devices if jobs else []
+    return [[*job, f"train.device={devices[i % len(devices)]}"] if devices else job
+            for i, job in enumerate(jobs)]  # fmt: skip
+
+
 def check_grid(c: Config) -> None:
     """A scaling grid must span ≥ 3 compute budgets and ≥ 3 (d_sae, tokens) cells for its fits:
     said before hours of training, not after."""

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import Task, flow, unmapped
 from prefect.futures import as_completed
 
-from flows.config import expand_sweep, load, scaling_jobs
+from flows.config import expand_sweep, load, place, scaling_jobs
 from tasks.cache import cache_shard, finish_cache, plan_cache
 from tasks.common import with_progress
 from tasks.evaluate import evaluate, evaluate_many, features
@@ -200,6 +200,7 @@ def study(
     (configs, per-job results, the opened study) before the parent run is closed."""
     if not jobs:
         raise ValueError("a sweep needs at least one job")
+    jobs = place(jobs)
     cfgs = [load(job)[1] for job in jobs]  # all validated before any work
     redo = forced(force)
     models, caches = _caches(cfgs, "cache" in redo)

@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -96,8 +97,8 @@ class FitConfig:
                 raise bad(name, ">= 0")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise bad("dtype", "one of auto, bf16, fp32")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise bad("device", "one of auto, cpu, cuda")
+        if not DEVICE.fullmatch(self.device):
+            raise bad("device", "one of auto, cpu, cuda, cuda:N")
         if self.target_l0 is not None and not (
             math.isfinite(self.target_l0) and self.target_l0 > 0
         ):
@@ -108,13 +109,25 @@ class FitConfig:
         return math.ceil(self.tokens / self.batch_size)
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""Device names a config may give: `cuda:N` is GPU N (a sweep can put one SAE on each)."""
+
+
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda' without CUDA -> RuntimeError."""
+    """'auto' -> cuda if available else cpu; 'cuda' without CUDA, or 'cuda:N' past this
+    machine's GPUs -> RuntimeError."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("FitConfig.device='cuda' but CUDA is not available; use cpu or auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    d = torch.device(device)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if d.type == "cuda" and d.index is not None and d.index >= n:
+        valid = f"cuda:0 … cuda:{n - 1}, " if n else ""
+        raise RuntimeError(
+            f"device {device!r}: this machine has {n} CUDA device(s); use {valid}cpu or auto"
+        )
+    return d
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -551,7 +564,9 @@ def fit_many(
     if len(resumed) > 1:
         raise ValueError(f"fit_many resumes all SAEs from one step, got {sorted(resumed, key=str)}")
     device = resolve_device(cfg.device)
-    rng_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    rng_devices = []  # fork_rng restores the CUDA RNG of the GPU we train on, not GPU 0's
+    if device.type == "cuda":
+        rng_devices = [torch.cuda.current_device() if device.index is None else device.index]
     with _num_threads(cfg.threads), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(cfg.seed)
         trainers = [

@@ -37,7 +37,9 @@ def test_defaults_are_the_offline_study() -> None:
         ("sae=nope", "Available options in 'sae'"),
         ("sae.dsae=3", "unknown key 'sae.dsae' (did you mean 'sae.d_sae'?)"),
         ("train.tokens=abc", "could not be converted to Integer"),
-        ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda"),
+        ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda, cuda:N"),
+        ("runner.devices=[cuda:0,gpu1]", "runner.devices: 'gpu1' is not one of cpu, cuda, cuda:N"),
+        ("train.device=cuda:1 train.processes=2", "use train.device=cuda"),
         ("train.dtype=int8", "train.dtype='int8'"),
         ("sae.k=5000", "sae.k=5000 must be <= sae.d_sae=1024"),
         ("hook=blocks.9.resid_post", "has 4 blocks"),
@@ -49,13 +51,24 @@ def test_defaults_are_the_offline_study() -> None:
 )
 def test_bad_override_names_the_problem(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        load([override])
+        load(override.split(" "))
     assert message in str(e.value)
 
 
 def test_sweep_expansion() -> None:
     jobs = expand_sweep(["sae=topk", "sae.k=8,16", "sae.d_sae=64,128"])
     assert len(jobs) == 4 and ["sae=topk", "sae.k=8", "sae.d_sae=128"] in jobs
+
+
+def test_runner_devices_place_a_sweeps_saes_round_robin() -> None:
+    from flows.config import place
+
+    jobs = expand_sweep(["runner.devices=[cuda:0,cuda:1]", "sae.d_sae=64,128,256"])
+    placed = [load(job)[0] for job in place(jobs)]
+    assert [(c.sae.d_sae, c.train.device) for c in placed] == [
+        (64, "cuda:0"), (128, "cuda:1"), (256, "cuda:0")
+    ]  # fmt: skip
+    assert place([["sae.d_sae=64"]]) == [["sae.d_sae=64"]]  # no devices: as given
 
 
 def test_target_l0_only_where_lambda_sets_l0() -> None:

@@ -155,6 +155,26 @@ def test_cuda_requested_without_cuda_raises() -> None:
         )
 
 
+def test_a_gpu_past_the_machines_is_named() -> None:
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(RuntimeError, match=rf"'cuda:{n}': this machine has {n} CUDA device"):
+        fit(build_sae("relu", 8, 16), iter([torch.randn(64, 8)]),
+            FitConfig(tokens=64, device=f"cuda:{n}"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"device.*one of auto, cpu, cuda, cuda:N"):
+        FitConfig(tokens=64, device="cuda1")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_fit_on_the_second_gpu() -> None:
+    """cuda:1: the SAE trains there, and the RNG of GPU 1 (not GPU 0) is forked and restored."""
+    before = [torch.cuda.get_rng_state(i) for i in (0, 1)]
+    cfg = FitConfig(tokens=8 * 512, batch_size=512, device="cuda:1", log_every=4)
+    fit(build_sae("relu", D, 64, seed=0), sparse_batches(true_features(), 512), cfg)
+    after = [torch.cuda.get_rng_state(i) for i in (0, 1)]
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", ["relu", "topk"])
