@@ -277,6 +277,12 @@ def loglog_plot(
     )
 
 
+def _fixed(v: float) -> str:
+    """Three decimals, with no "-0.000" for an exponent that rounds to zero."""
+    text = f"{v:.3f}"
+    return "0.000" if text == "-0.000" else text
+
+
 def _padded(lo: float, hi: float) -> tuple[float, float]:
     """A log10 range with 5% room at each end, and half a decade around a single value (a
     flat series, such as the same best lr at every budget, then sits mid-plot)."""
@@ -351,8 +357,8 @@ def scaling_page(
         )
 
     rows = "".join(
-        f"<tr><td>{_e(f['quantity'])}</td><td>{f['exponent']:.3f}</td>"
-        f"<td>[{f['exponent_lo']:.3f}, {f['exponent_hi']:.3f}]</td><td>{f['coef']:.4g}</td>"
+        f"<tr><td>{_e(f['quantity'])}</td><td>{_fixed(f['exponent'])}</td>"
+        f"<td>[{_fixed(f['exponent_lo'])}, {_fixed(f['exponent_hi'])}]</td><td>{f['coef']:.4g}</td>"
         f"<td>{f['n_points']}</td><td>{f['at_budget']:.4g}</td></tr>"
         for f in fits
     )
