@@ -28,6 +28,8 @@ from sae.checkpoint import digest
 from sae.failpoint import failpoint
 
 WEIGHTS = "sae.safetensors"
+HEADER = "saeflow"
+"""The weights' metadata key: JSON of the arch and the tensors' sha256 (older files: `arch`)."""
 CONFIG = "cfg.json"
 
 
@@ -159,8 +161,11 @@ class SAE(nn.Module):
         tmp = dir / f".{WEIGHTS}.{os.getpid()}.tmp"
         # The arch in the weights' own header: relu and topk tensors have the same names and
         # shapes, so only this tells load_sae that a cfg.json does not belong to them. The
-        # tensors' sha256 too: safetensors checks its header, not the data.
-        save_file(tensors, str(tmp), metadata={"arch": self.arch, "sha256": digest(tensors)})
+        # tensors' sha256 too: safetensors checks its header, not the data. One key holding
+        # both: safetensors writes its metadata map in an order that changes from process to
+        # process, so two keys made identical runs write different bytes.
+        header = {"arch": self.arch, "sha256": digest(tensors)}
+        save_file(tensors, str(tmp), metadata={HEADER: json.dumps(header, sort_keys=True)})
         failpoint("sae.save")
         os.replace(tmp, dir / WEIGHTS)
 

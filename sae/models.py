@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from sae.base import CONFIG, SAE, WEIGHTS
+from sae.base import CONFIG, HEADER, SAE, WEIGHTS
 from sae.batchtopk import BatchTopKSAE
 from sae.checkpoint import digest
 from sae.jumprelu import JumpReLUSAE
@@ -101,12 +101,18 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         raise ValueError(
             f"{path} is not a readable safetensors file ({e}): the SAE checkpoint is corrupt"
         ) from None
-    if "sha256" in meta and digest(tensors) != meta["sha256"]:
+    try:
+        header = json.loads(meta[HEADER]) if HEADER in meta else meta  # older files: `arch`
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: its header's {HEADER!r} is not a JSON object: corrupt file")
+    if "sha256" in header and digest(tensors) != header["sha256"]:
         raise ValueError(
             f"{path} is corrupt: its tensors do not match the sha256 in its header (a changed "
             "byte in the weights); restore the file or retrain (train.resume=false)"
         )
-    return tensors, meta.get("arch")
+    return tensors, header.get("arch")
 
 
 def _arch(arch: str) -> type[SAE]:

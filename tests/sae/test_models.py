@@ -267,3 +267,22 @@ def test_weights_whose_bytes_changed_are_refused(tmp_path) -> None:
     # saved before the header carried a sha256: loads as it did
     save_file(load_file(str(weights)), str(weights), metadata={"arch": "relu"})
     assert isinstance(load_sae(tmp_path), ReluSAE)
+
+
+def test_identical_saes_saved_by_different_processes_are_byte_identical(tmp_path) -> None:
+    """The kill tests compare weight files by sha256: a safetensors metadata map of two keys
+    came out in a per-process order (measured: two runs, two files of equal tensors)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from tests.servers import ROOT
+
+    code = "import sys; from sae.models import build_sae; "
+    code += "build_sae('relu', 8, 16, seed=0).save(sys.argv[1])"
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(i))], check=True,
+                       env={"PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+    files = {hashlib.sha256((tmp_path / str(i) / "sae.safetensors").read_bytes()).hexdigest()
+             for i in range(3)}  # fmt: skip
+    assert len(files) == 1
