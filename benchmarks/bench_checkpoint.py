@@ -8,16 +8,12 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from benchmd import cpu, write_section
+from benchmd import cpu, main, timed
 from safetensors.torch import load_file, save_file
 
 from sae.base import CONFIG, WEIGHTS
@@ -26,16 +22,6 @@ from sae.models import build_sae, load_sae
 
 START, END = "<!-- bench_checkpoint:start -->", "<!-- bench_checkpoint:end -->"
 D_IN = 768
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and the page cache)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def run(repeats: int) -> str:
@@ -81,16 +67,5 @@ def run(repeats: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--print", action="store_true", help="print only, do not write")
-    args = p.parse_args()
-    section = run(args.repeats)
-    print(section)
-    if not args.print:
-        write_section(section, START, END)
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, run, START, END, repeats=5)

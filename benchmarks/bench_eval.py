@@ -18,14 +18,10 @@ suffixes).
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from benchmd import cpu, write_section
+from benchmd import cpu, main, timed
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sae.evaluate import ce_baselines, evaluate_sae, evaluate_saes
@@ -34,16 +30,6 @@ from sae.models import build_sae
 
 START, END = "<!-- bench_eval:start -->", "<!-- bench_eval:end -->"
 T, BATCH, N_CTX, VOCAB = 256, 16, 64, 4096
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def run(repeats: int) -> str:
@@ -109,16 +95,5 @@ def run(repeats: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--print", action="store_true", help="print only, do not write")
-    args = p.parse_args()
-    section = run(args.repeats)
-    print(section)
-    if not args.print:
-        write_section(section, START, END)
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, run, START, END, repeats=3)

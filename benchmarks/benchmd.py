@@ -5,9 +5,13 @@ Each script owns the part of BENCHMARKS.md between its own start and end markers
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +35,27 @@ def write_section(section: str, start: str, end: str, path: Path = ROOT / "BENCH
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls of `fn`, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(doc: str, run: Callable[[int], str], start: str, end: str, repeats: int) -> None:
+    """The command line of a script whose `run(repeats)` makes its section: print it, and
+    write it into BENCHMARKS.md unless --print."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--print", action="store_true", help="print only, do not write")
+    args = p.parse_args()
+    section = run(args.repeats)
+    print(section)
+    if not args.print:
+        write_section(section, start, end)
