@@ -3,7 +3,7 @@
     python benchmarks/bench_cache.py [--model DIR] [--tokens N] [--hook blocks.2.resid_post]
 
 The baseline runs the model over the same contexts, in the same batches, stopping after the
-hooked block and keeping nothing; "ours" is `sae.extract.build_cache` end to end (forward, bf16
+hooked block and keeping nothing; "ours" is `sae.activations.extract.build_cache` end to end (forward, bf16
 conversion, Parquet shards, sha256, manifest updates). Target (DESIGN §9): ratio ≤ 1.1.
 Prints a Markdown row for BENCHMARKS.md.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae.cache import Manifest
-from sae.extract import build_cache
-from sae.hooks import activations_at, load_lm, parse_hook
+from sae.activations.cache import Manifest
+from sae.activations.extract import build_cache
+from sae.lm.hooks import activations_at, load_lm, parse_hook
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 from benchmd import cpu, main, timed
 from safetensors.torch import load_file, save_file
 
-from sae.base import CONFIG, WEIGHTS
-from sae.checkpoint import digest
-from sae.models import build_sae, load_sae
+from sae.models.base import CONFIG, WEIGHTS
+from sae.training.checkpoint import digest
+from sae.models.registry import build_sae, load_sae
 
 START, END = "<!-- bench_checkpoint:start -->", "<!-- bench_checkpoint:end -->"
 D_IN = 768

@@ -24,9 +24,9 @@ import torch
 from benchmd import cpu, main, timed
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sae.evaluate import ce_baselines, evaluate_sae, evaluate_saes
-from sae.hooks import HookPoint, next_token_ce, spliced
-from sae.models import build_sae
+from sae.analysis.evaluate import ce_baselines, evaluate_sae, evaluate_saes
+from sae.lm.hooks import HookPoint, next_token_ce, spliced
+from sae.models.registry import build_sae
 
 START, END = "<!-- bench_eval:start -->", "<!-- bench_eval:end -->"
 T, BATCH, N_CTX, VOCAB = 256, 16, 64, 4096

@@ -3,7 +3,7 @@
     (a) cache read: loader rate ÷ raw file read rate of the same shard files, both warm (files
         in the page cache: dropping them needs root), d_in 768 and 128; target ≥ 0.4
     (b) loader tokens/s ÷ training tokens/s of the default SAE (relu, d_in 128, d_sae 1024,
-        batch 4096, fp32 via `sae.train.fit`); target ≥ 5
+        batch 4096, fp32 via `sae.training.fit.fit`); target ≥ 5
     (c) training tokens/s fed by the loader ÷ fed from batches already in memory; ≈ 1 means
         training never waits on the loader
 
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from benchmd import cpu, write_section
 
-from sae.cache import Manifest, write_shard
-from sae.loader import ActivationLoader
-from sae.models import build_sae
-from sae.train import FitConfig, fit
+from sae.activations.cache import Manifest, write_shard
+from sae.activations.loader import ActivationLoader
+from sae.models.registry import build_sae
+from sae.training.fit import FitConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK, T, BATCH, REPEATS = "blocks.0.resid_post", 128, 4096, 5

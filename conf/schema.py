@@ -27,7 +27,7 @@ def _positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}.{name} must be > 0, got {value}")
 
 
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # as sae.train.DEVICE (conf imports no torch)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # as sae.training.fit.DEVICE (conf imports no torch)
 
 
 def _choice(owner: str, name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -51,7 +51,7 @@ class ModelConfig:
     """Where the language model runs for caching, evaluation and steering: auto (cuda when torch
     sees a GPU, else cpu), cpu or cuda. On cuda the activation cache key also holds the GPU's
     name and compute capability; building the builtin model is not affected."""
-    # The builtin model's recipe (source=builtin); see sae/stdlib_lm.py and DESIGN §8.
+    # The builtin model's recipe (source=builtin); see sae/lm/builtin.py and DESIGN §8.
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
@@ -397,7 +397,7 @@ class Config:
     steer: SteerConfig = field(default_factory=SteerConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     hook: str = "blocks.2.resid_post"
-    """Hook point, `blocks.{L}.resid_pre|attn_out|mlp_out|resid_post` (see sae/hooks.py)."""
+    """Hook point, `blocks.{L}.resid_pre|attn_out|mlp_out|resid_post` (see sae/lm/hooks.py)."""
     run_name: str | None = None
     """MLflow run name of the SAE; None = `<arch>-<d_sae>`."""
 

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from tasks.home import home
+from tasks.support.home import home
 
 USAGE = """saeflow run [-m] [--force STAGE] [overrides]   the pipeline: cache -> train -> evaluate
 saeflow cache|train|evaluate [overrides]   one stage
@@ -121,7 +121,7 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
     if name == "scaling":
         for job in jobs:
             scaling_jobs(job)
-    from tasks.stage import forced  # Prefect, which makes its home on import: after validation
+    from tasks.support.stage import forced  # Prefect, which makes its home on import: after validation
 
     try:
         forced(force)
@@ -162,7 +162,7 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
 
 def _sql(text: str, fmt: str, params: list[str]) -> int:
     from dashboards.sql import dashboards, render
-    from tasks.sql import sql
+    from tasks.support.sql import sql
 
     if text == "list":
         for name, about in dashboards().items():

@@ -112,7 +112,7 @@ def place(jobs: list[list[str]]) -> list[list[str]]:
 def check_grid(c: Config) -> None:
     """A scaling grid must span ≥ 3 compute budgets and ≥ 3 (d_sae, tokens) cells for its fits:
     said before hours of training, not after."""
-    from sae.scaling import grid_budgets
+    from sae.analysis.scaling import grid_budgets
 
     s = c.scaling
     budgets = grid_budgets(c.sae.arch, s.d_sae, s.tokens, c.sae.k, s.budget_bin)

@@ -3,7 +3,7 @@
 Flow parameters are Hydra override strings (plus an MLflow experiment name and the stages to
 redo), so the Prefect UI shows the same knobs as the shell; the config is composed and validated
 inside the flow before any work starts. Stages are cached across runs by the content of their
-config (tasks/stage.py): a re-run reuses the activation caches and trained SAEs.
+config (tasks/support/stage.py): a re-run reuses the activation caches and trained SAEs.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from prefect.futures import as_completed
 
 from flows.config import expand_sweep, load, place, scaling_jobs
 from tasks.cache import cache_shard, finish_cache, plan_cache
-from tasks.common import with_progress
+from tasks.support.log import with_progress
 from tasks.evaluate import evaluate, evaluate_many, features
 from tasks.model import prepare_model
 from tasks.report import compare_sweep, report
 from tasks.scaling import feature_splits, fit_study, scaling_report
-from tasks.stage import forced
+from tasks.support.stage import forced
 from tasks.steer import steer
 from tasks.study import close_study, find_sae, link_runs, open_study
 from tasks.train import stream_key, train_sae, train_saes

@@ -3,7 +3,7 @@
 `plan_cache` decides the content key, reuses a finished cache (local, else fetched from
 `cache.store`), else writes the plan and the tokens and lists the shards still to do;
 `cache_shard` (mapped, one per shard) computes and records one shard; `finish_cache` seals it
-and publishes it to `cache.store` (tasks/store.py). A task runner can spread the shards over
+and publishes it to `cache.store` (tasks/support/store.py). A task runner can spread the shards over
 workers; a store spreads the finished caches over machines.
 """
 
@@ -25,8 +25,8 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig, AutoTokenizer
 
 from conf.schema import Config, from_dict
-from sae.cache import FORMAT_VERSION, CacheError, Manifest, cache_key, verify
-from sae.extract import (
+from sae.activations.cache import FORMAT_VERSION, CacheError, Manifest, cache_key, verify
+from sae.activations.extract import (
     claimed,
     compute_shard,
     disk_needed,
@@ -40,12 +40,12 @@ from sae.extract import (
     todo,
     write_tokens,
 )
-from sae.hooks import load_lm, parse_hook
-from sae.text import documents, token_contexts
-from tasks.common import logger
-from tasks.home import home
+from sae.lm.hooks import load_lm, parse_hook
+from sae.lm.text import documents, token_contexts
+from tasks.support.log import logger
+from tasks.support.home import home
 from tasks.model import lm_device
-from tasks.store import fetch, publish, shown
+from tasks.support.store import fetch, publish, shown
 
 _MODELS: dict[tuple, tuple[Any, threading.Lock]] = {}
 _MODELS_LOCK = threading.Lock()

@@ -11,18 +11,18 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from conf.schema import from_dict
-from sae.base import SAE
-from sae.cache import Manifest, sequences
-from sae.evaluate import ce_baselines, evaluate_saes
+from sae.models.base import SAE
+from sae.activations.cache import Manifest, sequences
+from sae.analysis.evaluate import ce_baselines, evaluate_saes
 from sae.failpoint import failpoint
-from sae.features import feature_stats
-from sae.hooks import HookPoint, load_lm, parse_hook
-from sae.models import load_sae
-from tasks import tracking
-from tasks.common import logger
-from tasks.home import inside
+from sae.analysis.features import feature_stats
+from sae.lm.hooks import HookPoint, load_lm, parse_hook
+from sae.models.registry import load_sae
+from tasks.support import tracking
+from tasks.support.log import logger
+from tasks.support.home import inside
 from tasks.model import lm_device
-from tasks.stage import CACHED, Stage
+from tasks.support.stage import CACHED, Stage
 
 
 def _load_sae(trained: dict[str, Any], eval_dir: Path, hook: str) -> SAE:

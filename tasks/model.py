@@ -13,10 +13,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Config, ModelConfig, from_dict
-from sae.stdlib_lm import LMSpec, build_stdlib_lm
-from sae.train import resolve_device
-from tasks.common import logger
-from tasks.home import inside
+from sae.lm.builtin import LMSpec, build_stdlib_lm
+from sae.training.fit import resolve_device
+from tasks.support.log import logger
+from tasks.support.home import inside
 
 
 def lm_spec(c: ModelConfig) -> LMSpec:

@@ -13,9 +13,9 @@ from prefect.cache_policies import NO_CACHE
 from conf.schema import from_dict
 from dashboards.report import COMPARED, comparison, run_report
 from sae.failpoint import failpoint
-from tasks import tracking
-from tasks.common import logger
-from tasks.home import inside
+from tasks.support import tracking
+from tasks.support.log import logger
+from tasks.support.home import inside
 
 CURVES = ("loss", "fvu", "l0", "dead_frac")
 SHOWN = ("sae.arch", "sae.d_sae", "hook", "train.tokens", "train.lr", "cache.key")

@@ -1,4 +1,4 @@
-"""A scaling study's analysis (sae/scaling.py, sae/splitting.py): power-law fits and feature
+"""A scaling study's analysis (sae/analysis/scaling.py, sae/analysis/splitting.py): power-law fits and feature
 splits, logged on the study's parent MLflow run and written as Parquet under
 `features/scaling/study=<parent run id>/` for `saeflow sql` (views `scaling_points`,
 `scaling_fits`, `feature_splits`)."""
@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Config, from_dict
 from dashboards.report import scaling_page
-from sae.models import load_sae
-from sae.scaling import (
+from sae.models.registry import load_sae
+from sae.analysis.scaling import (
     FITTED,
     Point,
     best_lr_per_cell,
@@ -27,10 +27,10 @@ from sae.scaling import (
     fit_scaling,
     training_flops,
 )
-from sae.splitting import decoder_directions, families, match_features
-from tasks import tracking
-from tasks.common import logger
-from tasks.home import inside
+from sae.analysis.splitting import decoder_directions, families, match_features
+from tasks.support import tracking
+from tasks.support.log import logger
+from tasks.support.home import inside
 
 RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10]}
 FAMILIES_SHOWN = 4

@@ -12,12 +12,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import from_dict
-from sae.hooks import load_lm, parse_hook
-from sae.models import load_sae
-from sae.steer import generate, intervention, next_token_probs
-from tasks import tracking
-from tasks.common import logger
-from tasks.home import inside
+from sae.lm.hooks import load_lm, parse_hook
+from sae.models.registry import load_sae
+from sae.analysis.steer import generate, intervention, next_token_probs
+from tasks.support import tracking
+from tasks.support.log import logger
+from tasks.support.home import inside
 from tasks.model import lm_device
 
 

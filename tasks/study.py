@@ -13,11 +13,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.schema import from_dict
-from sae.base import CONFIG
+from sae.models.base import CONFIG
 from sae.failpoint import failpoint
-from tasks import tracking
-from tasks.common import logger
-from tasks.home import home, inside
+from tasks.support import tracking
+from tasks.support.log import logger
+from tasks.support.home import home, inside
 from tasks.train import flatten
 
 

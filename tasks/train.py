@@ -4,7 +4,7 @@ Several SAEs that share a stream of batches train from one read of the cache (`f
 is identified by `run_key` (tag `saeflow.run_key`): asked again, a finished run is reused and an
 unfinished one (killed, failed) resumes from its newest trainer state in
 $SAEFLOW_HOME/saes/<run_id>/state, continuing the same loss trajectory in the same MLflow run.
-With train.processes > 1 the group trains data-parallel under torchrun (tasks/ddp.py); the
+With train.processes > 1 the group trains data-parallel under torchrun (tasks/support/ddp.py); the
 runs, their locks and the final save stay here.
 """
 
@@ -23,18 +23,18 @@ from typing import Any
 from prefect import task
 
 from conf.schema import Config, from_dict
-from sae import checkpoint
-from sae.base import CONFIG, SAE, WEIGHTS
-from sae.cache import Manifest
-from sae.checkpoint import TrainState
-from sae.checkpoint import steps as steps_in
-from sae.loader import ActivationLoader
-from sae.models import build_sae
-from sae.train import FREE_ON_RESUME, SHARED_FIELDS, FitConfig, OnStep, fit_many
-from tasks import tracking
-from tasks.common import logger, progress_bar
-from tasks.home import home
-from tasks.stage import CACHED, Stage
+from sae.training import checkpoint
+from sae.models.base import CONFIG, SAE, WEIGHTS
+from sae.activations.cache import Manifest
+from sae.training.checkpoint import TrainState
+from sae.training.checkpoint import steps as steps_in
+from sae.activations.loader import ActivationLoader
+from sae.models.registry import build_sae
+from sae.training.fit import FREE_ON_RESUME, SHARED_FIELDS, FitConfig, OnStep, fit_many
+from tasks.support import tracking
+from tasks.support.log import logger, progress_bar
+from tasks.support.home import home
+from tasks.support.stage import CACHED, Stage
 
 # Which SAEConfig fields each architecture takes (the rest belong to other architectures).
 HPARAMS = {
@@ -286,7 +286,7 @@ def fit_group(
 ) -> list[SAE]:
     """Build the group's SAEs and its loader as configured and train them (resumed from
     `resume`), writing trainer states to the runs' state dirs: in the task's process, or as one
-    torchrun rank of tasks/ddp.py, where every rank builds the same."""
+    torchrun rank of tasks/support/ddp.py, where every rank builds the same."""
     c = typed[0]
     saes = [_build(t, d_in) for t in typed]
     loader = ActivationLoader(
@@ -345,7 +345,7 @@ def _train_group(
             for log in on_steps:
                 log.flush()
         else:
-            from tasks import ddp  # here, not above: tasks.ddp imports this module
+            from tasks import ddp  # here, not above: tasks.support.ddp imports this module
 
             saes = ddp.fit(cfgs, run_ids, cache, d_in, step)
         status = "resumed" if found else "trained"

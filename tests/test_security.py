@@ -73,7 +73,7 @@ def test_names_cannot_escape_the_data_directory(
 
 
 def test_inside_refuses_paths_out_of_home(saeflow_home: Path) -> None:
-    from tasks.home import inside
+    from tasks.support.home import inside
 
     assert inside("reports", "abc.html") == saeflow_home / "reports" / "abc.html"
     for parts in [("..", "x"), ("reports", "../../x"), ("/etc/passwd",), ("features", "/tmp")]:

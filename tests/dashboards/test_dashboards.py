@@ -9,7 +9,7 @@ import pytest
 
 from dashboards.sql import DASHBOARDS, dashboards
 from flows.cli import main
-from tasks.sql import sql
+from tasks.support.sql import sql
 
 
 def test_every_dashboard_is_listed_and_documented() -> None:

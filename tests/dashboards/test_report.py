@@ -45,7 +45,7 @@ def test_report_without_history_or_features_still_renders() -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_pipeline_report_renders_cards_and_searches_in_chromium(study) -> None:
-    from tasks import tracking
+    from tasks.support import tracking
 
     run = study["trained"]["run_id"]
     page = Path(study["report"]["report"])

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dashboards.sql import connect, query, render
-from tasks import tracking
+from tasks.support import tracking
 
 
 @pytest.fixture

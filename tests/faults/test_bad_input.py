@@ -61,7 +61,7 @@ def hashes(root: Path) -> dict[str, str]:
 def write_cache(dir: Path, acts: torch.Tensor, hook: str, shard_seqs: int) -> Path:
     """A complete cache in the DESIGN §4 layout holding `acts` (S, T, d) at `hook`: what a
     cache made elsewhere looks like (`saeflow train cache.dir=...`)."""
-    from sae.cache import Manifest, write_shard
+    from sae.activations.cache import Manifest, write_shard
 
     dir.mkdir(parents=True)
     s, t, d = acts.shape
@@ -88,8 +88,8 @@ def write_cache(dir: Path, acts: torch.Tensor, hook: str, shard_seqs: int) -> Pa
 
 def make_sae(home: Path, *, d_in: int = 32, hook: str = "blocks.0.resid_post") -> Path:
     """A finished MLflow run with an SAE checkpoint, as `saeflow train` leaves it."""
-    from sae.models import build_sae
-    from tasks import tracking
+    from sae.models.registry import build_sae
+    from tasks.support import tracking
 
     experiment = tracking.ensure_experiment("bad-input")
     run_id = tracking.start_run(experiment, "bad-input", tags={"saeflow.stage": "train"})
@@ -117,7 +117,7 @@ def cli(capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str]]:
 def kept(study: dict[str, Any], saeflow_home: Path) -> Iterator[None]:
     """(c) for every case: the shared study's finished caches, checkpoint and model are
     byte-identical afterwards, and its MLflow run still FINISHED with the same metrics."""
-    from tasks import tracking
+    from tasks.support import tracking
 
     done = [study["train_cache"]["dir"], study["eval_cache"]["dir"]]
     done += [study["trained"]["checkpoint"], study["model"]["path"]]
@@ -363,7 +363,7 @@ def test_cache_smaller_than_one_batch(cli) -> None:
 def _poisoned_run(cli, tmp_path: Path, value: float, seed: int) -> tuple[int, str, list[str]]:
     """Train on a 4-shard cache whose last shard (in the loader's order) is all `value`;
     states every 4 steps, 4 steps per shard: good states at 4, 8, 12, the bad batch at 13."""
-    from sae.loader import plan
+    from sae.activations.loader import plan
 
     torch.manual_seed(seed)
     acts = torch.randn(64, 64, 32)  # 64 sequences of 64 tokens, d_in 32; 16 per shard
@@ -381,7 +381,7 @@ def _poisoned_run(cli, tmp_path: Path, value: float, seed: int) -> tuple[int, st
 def test_non_finite_activations_stop_training_at_the_step(
     cli, tmp_path: Path, value: float, seed: int
 ) -> None:
-    from sae.checkpoint import load
+    from sae.training.checkpoint import load
 
     code, err, _ = _poisoned_run(cli, tmp_path, value, seed)
     assert code == 1
@@ -428,7 +428,7 @@ def test_corrupt_sae_weights(cli, saeflow_home: Path) -> None:
 
 
 def test_sae_weights_with_a_flipped_bit(cli, saeflow_home: Path) -> None:
-    from tests.sae.test_checkpoint import flip_last_byte
+    from tests.sae.training.test_checkpoint import flip_last_byte
 
     sae = make_sae(saeflow_home)
     flip_last_byte(sae / "sae.safetensors")  # still a valid file: only the sha256 tells

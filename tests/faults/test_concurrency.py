@@ -14,7 +14,7 @@ from tests.servers import ROOT, child_env, fresh_home
 
 LOGGER = """
 import sys
-from tasks import tracking
+from tasks.support import tracking
 exp, i = sys.argv[1], int(sys.argv[2])
 run = tracking.start_run(exp, f"writer-{i}", tags={"writer": str(i)})
 tracking.log_params(run, {f"p{j}": j for j in range(150)})
@@ -60,7 +60,7 @@ def test_eight_runs_log_to_the_embedded_store_at_once(tmp_path: Path) -> None:
 def test_two_pipelines_asking_for_one_cache_build_it_once(
     tmp_path: Path, prefect_api: str, tiny_model: dict
 ) -> None:
-    from sae.cache import Manifest, verify
+    from sae.activations.cache import Manifest, verify
 
     home = fresh_home(tmp_path / "home", Path(tiny_model["path"]))
     job = [*TINY, "cache.tokens=65536", "cache.shard_tokens=2048", "eval.tokens=8192"]

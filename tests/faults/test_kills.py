@@ -115,7 +115,7 @@ def test_killed_pipeline_reruns_to_the_uninterrupted_result(
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from sae.cache import Manifest, verify
+    from sae.activations.cache import Manifest, verify
 
     r, ref = results[point], results["reference"]
     assert r["killed"].returncode == -9, (point, r["killed"].returncode, r["killed"].stderr[-2000:])

@@ -50,7 +50,7 @@ def served(prefect_api: str, tiny_model: dict, saeflow_home: Path) -> Iterator[s
 @pytest.fixture(scope="session")
 def mlflow_ui(saeflow_home: Path) -> Iterator[str]:
     """`mlflow server` over the session's tracking store (lean settings from STACK.md)."""
-    from tasks import tracking
+    from tasks.support import tracking
 
     port = free_port()
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -13,7 +13,7 @@ from tests.conftest import TINY
 
 
 def test_pipeline_tracks_run_metrics_checkpoint_and_features(study, saeflow_home: Path) -> None:
-    from tasks import tracking
+    from tasks.support import tracking
 
     c = tracking.client()
     run = c.get_run(study["trained"]["run_id"])
@@ -51,7 +51,7 @@ def test_pipeline_tracks_run_metrics_checkpoint_and_features(study, saeflow_home
 
 
 def test_sql_joins_features_to_runs(study, saeflow_home: Path) -> None:
-    from tasks import tracking
+    from tasks.support import tracking
 
     con = connect(saeflow_home / "features", tracking.runs_table())
     rows = query(
@@ -103,7 +103,7 @@ def test_cli_sql_counts_features(study, capsys) -> None:
 
 def test_train_on_an_external_cache_then_evaluate_it(study) -> None:
     from flows.pipeline import evaluate_flow, train_flow
-    from tasks import tracking
+    from tasks.support import tracking
 
     cache_dir = study["train_cache"]["dir"]
     trained = train_flow([*TINY, "sae=topk", "sae.k=4", f"cache.dir={cache_dir}"])
@@ -124,7 +124,7 @@ def test_train_on_an_external_cache_then_evaluate_it(study) -> None:
 
 def test_missing_cache_dir_is_named(prefect_server, tmp_path: Path) -> None:
     from flows.pipeline import train_flow
-    from sae.cache import CacheError
+    from sae.activations.cache import CacheError
 
     with pytest.raises(CacheError, match=r"manifest\.json is missing"):
         train_flow([*TINY, f"cache.dir={tmp_path}"])
@@ -132,7 +132,7 @@ def test_missing_cache_dir_is_named(prefect_server, tmp_path: Path) -> None:
 
 def test_many_hooks_one_pass_corruption_named_and_repaired(prefect_server, tiny_model) -> None:
     from flows.pipeline import cache_flow
-    from sae.cache import CacheError, Manifest, verify
+    from sae.activations.cache import CacheError, Manifest, verify
 
     overrides = [*TINY, "cache.hooks=[blocks.1.mlp_out,blocks.0.resid_pre]"]
     out = cache_flow(overrides)["train"]
@@ -165,7 +165,7 @@ def test_cache_refuses_when_the_disk_cannot_hold_it(
 
 
 def test_steer_generates_side_by_side_and_logs_to_the_run(study, capsys) -> None:
-    from tasks import tracking
+    from tasks.support import tracking
 
     run = study["trained"]["run_id"]
     out = main(["steer", *TINY, f"eval.run_id={run}", "steer.feature=5", "steer.value=40",

@@ -28,7 +28,7 @@ def scaled(prefect_server, tiny_model, saeflow_home: Path) -> dict:
 
 
 def test_the_grid_trains_one_child_run_per_cell_from_one_cache(scaled) -> None:
-    from tasks import tracking
+    from tasks.support import tracking
     from tests.flows.test_stages import task_states
 
     result = scaled["result"]
@@ -50,8 +50,8 @@ def test_the_grid_trains_one_child_run_per_cell_from_one_cache(scaled) -> None:
 
 
 def test_fits_are_on_the_parent_run_and_in_sql(scaled) -> None:
-    from tasks import tracking
-    from tasks.sql import sql
+    from tasks.support import tracking
+    from tasks.support.sql import sql
 
     result = scaled["result"]
     parent = result["study"]["parent_run_id"]
@@ -81,7 +81,7 @@ def test_fits_are_on_the_parent_run_and_in_sql(scaled) -> None:
 
 
 def test_features_split_between_consecutive_widths(scaled) -> None:
-    from tasks.sql import sql
+    from tasks.support.sql import sql
 
     result = scaled["result"]
     parent = result["study"]["parent_run_id"]
@@ -98,7 +98,7 @@ def test_features_split_between_consecutive_widths(scaled) -> None:
 
 
 def test_the_report_shows_the_fits_and_the_recommendation(scaled) -> None:
-    from tasks import tracking
+    from tasks.support import tracking
 
     result = scaled["result"]
     page = Path(result["scaling"]["report"]).read_text()

@@ -33,7 +33,7 @@ def test_pipeline_deployment_runs_with_overrides_and_links_back(
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks import tracking
+    from tasks.support import tracking
 
     params = {"overrides": [*TINY, "sae.d_sae=32"], "experiment": "served"}
     with temporary_settings({PREFECT_API_URL: served}):

@@ -87,7 +87,7 @@ def test_bad_override_or_stage_fails_the_flow_run_naming_it(study, saeflow_home:
 
 def test_sweep_of_three_one_cache_three_children_compared_on_the_parent(study) -> None:
     from flows.pipeline import sweep
-    from tasks import tracking
+    from tasks.support import tracking
 
     state = sweep([*TINY, "sae=topk", "sae.k=2,4,8"], experiment="sweep3", return_state=True)
     out = state.result()
@@ -112,7 +112,7 @@ def test_sweep_of_three_one_cache_three_children_compared_on_the_parent(study) -
 def test_lineage_links_mlflow_and_prefect_runs_both_ways(study) -> None:
     from prefect.client.orchestration import get_client
 
-    from tasks import tracking
+    from tasks.support import tracking
 
     run = tracking.client().get_run(study["trained"]["run_id"])
     flow_run_id = run.data.tags["prefect.flow_run_id"]

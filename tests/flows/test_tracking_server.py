@@ -12,7 +12,7 @@ def test_pipeline_against_an_mlflow_server(study, mlflow_server: str, tmp_path: 
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import pipeline
-    from tasks.sql import sql
+    from tasks.support.sql import sql
 
     out = pipeline([*TINY, "tracking=server", f"tracking.uri={mlflow_server}"])
     c = MlflowClient(mlflow_server)

@@ -75,7 +75,7 @@ def test_prefect_ui_starts_a_pipeline_run_with_an_override(browser, served: str)
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from selenium.webdriver.common.by import By
 
-    from tasks import tracking
+    from tasks.support import tracking
 
     ui, override = served.removesuffix("/api"), "sae.d_sae=48"
     with temporary_settings({PREFECT_API_URL: served}), get_client(sync_client=True) as client:
@@ -151,7 +151,7 @@ def test_mlflow_ui_compares_two_runs_of_a_sweep(browser, served: str, mlflow_ui:
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from selenium.webdriver.common.by import By
 
-    from tasks import tracking
+    from tasks.support import tracking
 
     params = {"overrides": [*TINY, "sae=topk", "sae.k=2,4"], "experiment": "ui-sweep"}
     with temporary_settings({PREFECT_API_URL: served}):

@@ -21,7 +21,7 @@ def test_pipeline_runs_on_a_process_work_pool(
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks import tracking
+    from tasks.support import tracking
 
     env = os.environ | {"PREFECT_API_URL": prefect_api, "PYTHONPATH": str(ROOT)}
     create = [str(BIN / "prefect"), "work-pool", "create", "saeflow-pool", "--type", "process"]

@@ -1,4 +1,4 @@
-"""train.processes > 1 (tasks/ddp.py): train_saes launches torchrun (2 gloo ranks here) and
+"""train.processes > 1 (tasks/support/ddp.py): train_saes launches torchrun (2 gloo ranks here) and
 tracks the run as it does one process's, ending with the weights of one process; ranks killed
 mid-run fail the run, which then resumes to the weights of a run that never stopped; a killed
 task leaves no rank running."""
@@ -36,11 +36,11 @@ def cache(tiny_model: dict) -> dict[str, Any]:
 
 def _train(overrides: list[str], cache: dict[str, Any], experiment: str) -> dict[str, Any]:
     from flows.config import load
-    from tasks import tracking
+    from tasks.support import tracking
     from tasks.train import train_saes
 
     # fp32: under bf16 autocast (dtype=auto on an AVX-512 BF16 CPU) each rank rounds its
-    # half-batch gradients to bf16 and the weights part by ~1e-3 relative (tests/sae/test_ddp.py)
+    # half-batch gradients to bf16 and the weights part by ~1e-3 relative (tests/sae/training/test_ddp.py)
     _, cfg = load([*TINY, "train.threads=1", "train.dtype=fp32", *overrides])
     return train_saes.fn([cfg], cache, tracking.ensure_experiment(experiment))[0]
 
@@ -57,7 +57,7 @@ def one_and_two(cache: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_two_ranks_train_the_run_of_one_process(one_and_two, saeflow_home: Path) -> None:
-    from tasks import tracking
+    from tasks.support import tracking
 
     one, two = one_and_two
     assert one["status"] == two["status"] == "trained" and one["run_id"] != two["run_id"]
@@ -82,7 +82,7 @@ def test_two_ranks_train_the_run_of_one_process(one_and_two, saeflow_home: Path)
 def test_killed_ranks_fail_the_run_which_resumes(
     one_and_two, cache: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks import tracking
+    from tasks.support import tracking
 
     job = ["train.processes=2", "train.checkpoint_every=8"]
     monkeypatch.setenv("SAEFLOW_FAILPOINT", "train.step:20")  # SIGKILL both ranks at step 20
@@ -103,7 +103,7 @@ def test_killed_ranks_fail_the_run_which_resumes(
 CHILD = """
 import json, sys
 from flows.config import load
-from tasks import tracking
+from tasks.support import tracking
 from tasks.train import train_saes
 from tests.conftest import TINY
 _, cfg = load([*TINY, *json.loads(sys.argv[2])])
@@ -119,7 +119,7 @@ def _ranks(home: Path) -> list[str]:
             cmd = path.read_bytes().replace(b"\0", b" ").decode()
         except OSError:  # gone meanwhile
             continue
-        if "tasks.ddp" in cmd and str(home) in cmd:
+        if "tasks.support.ddp" in cmd and str(home) in cmd:
             found.append(cmd)
     return found
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from flows.config import ConfigError, load
-from sae.cache import FORMAT_VERSION, Manifest, cache_key, sequences
+from sae.activations.cache import FORMAT_VERSION, Manifest, cache_key, sequences
 from tests.conftest import TINY
 
 # key_inputs needs only these of prepare_model's result (no tokenizer.json there: the identity
@@ -168,8 +168,8 @@ def _cache(cfg: dict[str, Any], model: dict[str, Any], split: str) -> dict[str, 
 def on_both(tiny_model: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """TINY's caches and the eval metrics of one random ReLU SAE, with model.device=cpu and
     =cuda, logged to a real MLflow run of the session's store."""
-    from sae.models import build_sae
-    from tasks import tracking
+    from sae.models.registry import build_sae
+    from tasks.support import tracking
     from tasks.evaluate import evaluate_many
 
     run_id = tracking.start_run(tracking.ensure_experiment("device-check"), "device-check")

@@ -19,7 +19,7 @@ from tests.conftest import TINY
 
 def test_sweep_trains_a_group_in_nested_runs_then_reuses_them(prefect_server, tiny_model) -> None:
     from flows.pipeline import sweep
-    from tasks import tracking
+    from tasks.support import tracking
 
     jobs = [[*TINY, "train.lr=0.002", "sae=relu"], [*TINY, "train.lr=0.002", "sae=topk", "sae.k=4"]]
     first = sweep(jobs=jobs)
@@ -55,7 +55,7 @@ def test_killed_training_resumes_in_the_same_run(
     from prefect.settings import PREFECT_API_URL
 
     from flows.pipeline import train_flow
-    from tasks import tracking
+    from tasks.support import tracking
 
     job = [*TINY, "train.tokens=409600", "train.checkpoint_every=20", "train.threads=1",
            "tracking.experiment=resume"]  # fmt: skip

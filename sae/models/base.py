@@ -1,0 +1,181 @@
+"""What every SAE architecture shares: parameters, output tuple, save format, hooks.
+
+An SAE maps an activation x (d_in,) to latents f (d_sae,) and back:
+
+    f  = encode(x)                  (N, d_in) -> (N, d_sae), architecture-specific
+    x̂  = f @ W_dec + b_dec          (N, d_sae) -> (N, d_in)
+
+Parameters (all fp32): W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,).
+Row i of W_dec is latent i's decoder direction. On disk (`save`): `sae.safetensors` (these four
+tensors, fp32; the header's metadata names the arch and the tensors' sha256) and `cfg.json`
+(`config()`, plus caller metadata under "meta"); `sae.models.registry.load_sae` reads them back and checks
+the sha256. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from sae.training.checkpoint import digest
+from sae.failpoint import failpoint
+
+WEIGHTS = "sae.safetensors"
+HEADER = "saeflow"
+"""The weights' metadata key: JSON of the arch and the tensors' sha256 (older files: `arch`)."""
+CONFIG = "cfg.json"
+
+
+class SAEOutput(NamedTuple):
+    """What `SAE.forward` returns. Scalars are 0-dim tensors in the units of the input x."""
+
+    x_hat: Tensor
+    """(N, d_in) reconstruction."""
+    f: Tensor
+    """(N, d_sae) latent activations; a sparse COO tensor (no gradient) from topk and batchtopk
+    in training mode (`.to_dense()` for the matrix)."""
+    loss: Tensor
+    """() the objective the trainer minimises (see each architecture's docstring)."""
+    mse: Tensor
+    """() mean over tokens of ‖x − x̂‖² / d_in (DESIGN §6)."""
+    aux: Tensor
+    """() relu: mean_N Σ_i f_i·‖W_dec,i‖; jumprelu: mean_N L0 (both before λ);
+    topk, batchtopk: the AuxK loss."""
+    l0: Tensor | None = None
+    """() mean non-zero latents per token, where the SAE knows it without scanning f (topk,
+    batchtopk in training, whose f is then a sparse COO tensor with no gradient)."""
+
+
+class SAE(nn.Module):
+    """Base class: subclasses set `arch`, implement `encode`, `forward` and `hparams`.
+
+    `forward` in training mode also updates `tokens_since_fired` (d_sae,), the number of
+    training tokens since each latent was last non-zero (never saved; reset on load). The trainer
+    reads it for `dead_frac`, TopK for AuxK.
+    """
+
+    arch: ClassVar[str]
+    train_attrs: ClassVar[tuple[str, ...]] = ()
+    """Python attributes that training changes (saved in the trainer state, not the weights)."""
+
+    def __init__(self, d_in: int, d_sae: int):
+        super().__init__()
+        for name, value in (("d_in", d_in), ("d_sae", d_sae)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.d_in, self.d_sae = d_in, d_sae
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer(
+            "tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64), persistent=False
+        )
+
+    # --- the model ---------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """(N, d_in) -> f (N, d_sae)."""
+        raise NotImplementedError
+
+    def decode(self, f: Tensor) -> Tensor:
+        """x̂ = f @ W_dec + b_dec: (N, d_sae) -> (N, d_in)."""
+        return torch.addmm(self.b_dec, f, self.W_dec)
+
+    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
+        """x (N, d_in) -> SAEOutput; `sparsity_scale` multiplies the sparsity penalty (warm-up)."""
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Any]:
+        """The architecture's hyper-parameters, as `build_sae` keyword arguments."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """Everything `build_sae` needs to rebuild this SAE: arch, d_in, d_sae, hyper-params."""
+        return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae, **self.hparams()}
+
+    # --- training hooks ----------------------------------------------------------------------
+    def before_step(self) -> None:
+        """Called by the trainer after backward, before the optimiser step."""
+
+    def after_step(self) -> None:
+        """Called by the trainer after each optimiser step."""
+
+    @torch.no_grad()
+    def _record_firing(self, f: Tensor) -> None:
+        """Training forward only: reset the counter of latents non-zero on some token of f."""
+        self._record_fired(f.detach().amax(0) > 0, f.shape[0])  # f >= 0 for every arch here
+
+    @torch.no_grad()
+    def _record_fired(self, fired: Tensor, n: int) -> None:
+        """Add n tokens to every counter; reset those of the latents in the mask fired (d_sae,)."""
+        self.tokens_since_fired.add_(n).masked_fill_(fired, 0)
+
+    def training_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What training changes beyond `state_dict()`: tensors, and JSON-able values."""
+        return {"tokens_since_fired": self.tokens_since_fired}, {
+            name: getattr(self, name) for name in self.train_attrs
+        }
+
+    @torch.no_grad()
+    def load_training_state(self, tensors: dict[str, Tensor], values: dict[str, Any]) -> None:
+        """Inverse of `training_state`."""
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        for name in self.train_attrs:
+            setattr(self, name, values[name])
+
+    # --- units and disk ----------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_scale(self, s: float) -> None:
+        """Fold an input scaling into the weights, in place: trained on x' = s·x, it now takes x.
+
+        The encoder's input is x' = s·x (relu) or x' − b_dec = s·(x − b_dec/s) (topk); both equal
+        x·(s·W_enc) [− (b_dec/s)·(s·W_enc)], so W_enc ← s·W_enc and b_dec ← b_dec/s give the same
+        pre-activations, hence the same f, and b_enc is unchanged. The reconstruction in raw units
+        is x̂'/s = f @ (W_dec/s) + b_dec/s, so W_dec ← W_dec/s. Decoder rows then have norm 1/s
+        (topk): fold only when training is over.
+        """
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"scale must be a finite positive number, got {s}")
+        self.W_enc.mul_(s)
+        self.b_dec.div_(s)
+        self.W_dec.div_(s)
+
+    def save(self, dir: Path, meta: dict[str, Any] | None = None) -> None:
+        """Write `dir/sae.safetensors` (fp32 weights) and `dir/cfg.json` (config + "meta")."""
+        dir = Path(dir)
+        dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        cfg = self.config() | ({"meta": meta} if meta is not None else {})
+        # Config first, weights last, each renamed into place: a kill leaves no half file, and
+        # weights beside a config always belong to it.
+        tmp = dir / f".{CONFIG}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, dir / CONFIG)
+        tmp = dir / f".{WEIGHTS}.{os.getpid()}.tmp"
+        # The arch in the weights' own header: relu and topk tensors have the same names and
+        # shapes, so only this tells load_sae that a cfg.json does not belong to them. The
+        # tensors' sha256 too: safetensors checks its header, not the data. One key holding
+        # both: safetensors writes its metadata map in an order that changes from process to
+        # process, so two keys made identical runs write different bytes.
+        header = {"arch": self.arch, "sha256": digest(tensors)}
+        save_file(tensors, str(tmp), metadata={HEADER: json.dumps(header, sort_keys=True)})
+        failpoint("sae.save")
+        os.replace(tmp, dir / WEIGHTS)
+
+
+def random_directions(n: int, d: int, norm: float) -> Tensor:
+    """(n, d) rows drawn uniformly on the sphere of radius `norm` (uses torch's global RNG)."""
+    w = torch.randn(n, d)
+    return w * (norm / w.norm(dim=-1, keepdim=True))
+
+
+def sq_err(x: Tensor, x_hat: Tensor) -> Tensor:
+    """(N,) ‖x − x̂‖² per token, in fp32 or wider whatever the autocast dtype of x̂."""
+    return (x_hat.to(torch.promote_types(x_hat.dtype, torch.float32)) - x).pow(2).sum(-1)

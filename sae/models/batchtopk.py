@@ -1,0 +1,99 @@
+"""BatchTopK SAE: the top k·B activations of a batch (Bussmann et al. 2024, "BatchTopK SAEs")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae.models.base import SAEOutput, sq_err
+from sae.models.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK SAE: k latents per token on average over a batch, a threshold at inference.
+
+        z    = ReLU((x − b_dec) @ W_enc + b_enc)                 (N, d_sae)
+        f    = BatchTopK_{k·N}(z)     training: keep the k·N largest z of the whole batch
+        f    = z·1[z > θ]             eval:     one threshold θ for every latent and token
+        x̂    = f @ W_dec + b_dec                                 (N, d_in), ‖W_dec,i‖ = 1
+        loss = Σ_N ‖x − x̂‖² / Σ_N ‖x − x̄‖²  +  aux_coeff·aux   (batch FVU + AuxK, as TopK)
+        θ    ← β·θ + (1 − β)·min{f > 0}   after each training batch (θ = 0: the first minimum)
+
+    Tokens share a budget of k·N latents, so a hard token can use more than k and an easy one
+    fewer. Training a token's code depends on the rest of its batch; at inference it must not,
+    hence θ: the running average of the smallest activation the batch kept, which gives about k
+    latents per token on the training distribution. θ is a buffer saved with the weights; 0 (never
+    trained) keeps every positive z. `threshold_beta` = β sets the average's horizon, about
+    1/(1 − β) batches: long enough to smooth one batch's noise, short enough to forget the
+    thresholds of the early, untrained SAE. The decoder, AuxK and dead latents are TopK's.
+    """
+
+    arch = "batchtopk"
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int = 32,
+        aux_k: int | None = None,
+        aux_coeff: float = 1 / 32,
+        dead_tokens: int = 200_000,
+        threshold_beta: float = 0.9,
+    ):
+        super().__init__(d_in, d_sae, k, aux_k, aux_coeff, dead_tokens)
+        if not 0 <= threshold_beta < 1:
+            raise ValueError(f"threshold_beta must be in [0, 1), got {threshold_beta}")
+        self.threshold_beta = float(threshold_beta)
+        self.register_buffer("threshold", torch.zeros(()))  # θ, saved in sae.safetensors
+
+    def hparams(self) -> dict[str, Any]:
+        return super().hparams() | {"threshold_beta": self.threshold_beta}
+
+    def encode(self, x: Tensor) -> Tensor:
+        """f = z·1[z > θ]: (N, d_in) -> (N, d_sae); the inference code, whatever the mode."""
+        z = self.pre_acts(x).relu()
+        return z * (z > self.threshold)
+
+    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
+        if not self.training:
+            f = self.encode(x)  # (N, d_sae)
+            x_hat = self.decode(f)
+            err = sq_err(x, x_hat)  # (N,)
+            fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
+            return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
+        z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
+        flat = z.flatten().topk(self.k * x.shape[0], sorted=False).indices  # (k·N,)
+        vals = encoder(flat // self.d_sae, flat % self.d_sae).relu()  # with gradients
+        x_hat = _decode_flat(vals, flat, self.W_dec, x.shape[0]) + self.b_dec  # (N, d_in)
+        err = sq_err(x, x_hat)
+        fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
+        aux = self._auxk(x, x_hat, z, encoder)
+        f, l0 = self._fired(vals, flat // self.d_sae, flat % self.d_sae, x.shape[0])
+        self._update_threshold(vals)
+        return SAEOutput(x_hat, f, fvu + self.aux_coeff * aux, err.mean() / self.d_in, aux, l0)
+
+    @torch.no_grad()
+    def _update_threshold(self, vals: Tensor) -> None:
+        """Average θ with the smallest positive kept activation (no host sync: all tensors)."""
+        low = vals.detach().float().masked_fill(vals <= 0, float("inf")).min()
+        beta = self.threshold_beta
+        new = torch.where(self.threshold > 0, beta * self.threshold + (1 - beta) * low, low)
+        self.threshold.copy_(torch.where(torch.isfinite(low), new, self.threshold))
+
+
+def _decode_flat(vals: Tensor, flat: Tensor, W_dec: Tensor, n: int) -> Tensor:
+    """Σ over the kept (token, latent) pairs of val·W_dec[latent]: -> (n, d_in), in fp32.
+
+    `flat` indexes the flattened (n, d_sae) matrix. Sorted by token, the pairs form one embedding
+    bag per token (of any size, empty included): k·n·d_in work instead of n·d_sae·d_in.
+    """
+    d_sae = W_dec.shape[0]
+    flat, order = flat.sort()
+    token, latent = flat // d_sae, flat % d_sae
+    offsets = torch.searchsorted(token, torch.arange(n, device=flat.device))  # (n,) bag starts
+    return F.embedding_bag(
+        latent, W_dec, offsets, mode="sum", per_sample_weights=vals[order].to(W_dec.dtype)
+    )

@@ -1,0 +1,60 @@
+"""ReLU SAE with a decoder-norm-weighted L1 penalty (Anthropic, "Circuits Updates", April 2024)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+
+
+class ReluSAE(SAE):
+    """ReLU SAE, Anthropic's April 2024 recipe.
+
+        f    = ReLU(x @ W_enc + b_enc)                     (N, d_sae)   no b_dec subtracted
+        x̂    = f @ W_dec + b_dec                            (N, d_in)
+        loss = mean_N ‖x − x̂‖² + λ·sparsity_scale·aux
+        aux  = mean_N Σ_i f_i·‖W_dec,i‖₂                    L1 weighted by decoder row norms
+
+    Following Anthropic, the input is not centred by b_dec, and the decoder is unconstrained:
+    weighting f_i by ‖W_dec,i‖ stops the optimiser from shrinking f while growing W_dec. The
+    squared error is summed over dimensions (not averaged), so λ = `l1_coeff` means what it
+    means in the paper for inputs scaled to E‖x‖ = √d_in (the trainer does that).
+
+    Init: W_dec rows are random directions of norm `init_norm`, W_enc = W_decᵀ, b_enc = 0;
+    b_dec = 0 until the trainer sets it to the geometric median of a sample.
+    """
+
+    arch = "relu"
+    train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
+
+    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 5.0, init_norm: float = 0.1):
+        super().__init__(d_in, d_sae)
+        if l1_coeff < 0:
+            raise ValueError(f"l1_coeff must be >= 0, got {l1_coeff}")
+        if init_norm <= 0:
+            raise ValueError(f"init_norm must be > 0, got {init_norm}")
+        self.l1_coeff, self.init_norm = float(l1_coeff), float(init_norm)
+        with torch.no_grad():
+            self.W_dec.copy_(random_directions(d_sae, d_in, init_norm))
+            self.W_enc.copy_(self.W_dec.T)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"l1_coeff": self.l1_coeff, "init_norm": self.init_norm}
+
+    def encode(self, x: Tensor) -> Tensor:
+        """f = ReLU(x @ W_enc + b_enc): (N, d_in) -> (N, d_sae)."""
+        return torch.addmm(self.b_enc, x, self.W_enc).relu()
+
+    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
+        f = self.encode(x)  # (N, d_sae)
+        x_hat = self.decode(f)  # (N, d_in)
+        recon = sq_err(x, x_hat).mean()  # mean_N ‖x − x̂‖²
+        l1 = f @ self.W_dec.norm(dim=-1)  # (N,) Σ_i f_i·‖W_dec,i‖ (bf16 under autocast)
+        aux = l1.to(torch.promote_types(l1.dtype, torch.float32)).mean()
+        loss = recon + (self.l1_coeff * sparsity_scale) * aux
+        if self.training:
+            self._record_firing(f)
+        return SAEOutput(x_hat, f, loss, recon / self.d_in, aux)

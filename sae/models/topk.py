@@ -1,0 +1,209 @@
+"""TopK SAE with the AuxK loss on dead latents (Gao et al. 2024, "Scaling and evaluating SAEs")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+
+
+class TopKSAE(SAE):
+    """TopK SAE: exactly k latents per token, unit-norm decoder rows, AuxK on dead latents.
+
+        z    = (x − b_dec) @ W_enc + b_enc                   (N, d_sae) pre-activations
+        f    = ReLU(TopK_k(z))                               keep the k largest z, zero the rest
+        x̂    = f @ W_dec + b_dec                             (N, d_in), ‖W_dec,i‖ = 1
+        loss = Σ_N ‖x − x̂‖² / Σ_N ‖x − x̄‖²  +  aux_coeff·aux     (batch FVU + AuxK)
+        e    = x − x̂ (no gradient);  ê = ReLU(TopK_aux_k(z over dead latents)) @ W_dec
+        aux  = Σ_N ‖e − ê‖² / Σ_N ‖e − ē‖²                   (0 if none is dead, or in eval)
+
+    Both terms are normalised MSEs as in OpenAI's reference code (`normalized_mse`), so
+    `aux_coeff` = 1/32 weighs them as in the paper. A latent is dead once it has not fired for
+    `dead_tokens` training tokens; AuxK uses min(aux_k, #dead) of them. The decoder is kept on the
+    unit sphere by the trainer's hooks: `before_step` removes each row's gradient component
+    parallel to the row, `after_step` renormalises the rows.
+
+    Init: W_dec rows are random unit directions, W_enc = W_decᵀ, b_enc = 0; b_dec = 0 until the
+    trainer sets it to the geometric median of a sample.
+    """
+
+    arch = "topk"
+    train_attrs = ("tokens_trained",)  # AuxK waits for dead_tokens of training
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int = 32,
+        aux_k: int | None = None,
+        aux_coeff: float = 1 / 32,
+        dead_tokens: int = 200_000,
+    ):
+        super().__init__(d_in, d_sae)
+        aux_k = d_in // 2 if aux_k is None else aux_k
+        if not isinstance(k, int) or not 0 < k <= d_sae:
+            raise ValueError(f"k must be an int in 1..d_sae={d_sae}, got {k!r}")
+        if not isinstance(aux_k, int) or aux_k <= 0:
+            raise ValueError(f"aux_k must be a positive int (default d_in // 2), got {aux_k!r}")
+        if aux_coeff < 0:
+            raise ValueError(f"aux_coeff must be >= 0, got {aux_coeff}")
+        if dead_tokens <= 0:
+            raise ValueError(f"dead_tokens must be > 0, got {dead_tokens}")
+        self.k, self.aux_k, self.aux_coeff = k, aux_k, float(aux_coeff)
+        self.dead_tokens = int(dead_tokens)
+        self.tokens_trained = 0  # training tokens seen by forward; no latent is dead before
+        with torch.no_grad():
+            self.W_dec.copy_(random_directions(d_sae, d_in, 1.0))
+            self.W_enc.copy_(self.W_dec.T)
+
+    def hparams(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "aux_k": self.aux_k,
+            "aux_coeff": self.aux_coeff,
+            "dead_tokens": self.dead_tokens,
+        }
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """z = (x − b_dec) @ W_enc + b_enc: (N, d_in) -> (N, d_sae)."""
+        # b_dec's gradient through the encoder is taken via a (d_sae,) vector: the bracket is 0 in
+        # value, and this spares autograd an (N, d_sae) @ (d_sae, d_in) product for grad(x − b_dec).
+        b_dec_const = self.b_dec.detach()
+        bias = self.b_enc - (self.b_dec - b_dec_const) @ self.W_enc  # (d_sae,)
+        return torch.addmm(bias, x - b_dec_const, self.W_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """f = ReLU(TopK_k(z)): (N, d_in) -> (N, d_sae) with at most k non-zeros per row."""
+        vals, idx = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
+        return _dense(vals.relu(), idx, self.d_sae)
+
+    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
+        z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
+        idx = z.topk(self.k, dim=-1, sorted=False).indices  # (N, k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k)
+        vals = encoder(rows, idx.flatten()).view_as(idx).relu()  # (N, k), with gradients
+        x_hat = _decode_sparse(vals, idx, self.W_dec) + self.b_dec  # (N, d_in)
+        err = sq_err(x, x_hat)  # (N,)
+        fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
+        if not self.training:
+            f = _dense(vals, idx, self.d_sae)  # (N, d_sae)
+            return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
+        aux = self._auxk(x, x_hat, z, encoder)
+        f, l0 = self._fired(vals.flatten(), rows, idx.flatten(), x.shape[0])
+        loss = fvu + self.aux_coeff * aux
+        return SAEOutput(x_hat, f, loss, err.mean() / self.d_in, aux, l0)
+
+    @torch.compiler.disable  # Python counters: traced, each new value would recompile
+    @torch.no_grad()
+    def _dead(self) -> tuple[Tensor, int]:
+        """(dead mask (d_sae,), how many AuxK uses: min(aux_k, #dead), 0 = no AuxK this step)."""
+        dead = self.tokens_since_fired >= self.dead_tokens
+        if self.aux_coeff == 0 or self.tokens_trained < self.dead_tokens:
+            return dead, 0
+        return dead, min(self.aux_k, int(dead.sum()))  # one host sync per step; free on CPU
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _fired(self, vals: Tensor, rows: Tensor, cols: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Training: count the n tokens, note which latents fired; return (f as a sparse COO
+        (n, d_sae) tensor, mean L0). Building the dense f would write n·d_sae zeros per step."""
+        on = vals > 0
+        self.tokens_trained += n
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=vals.device)
+        self._record_fired(fired.index_fill_(0, cols[on], True), n)
+        f = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), vals.detach(), (n, self.d_sae), check_invariants=False
+        )
+        return f, on.sum().float() / n
+
+    def pre_acts_sparse(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+        """z = pre_acts(x) computed without autograd, and encoder(rows, cols) -> z[rows, cols]
+        with gradients to W_enc, b_enc, b_dec that cost O(len(rows)·d_in), not O(N·d_sae·d_in).
+
+        Only the k chosen pre-activations per token reach the loss, so ∂loss/∂z is sparse; the
+        dense backward (N·d_sae·d_in for ∂W_enc) would cost as much as the forward product.
+        """
+        x_c = x - self.b_dec.detach()
+        bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc  # (d_sae,)
+        with torch.no_grad():
+            z = torch.addmm(bias, x_c, self.W_enc)  # (N, d_sae)
+
+        def encoder(rows: Tensor, cols: Tensor) -> Tensor:
+            return SparseGather.apply(x_c, self.W_enc, bias, rows, cols, z)
+
+        return z, encoder
+
+    def _auxk(
+        self, x: Tensor, x_hat: Tensor, z: Tensor, encoder: Callable[[Tensor, Tensor], Tensor]
+    ) -> Tensor:
+        """AuxK: the dead latents' top-aux_k pre-activations reconstruct the residual e = x − x̂."""
+        dead, aux_k = self._dead()
+        if not aux_k:
+            return z.new_zeros((), dtype=torch.float32)
+        z_dead = z.masked_fill(~dead, float("-inf"))  # only dead latents can be picked
+        idx = z_dead.topk(aux_k, dim=-1, sorted=False).indices  # (N, aux_k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)
+        vals = encoder(rows, idx.flatten()).view_as(idx).relu()
+        e = (x - x_hat).detach()  # (N, d_in)
+        e_hat = _decode_sparse(vals, idx, self.W_dec)
+        return sq_err(e, e_hat).sum() / sq_err(e, e.mean(0)).sum().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Remove from each decoder row's gradient its component along the (unit) row."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.sub_((g * self.W_dec).sum(-1, keepdim=True) * self.W_dec)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Renormalise the decoder rows to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+class SparseGather(torch.autograd.Function):
+    """(x, W, b, rows, cols, z) -> z[rows, cols] for z = x @ W + b, given z; sparse backward.
+
+        ∂L/∂W = xᵀ·G,   ∂L/∂b = Σ_N G,   G (N, d_sae) zero but G[rows, cols] = ∂L/∂out
+
+    G is a sparse matrix of len(rows) entries, so ∂W costs len(rows)·d_in multiply-adds. x gets
+    no gradient (the encoder's input is data).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, W: Tensor, b: Tensor, rows: Tensor, cols: Tensor, z: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(x, rows, cols)
+        ctx.d_sae, ctx.dtype = W.shape[1], W.dtype
+        return z[rows, cols]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, None, None, None]:
+        x, rows, cols = ctx.saved_tensors
+        g = grad.to(ctx.dtype)  # W's (fp32 master weights) whatever autocast computed in
+        G_t = torch.sparse_coo_tensor(
+            torch.stack([cols, rows]), g, (ctx.d_sae, x.shape[0]), check_invariants=False
+        )  # Gᵀ (d_sae, N)
+        grad_W = torch.sparse.mm(G_t, x.to(ctx.dtype)).T  # (d_in, d_sae)
+        grad_b = g.new_zeros(ctx.d_sae).index_add_(0, cols, g)
+        return None, grad_W, grad_b, None, None, None
+
+
+def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_j vals[n, j]·W_dec[idx[n, j]]: (N, k), (N, k), (d_sae, d_in) -> (N, d_in), in fp32.
+
+    An embedding bag reads only the k chosen rows per token: N·k·d_in work instead of the dense
+    product's N·d_sae·d_in, with gradients to both the values and W_dec.
+    """
+    return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+
+
+def _dense(vals: Tensor, idx: Tensor, d_sae: int) -> Tensor:
+    """Scatter (N, k) values at their indices into a zero (N, d_sae) matrix."""
+    return vals.new_zeros(vals.shape[0], d_sae).scatter_(-1, idx, vals)  # in place: no copy

@@ -1,0 +1,656 @@
+"""Train an SAE on a stream of activation batches: `fit(sae, batches, cfg, on_step)`.
+
+The recipe (Anthropic April 2024 / Gao et al. 2024):
+  1. From the first batch: the input scale s = √d_in / mean‖x‖ (so E‖s·x‖ = √d_in, which makes
+     l1_coeff and lr transfer across models), and b_dec = geometric median of s·x.
+  2. Adam (β = 0.9, 0.999, no weight decay) on s·x for ceil(tokens / batch_size) steps: optional
+     lr warm-up, linear lr decay to 0 over the last `lr_decay_frac` of the steps, the sparsity
+     penalty ramped 0 → 1 over the first `l1_warmup_frac`, gradient-norm clipping, bf16 autocast.
+  3. s folded into the weights, so the returned SAE (CPU, fp32, eval mode) takes raw activations.
+With `target_l0`, the sparsity coefficient of relu / jumprelu is steered during training so that
+the run ends at that L0 (`_L0Controller`); the final coefficient is the SAE's, hence saved.
+The trainer knows nothing of files or trackers: metrics leave through `on_step(step, metrics)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae.training import checkpoint
+
+from sae.analysis import metrics
+from sae.models.base import SAE, SAEOutput
+from sae.training.checkpoint import CheckpointError, TrainState
+from sae.training.checkpoint import steps as steps_in
+from sae.failpoint import failpoint
+
+OnStep = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FitConfig:
+    tokens: int
+    """Training tokens; the run takes steps = ceil(tokens / batch_size) batches."""
+    batch_size: int = 4096
+    """Rows per batch the loader yields (sets the step count; the trainer takes what it gets)."""
+    lr: float = 1e-3
+    """Peak Adam learning rate (inputs are scaled to E‖x‖ = √d_in, so it transfers across d_in)."""
+    l1_warmup_frac: float = 0.05
+    """Fraction of steps over which the sparsity penalty ramps 0 → 1 (`sparsity_scale`; relu)."""
+    lr_warmup_frac: float = 0.0
+    """Fraction of steps over which lr ramps linearly 0 → lr."""
+    lr_decay_frac: float = 0.2
+    """Fraction of steps at the end over which lr decays linearly to 0."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    dtype: str = "auto"
+    """auto | bf16 | fp32. bf16 = autocast with fp32 master weights; auto = bf16 on CUDA or on a
+    CPU with native bf16 matmuls (AVX-512 BF16 / AMX), else fp32 (an AVX2 CPU emulates bf16
+    matmuls ~40x slower than fp32)."""
+    device: str = "auto"
+    """auto | cpu | cuda. auto = cuda when available."""
+    seed: int = 0
+    """Seeds torch's RNG for the duration of fit (restored afterwards)."""
+    log_every: int = 10
+    """Call on_step every this many steps, and at the last step."""
+    geometric_median_samples: int = 4096
+    """Rows of the first batch used for the input scale and b_dec's geometric median."""
+    threads: int = 0
+    """torch CPU threads during fit (0 = leave torch's setting)."""
+    dead_window: int = 200_000
+    """Training tokens without firing after which a latent counts in the logged `dead_frac`."""
+    target_l0: float | None = None
+    """Steer the sparsity coefficient (`l1_coeff`: relu, jumprelu) so the run ends at this L0;
+    the SAE's l1_coeff is the starting point. None = keep it fixed. topk/batchtopk: k sets L0."""
+    checkpoint_every: int = 0
+    """Save the trainer state every this many steps (0 = never; needs fit's `checkpoint`)."""
+    compile: bool = False
+    """Run the SAE's forward through torch.compile."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, valid: str) -> ValueError:
+            return ValueError(f"FitConfig.{name} must be {valid}, got {getattr(self, name)!r}")
+
+        for name in ("tokens", "batch_size", "lr", "log_every", "geometric_median_samples",
+                     "dead_window"):  # fmt: skip
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "> 0")
+        for name in ("l1_warmup_frac", "lr_warmup_frac", "lr_decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "in [0, 1]")
+        if self.lr_warmup_frac + self.lr_decay_frac > 1:
+            raise bad("lr_decay_frac", f"<= 1 - lr_warmup_frac = {1 - self.lr_warmup_frac}")
+        for name in ("grad_clip", "threads", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise bad("dtype", "one of auto, bf16, fp32")
+        if not DEVICE.fullmatch(self.device):
+            raise bad("device", "one of auto, cpu, cuda, cuda:N")
+        if self.target_l0 is not None and not (
+            math.isfinite(self.target_l0) and self.target_l0 > 0
+        ):
+            raise bad("target_l0", "None or a finite number > 0")
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.tokens / self.batch_size)
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""Device names a config may give: `cuda:N` is GPU N (a sweep can put one SAE on each)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda' without CUDA, or 'cuda:N' past this
+    machine's GPUs -> RuntimeError."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("FitConfig.device='cuda' but CUDA is not available; use cpu or auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    d = torch.device(device)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if d.type == "cuda" and d.index is not None and d.index >= n:
+        valid = f"cuda:0 … cuda:{n - 1}, " if n else ""
+        raise RuntimeError(
+            f"device {device!r}: this machine has {n} CUDA device(s); use {valid}cpu or auto"
+        )
+    return d
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where bf16 matmuls are fast on `device`, else 'fp32'."""
+    fast = cpu_has_fast_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
+    if dtype == "auto":
+        return "bf16" if fast else "fp32"
+    if dtype == "bf16" and not fast:
+        warnings.warn(
+            f"dtype='bf16' on a {device.type} without native bf16 matmuls is much slower than "
+            "fp32; use dtype='auto' or 'fp32'",
+            stacklevel=3,
+        )
+    return dtype
+
+
+def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-7) -> Tensor:
+    """argmin_m Σ_n ‖x_n − m‖ by Weiszfeld's iteration: (N, d) -> (d,), float32.
+
+        m ← Σ_n w_n x_n / Σ_n w_n,   w_n = 1 / max(‖x_n − m‖, ε)
+
+    from the mean, in float64, until m moves less than tol·(1 + ‖m‖). Unlike the mean, it
+    ignores a minority of far outliers.
+    """
+    x = x.detach().double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp_min(1e-12)  # (N,)
+        m_next = (w[:, None] * x).sum(0) / w.sum()
+        done = (m_next - m).norm() <= tol * (1 + m.norm())
+        m = m_next
+        if done:
+            break
+    return m.float()
+
+
+def schedule(step: int, cfg: FitConfig) -> tuple[float, float]:
+    """(lr, sparsity_scale) at 0-based `step` of cfg.steps: linear warm-ups and decay."""
+    steps = cfg.steps
+    lr = cfg.lr
+    warmup = round(cfg.lr_warmup_frac * steps)
+    if step < warmup:
+        lr *= (step + 1) / warmup
+    decay = round(cfg.lr_decay_frac * steps)
+    if step >= steps - decay:
+        lr *= (steps - step) / decay  # 1 at the first decay step, 1/decay at the last
+    l1_warmup = round(cfg.l1_warmup_frac * steps)
+    sparsity_scale = min(1.0, (step + 1) / l1_warmup) if l1_warmup > 0 else 1.0
+    return lr, sparsity_scale
+
+
+@torch.no_grad()
+def init_from_sample(sae: SAE, x: Tensor, n: int) -> float:
+    """Set b_dec to the geometric median of the scaled first `n` rows; return the scale s."""
+    x = x[:n].float()  # (n, d_in)
+    norm = x.norm(dim=-1).mean().item()
+    if not (math.isfinite(norm) and norm > 0):
+        raise FloatingPointError(
+            f"step 0: the first batch has mean norm {norm} (NaN/inf or all zeros); cannot scale it"
+        )
+    s = math.sqrt(sae.d_in) / norm
+    sae.b_dec.copy_(geometric_median(x * s).to(sae.b_dec.device))
+    return s
+
+
+def train_step(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    sparsity_scale: float,
+    grad_clip: float,
+    bf16: bool,
+    forward: Callable[[Tensor, float], SAEOutput] | None = None,
+    world: int = 1,
+) -> SAEOutput:
+    """One optimiser step on the scaled batch x (B, d_in); returns the forward's output.
+    `forward` replaces sae.__call__ (a torch.compile'd SAE). With `world` > 1 (torchrun) x is
+    this rank's slice of the global batch and the gradients are averaged over the ranks."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = (sae if forward is None else forward)(x, sparsity_scale)  # x_hat (B, d_in), f, …
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if world > 1:
+        _average_gradients(sae, world)
+    sae.before_step()  # topk: drop the gradient component along each decoder row
+    if grad_clip > 0:  # no host sync: the clip factor stays a tensor
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip, foreach=True)
+    opt.step()
+    sae.after_step()  # topk: back onto the unit sphere
+    return out
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialised (torchrun), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(sae: SAE, world: int) -> None:
+    """g ← Σ_ranks g / world: with equal slices, the mean-loss gradient of the whole batch.
+    TopK's sparse gradients are made dense first (all-reduce takes dense tensors)."""
+    for p in sae.parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+        torch.distributed.all_reduce(g)
+        p.grad = g.div_(world)
+
+
+# target_l0: per step, log λ moves by L0_GAIN·log(l0 / target), at most ±L0_MAX_STEP; frozen
+# for the last L0_FREEZE_FRAC of the steps.
+L0_GAIN = 0.07
+L0_MAX_STEP = 0.05
+L0_FREEZE_FRAC = 0.05
+
+
+class _L0Controller:
+    """Steers the SAE's sparsity coefficient λ (`l1_coeff`) so the run ends at cfg.target_l0.
+
+        λ ← λ·exp(clamp(L0_GAIN·log(l0 / target_l0), ±L0_MAX_STEP))      once per step
+
+    with l0 the previous batch's L0: a multiplicative integral controller, so λ keeps its sign
+    and moves by factors, whatever its scale. Off during the λ warm-up (the L0 there says nothing
+    about λ) and over the last L0_FREEZE_FRAC of the steps, so the SAE settles under the λ it
+    reports and saves.
+    """
+
+    def __init__(self, sae: SAE, cfg: FitConfig):
+        if not hasattr(sae, "l1_coeff"):
+            raise ValueError(
+                f"FitConfig.target_l0={cfg.target_l0} needs an SAE with a sparsity coefficient "
+                f"(relu, jumprelu); {sae.arch} sets its L0 with k: use target_l0=None"
+            )
+        if not sae.l1_coeff > 0:
+            raise ValueError(f"target_l0 scales l1_coeff, which must be > 0, got {sae.l1_coeff}")
+        self.sae, self.target = sae, float(cfg.target_l0 or 0)
+        self.start = round(cfg.l1_warmup_frac * cfg.steps)
+        self.stop = cfg.steps - round(L0_FREEZE_FRAC * cfg.steps)
+        self.last_l0: Tensor | None = None
+
+    @property
+    def last(self) -> float | None:
+        """The previous step's L0, as saved in a trainer state."""
+        return None if self.last_l0 is None else self.last_l0.item()
+
+    @last.setter
+    def last(self, value: float | None) -> None:
+        self.last_l0 = None if value is None else torch.tensor(value, dtype=torch.float32)
+
+    def update(self, step: int, out: SAEOutput) -> None:
+        """After step `step` (from 1) with output `out`: adjust λ, remember this L0."""
+        # The previous step's L0 is read: on a GPU it is ready, so the host does not wait.
+        if self.last_l0 is not None and self.start < step <= self.stop:
+            err = L0_GAIN * math.log(max(self.last_l0.item(), 1e-3) / self.target)
+            self.sae.l1_coeff *= math.exp(min(max(err, -L0_MAX_STEP), L0_MAX_STEP))
+        self.last_l0 = (
+            (out.f.detach() != 0).sum(-1).float().mean() if out.l0 is None else out.l0.detach()
+        )
+
+
+class _Monitor:
+    """Counts tokens, remembers the first non-finite loss, and reports metrics to on_step."""
+
+    def __init__(self, sae: SAE, cfg: FitConfig, on_step: OnStep | None, checkpoint: Path | None):
+        self.sae, self.cfg, self.on_step, self.checkpoint = sae, cfg, on_step, checkpoint
+        self.scale = 1.0
+        self.tokens = 0
+        self.logged_step = 0
+        self.first_bad = torch.tensor(-1, device=sae.b_dec.device)  # a tensor: no sync per step
+        self.last_tokens, self.last_time = 0, time.perf_counter()
+        self.world = world()[1]
+
+    def update(
+        self, step: int, x: Tensor, out: SAEOutput, lr: float, sparsity_scale: float
+    ) -> None:
+        self.tokens += x.shape[0] * self.world  # data-parallel: x is this rank's slice
+        bad = ~torch.isfinite(out.loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        every = self.cfg.checkpoint_every  # a state's step is logged: lost logs resume with it
+        saved = every > 0 and step % every == 0
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps or saved:
+            self.log(step, x, out, lr, sparsity_scale)
+
+    def kept(self) -> str:
+        """Where the last good trainer state is, for error messages ('' if none)."""
+        found = steps_in(self.checkpoint) if self.checkpoint else []
+        return f"; the last good state (step {found[-1]}) is in {self.checkpoint}" if found else ""
+
+    def check(self, lr: float) -> None:
+        """Raise FloatingPointError if some loss so far was NaN/inf."""
+        if (bad := int(self.first_bad)) >= 0:
+            raise FloatingPointError(
+                f"loss became NaN/inf at step {bad} (lr={lr:.3g}); check the input batches"
+                + self.kept()
+            )
+
+    def log(self, step: int, x: Tensor, out: SAEOutput, lr: float, sparsity_scale: float) -> None:
+        """Raise on a non-finite loss so far; else call on_step with Python floats."""
+        self.logged_step = step
+        self.check(lr)
+        if self.on_step is None:
+            return
+        window = min(self.cfg.dead_window, self.tokens)
+        m = {
+            "loss": out.loss.item(),
+            "mse": out.mse.item() / self.scale**2,  # in raw activation units, as at evaluation
+            "aux": out.aux.item(),
+            "l0": metrics.l0(out.f) if out.l0 is None else out.l0.item(),
+            "fvu": metrics.fvu(x, out.x_hat.detach()),
+            "dead_frac": (self.sae.tokens_since_fired >= window).double().mean().item(),
+            "lr": lr,
+            "sparsity_scale": sparsity_scale,
+            "tokens": float(self.tokens),
+        }
+        if self.cfg.target_l0 is not None:
+            m["l1_coeff"] = float(self.sae.l1_coeff)
+        now = time.perf_counter()
+        m["tokens_per_s"] = (self.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_tokens, self.last_time = self.tokens, now
+        self.on_step(step, m)
+
+
+class _Trainer:
+    """One SAE's training: its optimiser, input scale, L0 controller and monitor; saveable."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        cfg: FitConfig,
+        on_step: OnStep | None,
+        checkpoint: Path | None,
+        device: torch.device,
+    ):
+        self.control = None if cfg.target_l0 is None else _L0Controller(sae, cfg)
+        self.rank, self.world = world()
+        if self.world > 1:  # data-parallel: rank 0 alone logs and writes trainer states
+            if cfg.batch_size % self.world:
+                raise ValueError(
+                    f"batch_size {cfg.batch_size} must divide by the {self.world} ranks: equal "
+                    "slices make the averaged gradient the whole batch's"
+                )
+            on_step, checkpoint = (on_step, checkpoint) if self.rank == 0 else (None, None)
+        self.sae, self.cfg, self.checkpoint = sae.to(device).float().train(), cfg, checkpoint
+        self.config = sae.config()  # as built: target_l0 changes l1_coeff as it goes
+        self.bf16 = resolve_dtype(cfg.dtype, device) == "bf16"
+        self.forward = torch.compile(sae) if cfg.compile else sae
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+        self.monitor = _Monitor(sae, cfg, on_step, checkpoint)
+        self.scale = 1.0
+        self.lr = cfg.lr
+        self.last: tuple[Tensor, SAEOutput, float] | None = None  # (x, out, sparsity_scale)
+
+    def start(self, first: Tensor) -> None:
+        """Scale and b_dec from the first batch (before any step)."""
+        self.scale = self.monitor.scale = init_from_sample(
+            self.sae, first, self.cfg.geometric_median_samples
+        )
+
+    def step(self, step: int, batch: Tensor) -> None:
+        """Optimiser step number `step` (from 1) on the raw batch (B, d_in)."""
+        failpoint("train.step")
+        self.lr, sparsity_scale = schedule(step - 1, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        if self.world > 1:  # every rank reads the global batch and trains on its slice
+            batch = batch[self.rank :: self.world]
+        x = batch.to(self.sae.b_dec.device, non_blocking=True).float() * self.scale
+        out = train_step(
+            self.sae,
+            self.opt,
+            x,
+            sparsity_scale,
+            self.cfg.grad_clip,
+            self.bf16,
+            self.forward,
+            self.world,
+        )
+        if self.control is not None:
+            self.control.update(step, out)
+        self.monitor.update(step, x, out, self.lr, sparsity_scale)
+        self.last = (x, out, sparsity_scale)
+
+    def finish(self, step: int) -> SAE:
+        """Log the last step if the batches ran out before it; fold the scale; CPU, fp32, eval."""
+        if self.last is not None and self.monitor.logged_step != step:
+            x, out, sparsity_scale = self.last
+            self.monitor.log(step, x, out, self.lr, sparsity_scale)
+        self.sae.fold_scale(self.scale)
+        return self.sae.cpu().float().eval()
+
+    # --- state ------------------------------------------------------------------------------
+    def save(self, step: int, shared: dict[str, Any], rng: dict[str, Tensor]) -> None:
+        """Write the state after `step` to self.checkpoint, unless something is non-finite:
+        then raise FloatingPointError and leave the last good state in place."""
+        self.monitor.check(self.lr)
+        bad = [n for n, p in self.sae.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(
+                f"parameters {bad} became NaN/inf by step {step}" + self.monitor.kept()
+            )
+        if self.checkpoint is not None:  # None on ranks other than 0
+            checkpoint.save(self.checkpoint, self.state(step, shared, rng))
+
+    def state(self, step: int, shared: dict[str, Any], rng: dict[str, Tensor]) -> TrainState:
+        names = {p: n for n, p in self.sae.named_parameters()}
+        buffers, attrs = self.sae.training_state()
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors |= {f"sae_train.{k}": v for k, v in buffers.items()} | rng
+        for p, s in self.opt.state.items():
+            tensors |= {f"adam.{names[p]}.{k}": v for k, v in s.items()}
+        values = {
+            "sae": self.config,
+            "sae_train": attrs,
+            "scale": self.scale,
+            "tokens": self.monitor.tokens,
+            "fit": dataclasses.asdict(self.cfg),
+            "last_l0": None if self.control is None else self.control.last,
+            **shared,
+        }
+        return TrainState(step, tensors, values)
+
+    @torch.no_grad()
+    def restore(self, state: TrainState) -> None:
+        """Become the trainer that saved `state` (same SAE config and FitConfig)."""
+        want = {"sae": self.config, "fit": _comparable(dataclasses.asdict(self.cfg))}
+        for key, value in want.items():
+            saved = state.values[key] if key == "sae" else _comparable(state.values[key])
+            if json.loads(json.dumps(value)) != saved:
+                raise CheckpointError(
+                    f"the trainer state of step {state.step} was saved with {key}="
+                    f"{state.values[key]} but this run has {value}; it resumes only the same "
+                    "run (train afresh with train.resume=false)"
+                )
+        t = state.tensors
+        device = self.sae.b_dec.device
+        self.sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
+        self.sae.load_training_state(
+            {k[10:]: v.to(device) for k, v in t.items() if k.startswith("sae_train.")},
+            state.values["sae_train"],
+        )
+        for n, p in self.sae.named_parameters():
+            prefix = f"adam.{n}."
+            self.opt.state[p] = {
+                k[len(prefix) :]: v.to(device) for k, v in t.items() if k.startswith(prefix)
+            }
+        self.scale = self.monitor.scale = float(state.values["scale"])
+        self.monitor.tokens = self.monitor.last_tokens = int(state.values["tokens"])
+        self.monitor.logged_step = state.step
+        if self.control is not None:
+            self.control.last = state.values["last_l0"]
+
+
+FREE_ON_RESUME = ("log_every", "threads", "checkpoint_every", "compile")
+"""FitConfig fields a resumed run may change: they do not change what it computes."""
+
+
+def _comparable(fit_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fit_cfg.items() if k not in FREE_ON_RESUME}
+
+
+def fit(
+    sae: SAE,
+    batches: Iterable[Tensor],
+    cfg: FitConfig,
+    on_step: OnStep | None = None,
+    *,
+    checkpoint: Path | None = None,
+    resume: TrainState | None = None,
+) -> SAE:
+    """Train `sae` on raw activation batches (B, d_in) of any float dtype; see the module doc.
+
+    on_step(step, metrics) runs every `log_every` steps, at each checkpoint and at the last step
+    (steps count from 1)
+    with floats: loss, mse (raw units), aux, l0, fvu (this batch), dead_frac (latents silent for
+    the last `dead_window` training tokens, or all tokens so far if fewer), lr, sparsity_scale,
+    tokens, tokens_per_s (since the previous call), and with cfg.target_l0 the current l1_coeff.
+    If the batches run out before cfg.tokens, training stops there with a warning. A NaN/inf loss
+    raises FloatingPointError naming the step (checked when logging and before each checkpoint).
+    Returns the same SAE object: CPU, fp32, eval mode, raw-input units. cfg.target_l0 on an SAE
+    without `l1_coeff` (topk, batchtopk) raises ValueError before any training.
+
+    checkpoint: a directory for the trainer state (`sae.training.checkpoint`), written every
+    cfg.checkpoint_every steps, with the loader position if `batches` has a `state()` method
+    (`sae.activations.loader.ActivationLoader`). resume: a state read back from there (`checkpoint.load`):
+    the SAE, optimiser, schedules and RNG continue from it, and `batches` must yield what followed
+    that step (an ActivationLoader built with `state=resume.loader`). The losses are then those
+    of a run that never stopped (bit-identical on CPU with the same thread count).
+    """
+    return fit_many([sae], batches, [cfg], [on_step], checkpoints=[checkpoint], resume=[resume])[0]
+
+
+SHARED_FIELDS = ("tokens", "batch_size", "device", "seed", "threads", "checkpoint_every")
+"""FitConfig fields that SAEs trained on one stream of batches must agree on."""
+
+
+def fit_many(
+    saes: list[SAE],
+    batches: Iterable[Tensor],
+    cfgs: list[FitConfig],
+    on_steps: list[OnStep | None] | None = None,
+    *,
+    checkpoints: list[Path | None] | None = None,
+    resume: list[TrainState | None] | None = None,
+) -> list[SAE]:
+    """`fit` for several SAEs on one stream: each batch is read once and fed to every SAE in turn.
+
+    Each SAE takes exactly the steps it would take alone with the same batches (so the results
+    are the same as N separate `fit`s, at the cost of one read of the data). The configs must
+    agree on SHARED_FIELDS; the lists are parallel to `saes`. Resuming takes a state for every
+    SAE, all of the same step.
+    """
+    n = len(saes)
+    on_steps = on_steps or [None] * n
+    checkpoints = checkpoints or [None] * n
+    resume = resume or [None] * n
+    if not n or not len(cfgs) == len(on_steps) == len(checkpoints) == len(resume) == n:
+        raise ValueError(f"fit_many needs one cfg, on_step, checkpoint, resume per SAE ({n})")
+    cfg = cfgs[0]
+    for name in SHARED_FIELDS:
+        if len({getattr(c, name) for c in cfgs}) > 1:
+            raise ValueError(f"fit_many: every FitConfig must have the same {name}")
+    if cfg.checkpoint_every and None in checkpoints:
+        raise ValueError("FitConfig.checkpoint_every is set but fit got no checkpoint directory")
+    resumed = {s.step if s else None for s in resume}
+    if len(resumed) > 1:
+        raise ValueError(f"fit_many resumes all SAEs from one step, got {sorted(resumed, key=str)}")
+    device = resolve_device(cfg.device)
+    rng_devices = []  # fork_rng restores the CUDA RNG of the GPU we train on, not GPU 0's
+    if device.type == "cuda":
+        rng_devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with _num_threads(cfg.threads), torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(cfg.seed)
+        trainers = [
+            _Trainer(*args, device) for args in zip(saes, cfgs, on_steps, checkpoints, strict=True)
+        ]
+        last = _train(trainers, batches, resume, device)
+    return [t.finish(last) for t in trainers]
+
+
+def _train(
+    trainers: list[_Trainer],
+    batches: Iterable[Tensor],
+    resume: list[TrainState | None],
+    device: torch.device,
+) -> int:
+    """The loop; returns the last step taken."""
+    cfg, d_in = trainers[0].cfg, trainers[0].sae.d_in
+    loader_state = getattr(batches, "state", None)  # an ActivationLoader's position
+    stream = iter(batches)
+    start = step = 0
+    if resume[0] is not None:
+        for t, s in zip(trainers, resume, strict=True):
+            t.restore(s)
+        start = step = resume[0].step
+        _set_rng(resume[0].tensors, device)
+    else:
+        first = next(stream, None)
+        if first is None:
+            raise ValueError("batches is empty: nothing to train on")
+        _check_batch(first, d_in)
+        for t in trainers:
+            t.start(first)
+        stream = itertools.chain([first], stream)
+    for step, batch in zip(range(start + 1, cfg.steps + 1), stream, strict=False):  # shorter one
+        _check_batch(batch, d_in)
+        for t in trainers:
+            t.step(step, batch)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            shared = {"loader": loader_state() if loader_state else None}
+            rng = _get_rng(device)
+            for t in trainers:
+                t.save(step, shared, rng)
+    if step < cfg.steps:
+        tokens = trainers[0].monitor.tokens
+        warnings.warn(
+            f"batches ran out after {tokens} of {cfg.tokens} tokens "
+            f"(step {step} of {cfg.steps}); stopping there",
+            stacklevel=4,
+        )
+    return step
+
+
+def _get_rng(device: torch.device) -> dict[str, Tensor]:
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng(tensors: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
+def _check_batch(batch: Tensor, d_in: int) -> None:
+    if batch.ndim != 2 or batch.shape[1] != d_in or not batch.is_floating_point():
+        raise ValueError(
+            f"a batch must be a float tensor of shape (B, d_in={d_in}), "
+            f"got {batch.dtype} {tuple(batch.shape)}"
+        )
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    """Set torch's CPU thread count for the block (n = 0: leave it)."""
+    if n <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

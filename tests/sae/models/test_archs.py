@@ -1,0 +1,434 @@
+"""BatchTopK and JumpReLU SAEs, known-answer recovery for every architecture, the target_l0
+controller (sae/batchtopk, sae/jumprelu, sae/train)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.models.base import SAE
+from sae.models.batchtopk import BatchTopKSAE
+from sae.models.jumprelu import JumpReLUSAE, JumpStep
+from sae.models.registry import ARCHS, build_sae, hparam_names, load_sae
+from sae.training.fit import FitConfig, fit, train_step
+
+D_IN, D_SAE = 16, 64  # unit tests
+
+
+def data(n: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+# --- known-answer recovery (Sharkey et al. 2022, scaled down) ------------------------------------
+
+
+def true_features(n: int, d: int, seed: int = 1000) -> torch.Tensor:
+    """(n, d) unit rows. Not seed 0: build_sae(seed=0) draws its decoder from the same stream,
+    and would start on the answer."""
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return w / w.norm(dim=-1, keepdim=True)
+
+
+def sparse_batches(
+    features: torch.Tensor, batch_size: int, active: float, seed: int = 1
+) -> Iterator[torch.Tensor]:
+    """x = 10·Σ_j a_j·feature_j + 3, `active` features on per sample on average, a_j ~ U(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    n = features.shape[0]
+    while True:
+        on = torch.rand(batch_size, n, generator=g) < active / n
+        a = torch.rand(batch_size, n, generator=g) * on  # (B, n)
+        yield (a @ features) * 10 + 3  # raw units far from E‖x‖ = √d_in
+
+
+def mean_max_cos(features: torch.Tensor, W_dec: torch.Tensor) -> float:
+    """For each true feature, the best cosine with a decoder row; averaged (MMCS)."""
+    W = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    return (features @ W.T).max(1).values.mean().item()
+
+
+# Per architecture: hyper-parameters, steps and lr that recover the 128 features of the small
+# problem in a few seconds. Measured MMCS over SAE seeds 0-5: relu 0.996-0.998, topk 0.998,
+# batchtopk 0.997-0.999 (batchtopk at lr 3e-3 needs ~600 steps; relu collapses at lr 1e-2).
+RECIPES = {
+    "relu": ({"l1_coeff": 1.0}, 300, 3e-3),
+    "topk": ({"k": 4, "dead_tokens": 10_000}, 200, 1e-2),
+    "batchtopk": ({"k": 4, "dead_tokens": 10_000}, 300, 1e-2),
+    "jumprelu": ({"l1_coeff": 1.0}, 300, 3e-3),
+}
+# The full-size problem (512 features in 256 dimensions, ~5 active). relu needs a lower lr there
+# (at 1e-3 and above every latent dies; Adam's steps are large next to W_enc's ~0.1/√d entries).
+RECIPES_FULL = {
+    "relu": ({"l1_coeff": 1.0}, 3000, 3e-4),
+    "topk": ({"k": 5, "dead_tokens": 10_000}, 1000, 1e-2),
+    "batchtopk": ({"k": 5, "dead_tokens": 10_000}, 1000, 1e-2),
+}
+
+
+def train(
+    arch: str,
+    recipe: tuple[dict, int, float] | None = None,
+    d: int = 64,
+    n_feat: int = 128,
+    d_sae: int = 256,
+    active: float = 4,
+    target_l0: float | None = None,
+) -> tuple[SAE, torch.Tensor, list[dict[str, float]]]:
+    """Fit `arch` (with `recipe`, default RECIPES[arch]) on the synthetic stream; returns
+    (sae, true features, on_step logs)."""
+    hp, steps, lr = recipe or RECIPES[arch]
+    features, logs = true_features(n_feat, d), []
+    sae = build_sae(arch, d, d_sae, seed=0, **hp)
+    cfg = FitConfig(
+        tokens=steps * 512, batch_size=512, lr=lr, dtype="fp32", log_every=10, target_l0=target_l0
+    )
+    sae = fit(sae, sparse_batches(features, 512, active), cfg, lambda s, m: logs.append(m))
+    return sae, features, logs
+
+
+@functools.cache
+def trained(arch: str):
+    """One small run per architecture, shared by the tests below (do not modify the SAE)."""
+    return train(arch)
+
+
+def held_out(features: torch.Tensor, n: int = 4096, active: float = 4) -> torch.Tensor:
+    return next(sparse_batches(features, n, active, seed=99))
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_recovers_true_features(arch: str) -> None:
+    sae, features, logs = trained(arch)
+    assert mean_max_cos(features, sae.W_dec) >= 0.99
+    assert logs[-1]["fvu"] < 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_recovers_true_features_full_size(arch: str) -> None:
+    """Sharkey et al.'s size. Measured MMCS: relu 0.9998 (90 s), topk 0.9986, batchtopk 0.9991
+    (45 s each)."""
+    sae, features, _ = train(arch, RECIPES_FULL[arch], d=256, n_feat=512, d_sae=1024, active=5)
+    assert mean_max_cos(features, sae.W_dec) >= 0.99
+
+
+# --- batchtopk ---------------------------------------------------------------------------------
+
+
+def make_batchtopk(**hp) -> BatchTopKSAE:
+    sae = build_sae("batchtopk", D_IN, D_SAE, seed=0, **({"k": 4} | hp))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 1.0)
+    assert isinstance(sae, BatchTopKSAE)
+    return sae
+
+
+def test_batchtopk_keeps_the_top_k_times_batch_activations() -> None:
+    sae = make_batchtopk().train()
+    with torch.no_grad():
+        sae.b_enc.fill_(100.0)  # every pre-activation positive: exactly k·N are kept
+    x = data(32)
+    x[0] *= 50  # a loud token takes more than its k, so others get fewer
+    out = sae(x)
+    assert out.f.is_sparse and out.l0 == 4  # training: sparse COO, no (N, d_sae) zeros written
+    out = out._replace(f=out.f.to_dense())
+    per_token = (out.f != 0).sum(-1)
+    assert per_token.sum() == 4 * 32
+    assert per_token[0] > 4 and per_token.min() < 4
+    z = sae.pre_acts(x)
+    kth = z.flatten().topk(4 * 32).values[-1]
+    torch.testing.assert_close(out.f, torch.where(z >= kth, z, torch.zeros_like(z)))
+    torch.testing.assert_close(out.x_hat, sae.decode(out.f), rtol=1e-5, atol=1e-5)
+
+
+def test_batchtopk_token_with_no_latent_decodes_to_b_dec() -> None:
+    sae = make_batchtopk().train()
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)
+    x = data(32)
+    x[1] = sae.b_dec.detach()  # z = b_enc = -1 everywhere: below the k·N-th largest
+    out = sae(x)
+    out = out._replace(f=out.f.to_dense())
+    assert (out.f[1] == 0).all()
+    torch.testing.assert_close(out.x_hat[1], sae.b_dec.detach())
+    torch.testing.assert_close(out.x_hat, sae.decode(out.f), rtol=1e-5, atol=1e-5)
+
+
+def test_batchtopk_threshold_is_a_running_average_of_the_smallest_kept() -> None:
+    sae = make_batchtopk(threshold_beta=0.75).train()
+    assert sae.threshold == 0  # untrained: eval keeps every positive z
+    smallest = []
+    for seed in (1, 2):
+        f = sae(data(32, seed=seed)).f.to_dense()
+        smallest.append(f.masked_fill(f == 0, math.inf).min().item())  # the smallest kept
+        if seed == 1:
+            torch.testing.assert_close(sae.threshold.item(), smallest[0])  # the first: itself
+    torch.testing.assert_close(sae.threshold.item(), 0.75 * smallest[0] + 0.25 * smallest[1])
+    before = sae.threshold.clone()
+    sae.eval()(data(32, seed=3))
+    assert torch.equal(sae.threshold, before)  # eval never moves it
+
+
+def test_batchtopk_eval_uses_the_threshold_and_gives_about_k() -> None:
+    sae, features, logs = trained("batchtopk")
+    theta = sae.threshold.item()
+    assert theta > 0 and logs[-1]["l0"] == 4.0  # training: exactly k·B
+    x = held_out(features)
+    z = sae.pre_acts(x).relu()
+    f = sae.encode(x)
+    torch.testing.assert_close(f, torch.where(z > theta, z, torch.zeros_like(z)))
+    torch.testing.assert_close(sae(x).f, f)
+    assert (f != 0).sum(-1).double().mean().item() == pytest.approx(4, rel=0.1)
+
+
+def test_batchtopk_save_load_keeps_the_threshold(tmp_path) -> None:
+    sae, features, _ = trained("batchtopk")
+    sae.save(tmp_path / "ckpt")
+    assert load_file(str(tmp_path / "ckpt" / "sae.safetensors"))["threshold"] == sae.threshold
+    loaded = load_sae(tmp_path / "ckpt")
+    assert isinstance(loaded, BatchTopKSAE) and loaded.config() == sae.config()
+    assert torch.equal(loaded.threshold, sae.threshold)
+    x = held_out(features, 256)
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+
+
+def test_batchtopk_gradients_match_the_dense_formula() -> None:
+    """The sparse decode of a batch's k·N picks changes no gradient."""
+    sae = make_batchtopk().double().train()
+    x = data().double()
+    sae(x).loss.backward()
+    fast = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    vals, flat = z.flatten().topk(4 * 32)
+    f = torch.zeros_like(z).flatten().scatter(0, flat, vals.relu()).view_as(z)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    (((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, fast[name], rtol=1e-10, atol=1e-12)
+
+
+# --- jumprelu ----------------------------------------------------------------------------------
+
+
+def make_jumprelu(**hp) -> JumpReLUSAE:
+    """A JumpReLU SAE whose thresholds sit among its pre-activations on data(): every latent
+    has tokens within the kernel's reach, on both sides of θ."""
+    sae = build_sae("jumprelu", D_IN, D_SAE, seed=0, **({"l1_coeff": 2.0, "bandwidth": 0.1} | hp))
+    assert isinstance(sae, JumpReLUSAE)
+    with torch.no_grad():
+        sae.b_enc.fill_(2.0)  # z > 0 on (nearly) every token
+        sae.b_dec.normal_(0, 1.0)
+        z = (data() @ sae.W_enc + sae.b_enc).relu()
+        sae.threshold.copy_(z.median(0).values)  # (d_sae,)
+    return sae
+
+
+def test_jumprelu_forward_is_the_formula() -> None:
+    sae = make_jumprelu().train()
+    x = data()
+    out = sae(x, sparsity_scale=0.5)
+    z = torch.relu(x @ sae.W_enc + sae.b_enc)
+    h = (z > sae.threshold).float()
+    torch.testing.assert_close(out.f, z * h)
+    torch.testing.assert_close(out.aux, h.sum(-1).mean())  # the L0, exactly
+    recon = ((x - out.x_hat) ** 2).sum(-1).mean()
+    torch.testing.assert_close(out.loss, recon + 2.0 * 0.5 * h.sum(-1).mean())
+    assert 0 < out.aux < D_SAE  # thresholds at the median: about half the latents fire
+    torch.testing.assert_close(sae.eval()(x).f, sae.encode(x))
+
+
+def test_jumprelu_gradients_are_the_straight_through_estimator() -> None:
+    """Autograd of the surrogate f = z·H + (θ − sg θ)·(−sg θ/ε)·K, H + (θ − sg θ)·(−1/ε)·K
+    (sg = stop gradient), whose gradients are the paper's pseudo-derivatives."""
+    sae = make_jumprelu().double().train()
+    x = data().double()
+    sae(x, sparsity_scale=0.7).loss.backward()
+    fast = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    eps = 0.1 * math.sqrt(D_IN)
+    theta, sg = sae.threshold, sae.threshold.detach()
+    z = torch.relu(x @ sae.W_enc + sae.b_enc)
+    k = ((z.detach() - sg).abs() < eps / 2).double()
+    h = (z > sg).double()
+    f = z * h + (theta - sg) * (-sg / eps) * k
+    l0 = h + (theta - sg) * (-1 / eps) * k
+    x_hat = f @ sae.W_dec + sae.b_dec
+    loss = ((x - x_hat) ** 2).sum(-1).mean() + 2.0 * 0.7 * l0.sum(-1).mean()
+    loss.backward()
+    assert (k.sum(0) > 0).all()  # every latent has tokens in the kernel
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, fast[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_jumprelu_threshold_gradient_is_nonzero_and_fp32(bf16: bool) -> None:
+    sae = make_jumprelu().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = sae(data())
+    assert (out.f.dtype == torch.bfloat16) is bf16
+    out.loss.backward()
+    g = sae.threshold.grad
+    assert sae.threshold.dtype == g.dtype == torch.float32
+    assert torch.isfinite(g).all() and (g != 0).all()
+
+
+def test_jumprelu_train_step_moves_thresholds_under_bf16() -> None:
+    sae = make_jumprelu().train()
+    before = sae.threshold.detach().clone()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    train_step(sae, opt, data(), 1.0, grad_clip=1.0, bf16=True)
+    moved = (sae.threshold.detach() - before).abs()
+    assert sae.threshold.dtype == torch.float32 and (moved > 1e-4).all()  # ~lr each
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))  # unit decoder
+    assert (sae.threshold >= 0).all()
+
+
+def test_jumprelu_step_function_backward_directly() -> None:
+    """θ's gradient through the step alone: −(1/ε)·Σ_N K((z − θ)/ε)·∂L/∂H."""
+    z = torch.tensor([[0.50], [0.55], [0.70], [0.30]])
+    theta = torch.tensor([0.52], requires_grad=True)
+    _, h = JumpStep.apply(z, theta, 0.1)  # K = 1 for z within 0.05 of θ: 0.50 and 0.55
+    assert h.flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
+    h.sum().backward()
+    torch.testing.assert_close(theta.grad, torch.tensor([-2 / 0.1]))
+
+
+def test_jumprelu_trains_its_thresholds() -> None:
+    """GDM-style JumpReLU learns slowly (measured MMCS 0.70-0.74 here after 300 steps, 0.96
+    after 1000): check the mechanics, not recovery. Thresholds rise from their 1e-3·√d_in
+    init and the L0 falls from its dense start (45 -> 6.5, fvu 0.68 -> 0.32 measured)."""
+    sae, features, logs = trained("jumprelu")
+    assert logs[0]["l0"] > 20 and logs[-1]["l0"] < 10
+    assert sae.threshold.median() > 10 * 1e-3 * math.sqrt(64)
+    x = held_out(features)
+    fvu = ((x - sae(x).x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert fvu < 0.4
+
+
+def test_jumprelu_save_load_round_trip(tmp_path) -> None:
+    sae = make_jumprelu().eval()
+    sae.save(tmp_path / "ckpt")
+    loaded = load_sae(tmp_path / "ckpt")
+    assert isinstance(loaded, JumpReLUSAE) and loaded.config() == sae.config()
+    assert torch.equal(loaded.threshold, sae.threshold)
+    x = data()
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+
+
+# --- target_l0 ----------------------------------------------------------------------------------
+
+
+def test_target_l0_steers_relu_to_the_asked_l0(tmp_path) -> None:
+    """From l1_coeff = 1 (L0 ≈ 5.5 uncontrolled). Measured over seeds, targets 3 / 8 / 16 from
+    l1_coeff 0.1 or 1: within 7%."""
+    sae, features, logs = train("relu", target_l0=8.0)
+    x = held_out(features)
+    assert (sae.encode(x) != 0).sum(-1).double().mean().item() == pytest.approx(8, rel=0.1)
+    assert sae.l1_coeff != 1.0 and logs[-1]["l1_coeff"] == sae.l1_coeff
+    assert logs[0]["l1_coeff"] == 1.0  # the λ warm-up: no control yet
+    sae.save(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "cfg.json").read_text())["l1_coeff"] == sae.l1_coeff
+    assert load_sae(tmp_path / "ckpt").l1_coeff == sae.l1_coeff
+
+
+@pytest.mark.skip(
+    reason="jumprelu's L0 answers λ too slowly in a short run (Adam moves θ by ~lr per step): "
+    "measured target 3 -> 2.5 after 800 steps (λ wound up to 93 and back), and target 6 -> 3.9 "
+    "(this data's reconstruction-optimal L0 is ~4, which λ -> 0 cannot raise)"
+)
+def test_target_l0_steers_jumprelu_to_the_asked_l0() -> None:
+    sae, features, _ = train("jumprelu", target_l0=8.0)
+    x = held_out(features)
+    assert (sae.encode(x) != 0).sum(-1).double().mean().item() == pytest.approx(8, rel=0.1)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_target_l0_with_k_raises(arch: str) -> None:
+    sae = build_sae(arch, 8, 16, k=2)
+    with pytest.raises(ValueError, match=rf"target_l0=3.*{arch}.*k"):
+        fit(sae, iter([torch.randn(64, 8)]), FitConfig(tokens=64, target_l0=3))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
+def test_target_l0_is_validated(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"FitConfig.target_l0 must be None or .* > 0"):
+        FitConfig(tokens=1, target_l0=bad)
+
+
+def test_target_l0_needs_a_positive_coefficient() -> None:
+    sae = build_sae("relu", 8, 16, l1_coeff=0.0)
+    with pytest.raises(ValueError, match=r"l1_coeff, which must be > 0, got 0\.0"):
+        fit(sae, iter([torch.randn(64, 8)]), FitConfig(tokens=64, target_l0=3))
+
+
+# --- registry, build and load ---------------------------------------------------------------------
+
+
+def test_registry_lists_every_architecture() -> None:
+    assert sorted(ARCHS) == ["batchtopk", "jumprelu", "relu", "topk"]
+    assert hparam_names("batchtopk") == ["k", "aux_k", "aux_coeff", "dead_tokens",
+                                         "threshold_beta"]  # fmt: skip
+    assert hparam_names("jumprelu") == ["l1_coeff", "bandwidth", "init_threshold"]
+    for arch in ARCHS:
+        sae = build_sae(arch, 8, 16, **({"k": 2} if "k" in hparam_names(arch) else {}))
+        cfg = sae.config()
+        assert build_sae(cfg.pop("arch"), cfg.pop("d_in"), cfg.pop("d_sae"), **cfg).config() == (
+            sae.config()
+        )
+
+
+@pytest.mark.parametrize(
+    ("arch", "hp", "match"),
+    [
+        ("batchtopk", {"k": 17}, r"k.*17"),
+        ("batchtopk", {"k": 2, "threshold_beta": 1.0}, r"threshold_beta.*\[0, 1\).*1.0"),
+        ("batchtopk", {"l1_coeff": 1.0}, r"'l1_coeff'.*batchtopk"),
+        ("jumprelu", {"bandwidth": 0.0}, r"bandwidth.*> 0.*0.0"),
+        ("jumprelu", {"init_threshold": -1.0}, r"init_threshold.*> 0.*-1.0"),
+        ("jumprelu", {"l1_coeff": -1.0}, r"l1_coeff.*>= 0.*-1.0"),
+        ("jumprelu", {"k": 2}, r"'k'.*jumprelu"),
+    ],
+)
+def test_build_errors(arch: str, hp: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_sae(arch, 8, 16, **hp)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_load_errors(arch: str, tmp_path) -> None:
+    sae: SAE = make_batchtopk() if arch == "batchtopk" else make_jumprelu()
+    sae.save(tmp_path / "a")
+    cfg_path = tmp_path / "a" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(cfg | {"d_sae": D_SAE * 2}))
+    with pytest.raises(ValueError, match="does not match"):
+        load_sae(tmp_path / "a")
+    cfg_path.write_text(json.dumps(cfg))
+    weights = tmp_path / "a" / "sae.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["threshold"]
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=r"does not match.*expected.*'threshold'"):
+        load_sae(tmp_path / "a")
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_fold_scale_gives_same_latents_on_raw_inputs(arch: str) -> None:
+    sae: SAE = make_batchtopk() if arch == "batchtopk" else make_jumprelu()
+    if isinstance(sae, BatchTopKSAE):
+        sae.train()(data(64))  # a non-zero threshold
+    sae.eval()
+    s, x = 7.5, data(seed=5)  # not the data the thresholds were set on: no z sits on θ
+    with torch.no_grad():
+        f_scaled, x_hat_scaled = sae.encode(s * x), sae(s * x).x_hat
+        sae.fold_scale(s)
+        torch.testing.assert_close(sae.encode(x), f_scaled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae(x).x_hat, x_hat_scaled / s, rtol=1e-5, atol=1e-5)
