@@ -3,9 +3,9 @@
     python benchmarks/bench_cache.py [--model DIR] [--tokens N] [--hook blocks.2.resid_post]
 
 The baseline runs the model over the same contexts, in the same batches, stopping after the
-hooked block and keeping nothing; "ours" is `sae.activations.extract.build_cache` end to end (forward, bf16
-conversion, Parquet shards, sha256, manifest updates). Target (DESIGN §9): ratio ≤ 1.1.
-Prints a Markdown row for BENCHMARKS.md.
+hooked block and keeping nothing; "ours" is `sae.activations.extract.build_cache` end to end
+(forward, bf16 conversion, Parquet shards, sha256, manifest updates). Target (DESIGN §9): ratio ≤
+1.1. Prints a Markdown row for BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from benchmd import cpu, main, timed
 from safetensors.torch import load_file, save_file
 
 from sae.models.base import CONFIG, WEIGHTS
-from sae.training.checkpoint import digest
 from sae.models.registry import build_sae, load_sae
+from sae.training.checkpoint import digest
 
 START, END = "<!-- bench_checkpoint:start -->", "<!-- bench_checkpoint:end -->"
 D_IN = 768

@@ -1,7 +1,8 @@
 """saeflow against its peers, SAELens and EleutherAI sparsify, on the same known-answer data.
 
 Each library trains from its own defaults (sizes aside) for ONE pass over the same in-memory
-batches of `sae.activations.synthetic` data (1024 true features in d_in 256, ~16 on per sample), in one run:
+batches of `sae.activations.synthetic` data (1024 true features in d_in 256, ~16 on per sample), in
+one run:
 
     saelens       SAELens StandardTrainingSAE (ReLU + L1), its SAETrainer (Adam, lr 3e-4)
     sparsify      sparsify SparseCoder (TopK, its default k = 32), its Trainer (SignSGD +
@@ -54,9 +55,9 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the peers venv does not install saeflow
 
-from sae import metrics  # noqa: E402
-from sae.models.registry import build_sae  # noqa: E402
 from sae.activations.synthetic import mean_max_cos, sparse_batches, unit_rows  # noqa: E402
+from sae.analysis import metrics  # noqa: E402
+from sae.models.registry import build_sae  # noqa: E402
 from sae.training.fit import FitConfig, fit  # noqa: E402
 
 D_IN, D_SAE, BATCH, ACTIVE, N_FEATURES, EVAL_ROWS = 256, 2048, 4096, 16, 1024, 16384
@@ -241,11 +242,12 @@ def report(results: dict[str, dict[str, float]], samples: int, threads: int) -> 
         "",
         f"{datetime.date.today()} · {cpu()}; torch {v['torch']}, {threads} threads; "
         f"sae-lens {v['sae-lens']}, eai-sparsify {v['eai-sparsify']}, saeflow (this tree).",
-        f"`sae.activations.synthetic`: {N_FEATURES} unit features (seed 1000) in d_in {D_IN}, ~{ACTIVE} on "
-        f"per sample; one pass over {samples:,} samples in batches of {BATCH} (seed 1), held in "
-        f"memory before timing; d_sae {D_SAE}; fp32. Each library trains from its own defaults "
-        "(see the script's docstrings for every setting passed). samples/s over the library's "
-        f"training call; FVU, L0, MMCS on a held-out batch of {EVAL_ROWS:,} (seed 99).",
+        f"`sae.activations.synthetic`: {N_FEATURES} unit features (seed 1000) in d_in {D_IN}, "
+        f"~{ACTIVE} on per sample; one pass over {samples:,} samples in batches of {BATCH} "
+        f"(seed 1), held in memory before timing; d_sae {D_SAE}; fp32. Each library trains from "
+        "its own defaults (see the script's docstrings for every setting passed). samples/s "
+        f"over the library's training call; FVU, L0, MMCS on a held-out batch of {EVAL_ROWS:,} "
+        "(seed 99).",
         "",
         "| contender | samples/s | s | FVU | L0 | MMCS |",
         "|---|---|---|---|---|---|",

@@ -1,8 +1,8 @@
 """Training throughput per architecture and FLOP utilisation (issue 4; DESIGN §9).
 
-Tokens/s of one optimiser step (`sae.training.fit.train_step`: forward, backward, clip, Adam, decoder
-hooks) at d_in 768, d_sae ∈ {8192, 24576}, batch 4096, against the machine's own matrix-product
-rate measured in the same run on the encoder's shape, (4096, 768) @ (768, d_sae):
+Tokens/s of one optimiser step (`sae.training.fit.train_step`: forward, backward, clip, Adam,
+decoder hooks) at d_in 768, d_sae ∈ {8192, 24576}, batch 4096, against the machine's own
+matrix-product rate measured in the same run on the encoder's shape, (4096, 768) @ (768, d_sae):
 
     dense SAE (relu, jumprelu)       ≈ 10·d_in·d_sae FLOPs per token: 2 products of 2·d·m forward
                                        (encoder, decoder), 3 backward (∂f, ∂W_dec, ∂W_enc)
@@ -13,8 +13,8 @@ rate measured in the same run on the encoder's shape, (4096, 768) @ (768, d_sae)
 
 Utilisation = counted FLOPs per token × tokens/s ÷ matmul rate. Targets: dense ≥ 50% of the
 matmul rate, topk sparse ≥ 3× topk-dense. bf16 is measured only where the CPU has native bf16
-(`sae.training.fit.cpu_has_fast_bf16`); elsewhere autocast emulates it far slower than fp32, which is
-why dtype=auto picks fp32 there, and the table says so.
+(`sae.hardware.cpu_has_fast_bf16`); elsewhere autocast emulates it far slower than fp32, which
+is why dtype=auto picks fp32 there, and the table says so.
 
     python benchmarks/bench_train.py             # writes the Training section of BENCHMARKS.md
     python benchmarks/bench_train.py --quick     # d_sae 8192 only, prints only
@@ -31,10 +31,11 @@ import torch
 from benchmd import cpu, write_section
 from torch import Tensor
 
+from sae.hardware import cpu_has_fast_bf16
 from sae.models.base import SAEOutput, sq_err
 from sae.models.registry import build_sae
 from sae.models.topk import TopKSAE
-from sae.training.fit import cpu_has_fast_bf16, train_step
+from sae.training.fit import train_step
 
 START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 D_IN, BATCH, K = 768, 4096, 32

@@ -114,14 +114,17 @@ def _steer_summary(result: dict[str, Any]) -> str:
 
 
 def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) -> int:
-    from flows.config import ConfigError, expand_sweep, load, scaling_jobs
+    from flows.config import ConfigError, scaling_jobs
+    from flows.config import jobs as compose_jobs
 
-    jobs = expand_sweep(overrides) if multirun else [overrides]
-    typed = [load(job)[0] for job in jobs]  # validate every job before any work
+    composed = compose_jobs(overrides, multirun)  # every job validated before any work
+    jobs, typed = [job for job, _ in composed], [c for _, c in composed]
     if name == "scaling":
-        for job in jobs:
-            scaling_jobs(job)
-    from tasks.support.stage import forced  # Prefect, which makes its home on import: after validation
+        for job, c in composed:
+            scaling_jobs(job, c)
+    from tasks.support.stage import (
+        forced,  # Prefect, which makes its home on import: after validation
+    )
 
     try:
         forced(force)

@@ -1,4 +1,9 @@
-"""Hydra at the edge: overrides -> a validated `Config` and the plain dict the flows pass around."""
+"""Hydra at the edge: override strings -> validated, typed `Config` jobs, composed once.
+
+The CLI, `serve`/`deploy` and each flow's first step turn overrides into `Config`s here; from
+then on sweeps, scaling grids, device placement and tasks carry those objects (changed with
+`dataclasses.replace`, which runs every check again), never override strings to parse again.
+"""
 
 from __future__ import annotations
 
@@ -24,12 +29,18 @@ class ConfigError(ValueError):
     """An override or value that the schema rejects; the message names it."""
 
 
+COMPOSES = 0
+"""Hydra composes run by this process (a test counts them)."""
+
+
 def load(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, Any]]:
-    """Compose `conf/config.yaml` with `overrides`, validate, return (typed config, plain dict).
+    """Compose `conf/config.yaml` with `overrides`, validate, return (typed config, its asdict).
 
     Uses the compose API, not `@hydra.main`: the latter parses the process's argv and exits,
     which breaks inside a Prefect worker (STACK.md).
     """
+    global COMPOSES
+    COMPOSES += 1
     register()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -39,7 +50,20 @@ def load(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str,
         typed = OmegaConf.to_object(cfg)  # runs every __post_init__ check
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise ConfigError(_clean(e)) from None
-    return typed, OmegaConf.to_container(cfg, resolve=True)
+    return typed, dataclasses.asdict(typed)
+
+
+def replace(c: Config, **sections: dict[str, Any]) -> Config:
+    """`c` with fields changed, e.g. `replace(c, sae={"d_sae": 64}, run_name="x")`: a dict for
+    a section changes its fields; every check runs again (a bad value is a ConfigError)."""
+    try:
+        changes = {
+            k: dataclasses.replace(getattr(c, k), **v) if isinstance(v, dict) else v
+            for k, v in sections.items()
+        }
+        return dataclasses.replace(c, **changes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _clean(e: Exception) -> str:
@@ -101,45 +125,37 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in product(*choices)]
 
 
-def place(jobs: list[list[str]]) -> list[list[str]]:
+def jobs(overrides: list[str], multirun: bool = False) -> list[tuple[list[str], Config]]:
+    """(overrides, typed config) per job: one, or with `multirun` one per combination of
+    Hydra's sweep syntax (`sae.k=16,32`); each composed once."""
+    expanded = expand_sweep(overrides) if multirun else [list(overrides)]
+    return [(job, load(job)[0]) for job in expanded]
+
+
+def place(configs: list[Config]) -> list[Config]:
     """`runner.devices` (of the first job: a study has one runner): job i gets
     `train.device=devices[i mod n]`, so each device trains a group of its own."""
-    devices = load(jobs[0])[0].runner.devices if jobs else []
-    return [[*job, f"train.device={devices[i % len(devices)]}"] if devices else job
-            for i, job in enumerate(jobs)]  # fmt: skip
+    devices = configs[0].runner.devices if configs else []
+    if not devices:
+        return list(configs)
+    return [replace(c, train={"device": devices[i % len(devices)]}) for i, c in enumerate(configs)]
 
 
-def check_grid(c: Config) -> None:
-    """A scaling grid must span ≥ 3 compute budgets and ≥ 3 (d_sae, tokens) cells for its fits:
-    said before hours of training, not after."""
-    from sae.analysis.scaling import grid_budgets
-
-    s = c.scaling
-    budgets = grid_budgets(c.sae.arch, s.d_sae, s.tokens, c.sae.k, s.budget_bin)
-    if budgets < 3 or len(s.d_sae) * len(s.tokens) < 3:
-        raise ConfigError(
-            f"scaling.d_sae={s.d_sae} × scaling.tokens={s.tokens} spans {budgets} compute "
-            f"budget(s) (bins of ×{s.budget_bin:g}); the fits need ≥ 3: add sizes or token counts"
-        )
-
-
-def scaling_jobs(base: list[str]) -> list[list[str]]:
-    """`saeflow scaling`'s jobs: `base` plus one (d_sae, tokens, lr) of the grid each, run
-    name `<arch>-<d_sae>-<tokens>tok-lr<lr>`; the grid and every job validated."""
-    typed, _ = load(base)
-    check_grid(typed)
-    s, arch = typed.scaling, typed.sae.arch
-    grid = [(n, t, lr) for n in s.d_sae for t in s.tokens for lr in s.lr]
-    jobs = [
-        [
-            *base,
-            f"sae.d_sae={n}",
-            f"train.tokens={t}",
-            f"train.lr={lr!r}",
-            f"run_name={arch}-{n}-{t}tok-lr{lr:g}",
-        ]
-        for n, t, lr in grid
-    ]
-    for job in jobs:
-        load(job)
-    return jobs
+def scaling_jobs(base: list[str], c: Config) -> list[tuple[list[str], Config]]:
+    """`saeflow scaling`'s jobs from its composed base config `c` (overrides `base`): one per
+    (d_sae, tokens, lr) of the grid, run name `<arch>-<d_sae>-<tokens>tok-lr<lr>`; the grid and
+    every job validated. The overrides returned with each job only label it."""
+    s, arch = c.scaling, c.sae.arch
+    try:
+        s.check_grid(arch, c.sae.k)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = []
+    for n in s.d_sae:
+        for t in s.tokens:
+            for lr in s.lr:
+                name = f"{arch}-{n}-{t}tok-lr{lr:g}"
+                label = [*base, f"sae.d_sae={n}", f"train.tokens={t}", f"train.lr={lr!r}"]
+                job = replace(c, sae={"d_sae": n}, train={"tokens": t, "lr": lr}, run_name=name)
+                out.append(([*label, f"run_name={name}"], job))
+    return out

@@ -1,8 +1,9 @@
 """The study as Prefect flows: each stage alone, and the whole pipeline (DESIGN §3).
 
 Flow parameters are Hydra override strings (plus an MLflow experiment name and the stages to
-redo), so the Prefect UI shows the same knobs as the shell; the config is composed and validated
-inside the flow before any work starts. Stages are cached across runs by the content of their
+redo), so the Prefect UI shows the same knobs as the shell; a flow's first step composes them,
+once per job, into typed `Config`s (flows/config.py), validated before any work starts, and the
+tasks take those. Stages are cached across runs by the content of their
 config (tasks/support/stage.py): a re-run reuses the activation caches and trained SAEs.
 """
 
@@ -10,22 +11,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from prefect import Task, flow, unmapped
 from prefect.futures import as_completed
 
-from flows.config import expand_sweep, load, place, scaling_jobs
+from conf.schema import Config
+from flows.config import jobs as compose_jobs
+from flows.config import load, place, scaling_jobs
 from tasks.cache import cache_shard, finish_cache, plan_cache
-from tasks.support.log import with_progress
-from tasks.evaluate import evaluate, evaluate_many, features
+from tasks.evaluate import evaluate_many, features
 from tasks.model import prepare_model
 from tasks.report import compare_sweep, report
 from tasks.scaling import feature_splits, fit_study, scaling_report
-from tasks.support.stage import forced
 from tasks.steer import steer
 from tasks.study import close_study, find_sae, link_runs, open_study
-from tasks.train import stream_key, train_sae, train_saes
+from tasks.support.log import with_progress
+from tasks.support.stage import forced
+from tasks.train import stream_key, train_saes
 
 
 def with_experiment(overrides: list[str] | None, experiment: str | None) -> list[str]:
@@ -44,7 +48,7 @@ def _run(t: Task, *args: Any, force: bool = False) -> tuple[Any, bool]:
 
 
 def cache_activations(
-    cfg: dict[str, Any], model: dict[str, Any], split: str, force: bool = False
+    cfg: Config, model: dict[str, Any], split: str, force: bool = False
 ) -> dict[str, Any]:
     """plan -> one mapped task per missing shard (a task runner may spread them) -> finish."""
     plan = plan_cache(cfg, model, split, force)
@@ -62,7 +66,7 @@ def cache_flow(
     force: list[str] | None = None,
 ) -> dict[str, Any]:
     """Cache the train and eval activations for the configured model, data and hook."""
-    _, cfg = load(with_experiment(overrides, experiment))
+    cfg, _ = load(with_experiment(overrides, experiment))
     redo = "cache" in forced(force)
     model = prepare_model(cfg)
     return {
@@ -78,14 +82,14 @@ def train_flow(
     force: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train one SAE (caching first if needed); `cache.dir=PATH` trains on any §4 cache."""
-    typed, cfg = load(with_experiment(overrides, experiment))
+    cfg, _ = load(with_experiment(overrides, experiment))
     redo = forced(force)
-    model = {} if typed.cache.dir else prepare_model(cfg)
+    model = {} if cfg.cache.dir else prepare_model(cfg)
     cache = cache_activations(cfg, model, "train", "cache" in redo)
     study = open_study(cfg, "train")
     try:
-        args = (cfg, cache, study["experiment_id"], study["parent_run_id"], "train" in redo)
-        trained, cached = _run(train_sae, *args, force="train" in redo)
+        args = ([cfg], cache, study["experiment_id"], study["parent_run_id"], "train" in redo)
+        (trained,), cached = _run(train_saes, *args, force="train" in redo)
         link_runs(cfg, study["experiment_id"], {"sae": trained["run_id"]})
     except BaseException:
         close_study(cfg, study["parent_run_id"], "FAILED")
@@ -101,23 +105,23 @@ def evaluate_flow(
     force: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained SAE (`eval.run_id`, default the latest) and write its feature table."""
-    _, cfg = load(with_experiment(overrides, experiment))
+    cfg, _ = load(with_experiment(overrides, experiment))
     redo = forced(force)
     trained = find_sae(cfg)  # a bad eval.run_id or hook fails before any caching
     model = prepare_model(cfg)
     eval_cache = cache_activations(cfg, model, "eval", "cache" in redo)
-    args = (cfg, model, eval_cache, trained)
+    args = (cfg, model, eval_cache)
     return {
         "trained": trained,
-        "metrics": _run(evaluate, *args, force="evaluate" in redo)[0],
-        "features": _run(features, *args, force="features" in redo)[0],
+        "metrics": _run(evaluate_many, *args, [trained], force="evaluate" in redo)[0][0],
+        "features": _run(features, *args, trained, force="features" in redo)[0],
     }
 
 
 @flow(name="steer")
 def steer_flow(overrides: list[str] | None = None, experiment: str | None = None) -> dict[str, Any]:
     """Generate with and without one feature of a trained SAE (`steer.*`, `eval.run_id`)."""
-    _, cfg = load(with_experiment(overrides, experiment))
+    cfg, _ = load(with_experiment(overrides, experiment))
     model = prepare_model(cfg)
     trained = find_sae(cfg)
     return steer(cfg, model, trained) | {"run_id": trained["run_id"]}
@@ -135,7 +139,7 @@ def pipeline(
     (default `<model>/<hook>`); `force`: stages to redo rather than reuse (cache, train,
     evaluate, features, or all).
     """
-    result = study([with_experiment(overrides, experiment)], "pipeline", force)
+    result = study(compose_jobs(with_experiment(overrides, experiment)), "pipeline", force)
     return {k: v for k, v in result.items() if k != "jobs"} | result["jobs"][0]
 
 
@@ -153,8 +157,9 @@ def sweep(
     built once; SAEs that share a stream of batches (same cache, hook and train.{tokens,
     batch_size, seed, ...}) train together from one read of it (`train_saes`).
     """
-    todo = (expand_sweep(overrides) if overrides else []) + list(jobs or [])
-    return study([with_experiment(job, experiment) for job in todo or [[]]], "sweep", force)
+    todo = compose_jobs(with_experiment(overrides, experiment), multirun=True) if overrides else []
+    todo += [one for job in jobs or [] for one in compose_jobs(with_experiment(job, experiment))]
+    return study(todo or compose_jobs(with_experiment([], experiment)), "sweep", force)
 
 
 @flow(name="scaling")
@@ -171,12 +176,13 @@ def scaling(
     scaling.extrapolate × the largest budget, feature splitting between consecutive sizes, and
     the report; points, fits and splits as Parquet for `saeflow sql`.
     """
-    jobs = scaling_jobs(with_experiment(overrides, experiment))  # all validated first
+    base = with_experiment(overrides, experiment)
+    jobs = scaling_jobs(base, load(base)[0])  # the grid from one compose, all validated first
     return study(jobs, "scaling", force, analyse=_scaling)
 
 
 def _scaling(
-    cfgs: list[dict[str, Any]], out: list[dict[str, Any]], opened: dict[str, str]
+    cfgs: list[Config], out: list[dict[str, Any]], opened: dict[str, str]
 ) -> dict[str, Any]:
     """fits -> feature splits -> report, on the scaling study's parent run."""
     parent = opened["parent_run_id"]
@@ -189,19 +195,23 @@ def _scaling(
     return {"scaling": {"fits": fitted["fits"], "dir": fitted["dir"]} | splits | shown}
 
 
-Analyse = Callable[[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]], dict[str, Any]]
+Analyse = Callable[[list[Config], list[dict[str, Any]], dict[str, str]], dict[str, Any]]
 
 
 def study(
-    jobs: list[list[str]], kind: str, force: list[str] | None = None, analyse: Analyse | None = None
+    jobs: list[tuple[list[str], Config]],
+    kind: str,
+    force: list[str] | None = None,
+    analyse: Analyse | None = None,
 ) -> dict[str, Any]:
-    """The DAG of DESIGN §3 for `jobs`: caches, grouped training, evaluation, feature stats,
-    reports, for a sweep or scaling study the comparison on its parent run, then `analyse`
-    (configs, per-job results, the opened study) before the parent run is closed."""
+    """The DAG of DESIGN §3 for `jobs` ((overrides, config) each; the overrides only label the
+    job): caches, grouped training, evaluation, feature stats, reports, for a sweep or scaling
+    study the comparison on its parent run, then `analyse` (configs, per-job results, the opened
+    study) before the parent run is closed."""
     if not jobs:
         raise ValueError("a sweep needs at least one job")
-    jobs = place(jobs)
-    cfgs = [load(job)[1] for job in jobs]  # all validated before any work
+    labels_of = [overrides for overrides, _ in jobs]
+    cfgs = place([c for _, c in jobs])  # all validated before any work
     redo = forced(force)
     models, caches = _caches(cfgs, "cache" in redo)
     opened = open_study(cfgs[0], kind)
@@ -209,7 +219,7 @@ def study(
         trained = _train(cfgs, caches, opened, "train" in redo)
         metrics = _evaluate(cfgs, models, caches, trained, "evaluate" in redo)
         out = []
-        for job, cfg, t, m in zip(jobs, cfgs, trained, metrics, strict=True):
+        for job, cfg, t, m in zip(labels_of, cfgs, trained, metrics, strict=True):
             model, (train_cache, eval_cache) = models[_model_spec(cfg)], caches[_cache_spec(cfg)]
             args = (cfg, model, eval_cache, t)
             feats = _run(features, *args, force="features" in redo)[0]
@@ -238,7 +248,7 @@ def study(
 Caches = dict[str, tuple[dict[str, Any], dict[str, Any]]]
 
 
-def _caches(cfgs: list[dict[str, Any]], redo: bool) -> tuple[dict[str, Any], Caches]:
+def _caches(cfgs: list[Config], redo: bool) -> tuple[dict[str, Any], Caches]:
     """Each distinct model prepared once, each distinct (train, eval) cache pair built once."""
     models: dict[str, dict[str, Any]] = {}
     caches: Caches = {}
@@ -256,7 +266,7 @@ def _caches(cfgs: list[dict[str, Any]], redo: bool) -> tuple[dict[str, Any], Cac
 
 
 def _train(
-    cfgs: list[dict[str, Any]], caches: Caches, opened: dict[str, str], redo: bool
+    cfgs: list[Config], caches: Caches, opened: dict[str, str], redo: bool
 ) -> list[dict[str, Any]]:
     """One `train_saes` task per group of configs sharing a stream of batches."""
     groups: dict[str, list[int]] = {}
@@ -264,7 +274,7 @@ def _train(
         groups.setdefault(stream_key(cfg, caches[_cache_spec(cfg)][0]["key"]), []).append(i)
     trained: list[dict[str, Any]] = [{}] * len(cfgs)
     t = train_saes.with_options(refresh_cache=redo or None)
-    spread = cfgs[0]["runner"]["kind"] != "local"  # groups run at once on the runner's workers
+    spread = cfgs[0].runner.kind != "local"  # groups run at once on the runner's workers
     runs = {}
     for key, members in groups.items():
         train_cache = caches[_cache_spec(cfgs[members[0]])][0]
@@ -281,7 +291,7 @@ def _train(
 
 
 def _evaluate(
-    cfgs: list[dict[str, Any]],
+    cfgs: list[Config],
     models: dict[str, Any],
     caches: Caches,
     trained: list[dict[str, Any]],
@@ -299,11 +309,12 @@ def _evaluate(
     return metrics
 
 
-def _model_spec(cfg: dict[str, Any]) -> str:
-    return json.dumps(cfg["model"], sort_keys=True)
+def _model_spec(cfg: Config) -> str:
+    return json.dumps(asdict(cfg.model), sort_keys=True)
 
 
-def _cache_spec(cfg: dict[str, Any]) -> str:
+def _cache_spec(cfg: Config) -> str:
     """The config sections that fix the activation caches (their content key is computed
     from these when planning) and how SAEs are evaluated on them."""
-    return json.dumps([cfg[k] for k in ("model", "data", "cache", "hook", "eval")], sort_keys=True)
+    sections = [asdict(cfg.model), asdict(cfg.data), asdict(cfg.cache), cfg.hook, asdict(cfg.eval)]
+    return json.dumps(sections, sort_keys=True)

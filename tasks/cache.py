@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig, AutoTokenizer
 
-from conf.schema import Config, from_dict
+from conf.schema import Config
 from sae.activations.cache import FORMAT_VERSION, CacheError, Manifest, cache_key, verify
 from sae.activations.extract import (
     claimed,
@@ -42,9 +42,9 @@ from sae.activations.extract import (
 )
 from sae.lm.hooks import load_lm, parse_hook
 from sae.lm.text import documents, token_contexts
-from tasks.support.log import logger
-from tasks.support.home import home
 from tasks.model import lm_device
+from tasks.support.home import home
+from tasks.support.log import logger
 from tasks.support.store import fetch, publish, shown
 
 _MODELS: dict[tuple, tuple[Any, threading.Lock]] = {}
@@ -216,7 +216,7 @@ def _reuse(c: Config, split: str, key: str, out: Path, force: bool) -> dict[str,
     retry_condition_fn=_transient,
 )
 def plan_cache(
-    cfg: dict[str, Any], model: dict[str, Any], split: str, force: bool = False
+    cfg: Config, model: dict[str, Any], split: str, force: bool = False
 ) -> dict[str, Any]:
     """Key, reuse check, plan, tokens, disk check; returns {dir, key, reused, todo, ...}.
 
@@ -227,7 +227,7 @@ def plan_cache(
     checksum stops the run (CacheError naming it): the store is shared, so its corruption is
     reported rather than computed around.
     """
-    c, log = from_dict(cfg), logger()
+    c, log = cfg, logger()
     if split == "train" and c.cache.dir:
         return _external(c)
     key = cache_key(key_inputs(c, model, split))
@@ -309,11 +309,11 @@ def check_kernels(m: Manifest, here: dict[str, str]) -> None:
     retry_condition_fn=_transient,
 )
 def cache_shard(
-    cfg: dict[str, Any], model: dict[str, Any], plan: dict[str, Any], index: int
+    cfg: Config, model: dict[str, Any], plan: dict[str, Any], index: int
 ) -> dict[str, Any]:
     """Compute and record shard `index` of the planned cache, unless another run (holding
     its claim) has: {file, rows, computed}."""
-    c = from_dict(cfg)
+    c = cfg
     out = Path(plan["dir"])
     with claimed(out, index) as mine:
         m = Manifest.load(out)

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import task
 
-from conf.schema import from_dict
-from sae.models.base import SAE
+from conf.schema import Config
 from sae.activations.cache import Manifest, sequences
 from sae.analysis.evaluate import ce_baselines, evaluate_saes
-from sae.failpoint import failpoint
 from sae.analysis.features import feature_stats
+from sae.failpoint import failpoint
 from sae.lm.hooks import HookPoint, load_lm, parse_hook
+from sae.models.base import SAE
 from sae.models.registry import load_sae
-from tasks.support import tracking
-from tasks.support.log import logger
-from tasks.support.home import inside
 from tasks.model import lm_device
+from tasks.support import tracking
+from tasks.support.home import inside
+from tasks.support.log import logger
 from tasks.support.stage import CACHED, Stage
 
 
@@ -60,28 +61,21 @@ def _evaluated(inputs: dict[str, Any]) -> Any:
     """What fixes eval/* and feature stats: the eval settings, model, hook, eval set, SAE runs."""
     cfg, trained = inputs["cfg"], inputs["trained"]
     runs = [t["run_id"] for t in (trained if isinstance(trained, list) else [trained])]
-    spec = {k: cfg[k] for k in ("eval", "model", "hook")} | {"uri": cfg["tracking"]["uri"]}
+    spec = {"eval": asdict(cfg.eval), "model": asdict(cfg.model), "hook": cfg.hook}
+    spec["uri"] = cfg.tracking.uri
     return [spec, inputs["model"].get("identity"), inputs["eval_cache"]["key"], runs]
-
-
-@task(name="evaluate_sae", cache_policy=Stage(content=_evaluated), **CACHED)
-def evaluate(
-    cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
-) -> dict[str, float]:
-    """eval/* metrics of the SAE in `trained` on the eval cache's contexts, logged to its run."""
-    return evaluate_many.fn(cfg, model, eval_cache, [trained])[0]
 
 
 @task(name="evaluate_saes", cache_policy=Stage(content=_evaluated), **CACHED)
 def evaluate_many(
-    cfg: dict[str, Any],
+    cfg: Config,
     model: dict[str, Any],
     eval_cache: dict[str, Any],
     trained: list[dict[str, Any]],
 ) -> list[dict[str, float]]:
     """`evaluate` for SAEs at the same hook of the same model, in one pass over the contexts
     (the prefix to the hook and the clean logits shared: DESIGN §9's cost per SAE)."""
-    c, log = from_dict(cfg), logger()
+    c, log = cfg, logger()
     device = lm_device(c.model)
     eval_dir = Path(eval_cache["dir"])
     saes = [_load_sae(t, eval_dir, c.hook) for t in trained]  # before any forward pass
@@ -102,10 +96,10 @@ def evaluate_many(
 
 @task(name="feature_stats", cache_policy=Stage(content=_evaluated), **CACHED)
 def features(
-    cfg: dict[str, Any], model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
+    cfg: Config, model: dict[str, Any], eval_cache: dict[str, Any], trained: dict[str, Any]
 ) -> dict[str, Any]:
     """One row per latent (DESIGN §6) as Parquet under features/run_id=<id>/, and as an artifact."""
-    c = from_dict(cfg)
+    c = cfg
     sae = _load_sae(trained, Path(eval_cache["dir"]), c.hook)
     # No forward pass here (the activations come from the eval cache): only the tokenizer and
     # the unembedding are read, on the CPU with the SAE, whatever model.device is.

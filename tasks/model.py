@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -12,16 +11,12 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import Config, ModelConfig, from_dict
-from sae.lm.builtin import LMSpec, build_stdlib_lm
-from sae.training.fit import resolve_device
-from tasks.support.log import logger
+from conf.schema import Config, ModelConfig
+from sae.hardware import resolve_device
+from sae.lm.builtin import build_stdlib_lm
+from sae.lm.config import check_hook
 from tasks.support.home import inside
-
-
-def lm_spec(c: ModelConfig) -> LMSpec:
-    fields = {f.name for f in dataclasses.fields(LMSpec)}
-    return LMSpec(**{k: v for k, v in dataclasses.asdict(c).items() if k in fields})
+from tasks.support.log import logger
 
 
 def lm_device(c: ModelConfig) -> torch.device:
@@ -52,27 +47,22 @@ def _check_hooks(c: Config, hf: Any) -> None:
     n = getattr(hf, "num_hidden_layers", None)
     if not isinstance(n, int):
         return  # an unusual config: parse_hook checks against the loaded model
-    for name, hook in [("hook", c.hook)] + [("cache.hooks", h) for h in c.cache.hooks]:
-        if int(hook.split(".")[1]) >= n:  # the schema checked the form blocks.<L>.<site>
-            raise ValueError(
-                f"{name}={hook!r} does not exist: model {c.model.path} has {n} blocks "
-                f"(0..{n - 1}); valid: blocks.<0..{n - 1}>.resid_pre|attn_out|mlp_out|resid_post"
-            )
+    for key, hook in [("hook", c.hook)] + [("cache.hooks", h) for h in c.cache.hooks]:
+        check_hook(key, hook, n, c.model.path)
 
 
 @task(name="prepare_model", cache_policy=NO_CACHE)
-def prepare_model(cfg: dict[str, Any]) -> dict[str, Any]:
+def prepare_model(cfg: Config) -> dict[str, Any]:
     """Build (once) or locate the model; return its `path` for `from_pretrained` and its
     `identity` (weights hash or Hub commit) for activation cache keys."""
-    full = from_dict(cfg)
-    c = full.model
+    c = cfg.model
     lm_device(c)  # before building a model that could not run where it was asked to
     if c.source == "hub":
         from transformers import AutoConfig
 
         local = Path(c.path).expanduser()
         if local.is_dir():
-            _check_hooks(full, AutoConfig.from_pretrained(local))
+            _check_hooks(cfg, AutoConfig.from_pretrained(local))
             return {
                 "path": str(local.resolve()),
                 "revision": None,
@@ -84,18 +74,17 @@ def prepare_model(cfg: dict[str, Any]) -> dict[str, Any]:
                 "written by save_pretrained, a Hub id looks like 'gpt2' or 'EleutherAI/pythia-70m'"
             )
         hf = AutoConfig.from_pretrained(c.path, revision=c.revision)
-        _check_hooks(full, hf)
+        _check_hooks(cfg, hf)
         commit = getattr(hf, "_commit_hash", None)
         return {
             "path": c.path,
             "revision": c.revision,
             "identity": f"{c.path}@{commit or c.revision}",
         }
-    spec = lm_spec(c)
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(c.recipe(), sort_keys=True).encode())
     out = inside("models", f"{c.name}-{digest.hexdigest()[:10]}")
     log = logger()
-    build = build_stdlib_lm(out, spec, log=log.info)
+    build = build_stdlib_lm(out, c, log=log.info)
     log.info(
         f"model {c.name} at {out}: held-out CE {build['heldout_ce']:.3f} nats vs unigram "
         f"{build['unigram_ce']:.3f}"

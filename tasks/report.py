@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import from_dict
+from conf.schema import Config
 from dashboards.report import COMPARED, comparison, run_report
 from sae.failpoint import failpoint
 from tasks.support import tracking
-from tasks.support.log import logger
 from tasks.support.home import inside
+from tasks.support.log import logger
 
 CURVES = ("loss", "fvu", "l0", "dead_frac")
 SHOWN = ("sae.arch", "sae.d_sae", "hook", "train.tokens", "train.lr", "cache.key")
@@ -31,14 +31,14 @@ def _write(path: Path, text: str) -> None:
 
 @task(name="report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def report(
-    cfg: dict[str, Any],
+    cfg: Config,
     trained: dict[str, Any],
     features: dict[str, Any],
     parent_run_id: str | None = None,
 ) -> dict[str, str]:
     """Write reports/<run_id>.html and reports/compare-<experiment id>.html under the data dir;
     log the first to the SAE's run and the second to `parent_run_id` (the study) if given."""
-    uri = from_dict(cfg).tracking.uri
+    uri = cfg.tracking.uri
     c = tracking.client(uri)
     run = c.get_run(trained["run_id"])
     metrics = {k[5:]: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
@@ -67,13 +67,11 @@ def report(
 
 
 @task(name="compare_sweep", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def compare_sweep(
-    cfg: dict[str, Any], parent_run_id: str, jobs: list[dict[str, Any]]
-) -> dict[str, str]:
+def compare_sweep(cfg: Config, parent_run_id: str, jobs: list[dict[str, Any]]) -> dict[str, str]:
     """The sweep's own runs side by side, on its parent run: `comparison/table.json` (an MLflow
     table: one row per SAE with its overrides and eval metrics) and `comparison/sweep.html`
     (L0 vs explained variance and vs loss recovered). `jobs`: [{run_id, overrides}]."""
-    uri = from_dict(cfg).tracking.uri
+    uri = cfg.tracking.uri
     overrides = {j["run_id"]: " ".join(j["overrides"]) for j in jobs}
     rows = [
         r | {"overrides": overrides[r["run_id"]]}

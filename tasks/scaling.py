@@ -1,5 +1,5 @@
-"""A scaling study's analysis (sae/analysis/scaling.py, sae/analysis/splitting.py): power-law fits and feature
-splits, logged on the study's parent MLflow run and written as Parquet under
+"""A scaling study's analysis (sae/analysis/scaling.py, sae/analysis/splitting.py): power-law fits
+and feature splits, logged on the study's parent MLflow run and written as Parquet under
 `features/scaling/study=<parent run id>/` for `saeflow sql` (views `scaling_points`,
 `scaling_fits`, `feature_splits`)."""
 
@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import Config, from_dict
+from conf.schema import Config
 from dashboards.report import scaling_page
-from sae.models.registry import load_sae
 from sae.analysis.scaling import (
     FITTED,
     Point,
@@ -28,9 +27,10 @@ from sae.analysis.scaling import (
     training_flops,
 )
 from sae.analysis.splitting import decoder_directions, families, match_features
+from sae.models.registry import load_sae
 from tasks.support import tracking
-from tasks.support.log import logger
 from tasks.support.home import inside
+from tasks.support.log import logger
 
 RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10]}
 FAMILIES_SHOWN = 4
@@ -70,13 +70,11 @@ def _point(c: Config, job: dict[str, Any]) -> Point:
 
 
 @task(name="fit_scaling", cache_policy=NO_CACHE, **RETRY)
-def fit_study(
-    cfgs: list[dict[str, Any]], jobs: list[dict[str, Any]], parent_run_id: str
-) -> dict[str, Any]:
+def fit_study(cfgs: list[Config], jobs: list[dict[str, Any]], parent_run_id: str) -> dict[str, Any]:
     """Points and power-law fits of a scaling grid (`jobs`: the study's {trained, metrics}, in
     the order of `cfgs`); `scaling/*` metrics on the parent run, points.parquet and
     fits.parquet beside the feature tables and as the parent's artifacts."""
-    typed = [from_dict(cfg) for cfg in cfgs]
+    typed = list(cfgs)
     c, uri = typed[0], typed[0].tracking.uri
     points = [_point(t, job) for t, job in zip(typed, jobs, strict=True)]
     s = c.scaling
@@ -143,11 +141,11 @@ def _pairs(points: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str,
 
 @task(name="feature_splits", cache_policy=NO_CACHE, **RETRY)
 def feature_splits(
-    cfg: dict[str, Any], fitted: dict[str, Any], checkpoints: dict[str, str], parent_run_id: str
+    cfg: Config, fitted: dict[str, Any], checkpoints: dict[str, str], parent_run_id: str
 ) -> dict[str, Any]:
     """Children of each small-SAE feature in the next larger SAE (decoder cosine ≥
     scaling.split_threshold), as splits.parquet; `checkpoints`: run id -> SAE directory."""
-    c = from_dict(cfg)
+    c = cfg
     tables, shown = [], []
     for small, large in _pairs(fitted["points"]):
         a, b = (
@@ -186,11 +184,11 @@ def _examples(run_id: str, feature: int, n: int = 3) -> list[str]:
 
 @task(name="scaling_report", cache_policy=NO_CACHE, **RETRY)
 def scaling_report(
-    cfg: dict[str, Any], fitted: dict[str, Any], splits: dict[str, Any], parent_run_id: str
+    cfg: Config, fitted: dict[str, Any], splits: dict[str, Any], parent_run_id: str
 ) -> dict[str, str]:
     """reports/scaling-<parent>.html (the fits, frontier, recommendation and split families with
     their top examples), logged on the parent run."""
-    c = from_dict(cfg)
+    c = cfg
     shown = [
         f
         | {"parent_examples": _examples(f["small_run"], f["parent"])}

@@ -11,21 +11,21 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import from_dict
+from conf.schema import Config
+from sae.analysis.steer import generate, intervention, next_token_probs
 from sae.lm.hooks import load_lm, parse_hook
 from sae.models.registry import load_sae
-from sae.analysis.steer import generate, intervention, next_token_probs
-from tasks.support import tracking
-from tasks.support.log import logger
-from tasks.support.home import inside
 from tasks.model import lm_device
+from tasks.support import tracking
+from tasks.support.home import inside
+from tasks.support.log import logger
 
 
-@task(name="steer", cache_policy=NO_CACHE)
-def steer(cfg: dict[str, Any], model: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+@task(name="generate_steered", cache_policy=NO_CACHE)
+def steer(cfg: Config, model: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
     """Greedy continuations of each prompt with and without the feature; returns
     {path, feature, mode, value, rows: [{prompt, unsteered, steered}]}."""
-    c = from_dict(cfg)
+    c = cfg
     s = c.steer
     device = lm_device(c.model)
     lm, tok = load_lm(model["path"], model["revision"], c.model.dtype, device)

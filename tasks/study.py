@@ -5,24 +5,22 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from conf.schema import from_dict
-from sae.models.base import CONFIG
+from conf.schema import Config
 from sae.failpoint import failpoint
+from sae.models.base import CONFIG
 from tasks.support import tracking
-from tasks.support.log import logger
 from tasks.support.home import home, inside
-from tasks.train import flatten
+from tasks.support.log import logger
 
 
-def experiment_name(cfg: dict[str, Any]) -> str:
-    c = from_dict(cfg)
+def experiment_name(c: Config) -> str:
     return c.tracking.experiment or f"{c.model.name}/{c.hook}"
 
 
@@ -49,10 +47,10 @@ def check_server(uri: str | None, timeout: float = 10.0) -> None:
 
 
 @task(name="open_study", cache_policy=NO_CACHE, **_RETRY)
-def open_study(cfg: dict[str, Any], kind: str = "pipeline") -> dict[str, str]:
+def open_study(cfg: Config, kind: str = "pipeline") -> dict[str, str]:
     """Create (once) the experiment and start the parent run; returns their ids. Runs that
     killed processes left RUNNING in the experiment are marked KILLED on the way."""
-    uri = from_dict(cfg).tracking.uri
+    uri = cfg.tracking.uri
     check_server(uri)  # seconds, not MLflow's minutes of retries per attempt
     exp_id = tracking.ensure_experiment(experiment_name(cfg), uri)
     parent = tracking.start_run(exp_id, kind, uri=uri, tags={"saeflow.stage": kind})
@@ -66,7 +64,7 @@ def open_study(cfg: dict[str, Any], kind: str = "pipeline") -> dict[str, str]:
         flow_runs = {t["prefect.flow_run_id"] for t in orphans.values()
                      if "prefect.flow_run_id" in t and "mlflow.parentRunId" not in t}  # fmt: skip
         crash_flow_runs(sorted(flow_runs), f"its process was killed; found by {kind} run {parent}")
-    tracking.log_params(parent, flatten(cfg), uri)
+    tracking.log_params(parent, tracking.flatten(asdict(cfg)), uri)
     return {
         "experiment_id": exp_id,
         "parent_run_id": parent,
@@ -100,12 +98,12 @@ def crash_flow_runs(flow_run_ids: list[str], message: str) -> list[str]:
 
 @task(name="close_study", cache_policy=NO_CACHE, **_RETRY)
 def close_study(
-    cfg: dict[str, Any],
+    cfg: Config,
     parent_run_id: str,
     status: str = "FINISHED",
     tags: dict[str, str] | None = None,
 ) -> None:
-    uri = from_dict(cfg).tracking.uri
+    uri = cfg.tracking.uri
     failpoint("study.close")
     if tags:
         tracking.set_tags(parent_run_id, tags, uri)
@@ -113,9 +111,9 @@ def close_study(
 
 
 @task(name="find_sae", cache_policy=NO_CACHE)
-def find_sae(cfg: dict[str, Any]) -> dict[str, str]:
+def find_sae(cfg: Config) -> dict[str, str]:
     """{run_id, checkpoint} of `eval.run_id`, or of the study's latest finished SAE run."""
-    c = from_dict(cfg)
+    c = cfg
     run_id = c.eval.run_id
     if run_id is None:
         exp = tracking.client(c.tracking.uri).get_experiment_by_name(experiment_name(cfg))
@@ -164,7 +162,7 @@ def _trained_at(checkpoint: Path) -> str | None:
 
 
 @task(name="link_runs", cache_policy=NO_CACHE, **_RETRY)
-def link_runs(cfg: dict[str, Any], experiment_id: str, runs: dict[str, str]) -> None:
+def link_runs(cfg: Config, experiment_id: str, runs: dict[str, str]) -> None:
     """Lineage back from Prefect: the flow run gets a link artifact to each MLflow run (`runs`:
     label -> run id; shown on its Artifacts tab) and a tag `mlflow:<run id>` per run (shown in
     the runs list). MLflow runs carry `prefect.flow_run_id`/`_url` from `tracking.start_run`."""
@@ -172,7 +170,7 @@ def link_runs(cfg: dict[str, Any], experiment_id: str, runs: dict[str, str]) -> 
     from prefect.client.orchestration import get_client
     from prefect.context import get_run_context
 
-    c = from_dict(cfg)
+    c = cfg
     for label, run_id in runs.items():
         link = tracking.mlflow_ui_url(c.tracking.uri, c.tracking.ui_url, experiment_id, run_id)
         create_link_artifact(

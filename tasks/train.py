@@ -14,115 +14,53 @@ import fcntl
 import hashlib
 import json
 import shutil
-import time
 import uuid
-from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from conf.schema import Config, from_dict
-from sae.training import checkpoint
-from sae.models.base import CONFIG, SAE, WEIGHTS
+from conf.schema import Config
 from sae.activations.cache import Manifest
-from sae.training.checkpoint import TrainState
+from sae.models.base import CONFIG, SAE, WEIGHTS
+from sae.models.config import SAEConfig
 from sae.training.checkpoint import steps as steps_in
-from sae.activations.loader import ActivationLoader
-from sae.models.registry import build_sae
-from sae.training.fit import FREE_ON_RESUME, SHARED_FIELDS, FitConfig, OnStep, fit_many
-from tasks.support import tracking
-from tasks.support.log import logger, progress_bar
-from tasks.support.home import home
+from sae.training.config import FitConfig
+from sae.training.fit import FREE_ON_RESUME, SHARED_FIELDS
+from tasks.support import ddp, tracking
+from tasks.support.fitting import fit_group, load_states, state_dir, step_loggers
+from tasks.support.home import sae_dir
+from tasks.support.log import logger
 from tasks.support.stage import CACHED, Stage
 
-# Which SAEConfig fields each architecture takes (the rest belong to other architectures).
-HPARAMS = {
-    "relu": ("l1_coeff",),
-    "topk": ("k", "aux_coeff"),
-    "batchtopk": ("k", "aux_coeff"),
-    "jumprelu": ("l1_coeff",),
-}
 
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'sae': {'k': 16}} -> {'sae.k': 16}: MLflow params with dotted keys."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def fit_config(c: Config) -> FitConfig:
-    t = c.train
-    return FitConfig(
-        tokens=t.tokens,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        l1_warmup_frac=t.l1_warmup_frac,
-        lr_decay_frac=t.lr_decay_frac,
-        grad_clip=t.grad_clip,
-        dtype=t.dtype,
-        device=t.device,
-        seed=t.seed,
-        log_every=t.log_every,
-        threads=t.threads,
-        target_l0=c.sae.target_l0,
-        checkpoint_every=t.checkpoint_every,
-        compile=t.compile,
-    )
-
-
-class _Logger:
-    """on_step callback: buffers train/* metrics and sends them to MLflow in batches."""
-
-    def __init__(
-        self, run_id: str, uri: str | None, tokens: int, checkpoint_every: int, bar: str = ""
-    ):
-        self.run_id, self.uri, self.tokens = run_id, uri, tokens
-        self.checkpoint_every = checkpoint_every
-        self.buf: list[tuple[int, dict[str, float]]] = []
-        self.last_print = 0.0
-        self.bar = progress_bar(tokens, bar, "tok") if bar else None
-
-    def __call__(self, step: int, metrics: dict[str, float]) -> None:
-        self.buf.append((step, {f"train/{k}": v for k, v in metrics.items()}))
-        every = self.checkpoint_every  # sent before the state is saved: none lost to a kill
-        if len(self.buf) >= 20 or (every and step % every == 0):
-            self.flush()
-        if self.bar is not None:
-            self.bar.update(int(metrics.get("tokens", 0)) - self.bar.n)
-        if time.monotonic() - self.last_print > 10:
-            self.last_print = time.monotonic()
-            seen, rate = metrics.get("tokens", 0), metrics.get("tokens_per_s", 0) or 1
-            logger().info(
-                f"step {step}: loss {metrics['loss']:.4f} l0 {metrics['l0']:.1f} "
-                f"{seen:,.0f}/{self.tokens:,} tokens, {rate:,.0f} tok/s, "
-                f"ETA {(self.tokens - seen) / rate:.0f}s"
-            )
-
-    def flush(self) -> None:
-        if self.buf:
-            tracking.log_history(self.run_id, self.buf, self.uri)
-            self.buf = []
-
-
-def run_key(cfg: dict[str, Any], cache_key: str) -> str:
+def run_key(c: Config, cache_key: str) -> str:
     """What fixes a trained SAE: the cache, hook, SAE and training settings (not how it logs)."""
-    train = {k: v for k, v in cfg["train"].items() if k not in UNKEYED}
+    train = {k: v for k, v in asdict(c.train).items() if k not in UNKEYED}
     if train.get("processes") == 1:  # the keys of runs from before the field stay theirs
         del train["processes"]
     spec = {
         "cache": cache_key,
-        "hook": cfg["hook"],
-        "sae": cfg["sae"],
-        "train": train,
-        "exclude_special": cfg["cache"]["exclude_special"],
+        "hook": c.hook,
+        "sae": _unless_default(asdict(c.sae), SAEConfig, ADDED["sae"]),
+        "train": _unless_default(train, FitConfig, ADDED["train"]),
+        "exclude_special": c.cache.exclude_special,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+ADDED = {
+    "sae": ("init_norm", "aux_k", "dead_tokens", "threshold_beta", "bandwidth", "init_threshold"),
+    "train": ("lr_warmup_frac", "geometric_median_samples", "dead_window"),
+}
+"""Fields no config could set before (they were fixed in the code): at their defaults they are
+left out of the key, so earlier runs, which trained with those values, keep their keys."""
+
+
+def _unless_default(values: dict[str, Any], cls: type, names: tuple[str, ...]) -> dict[str, Any]:
+    fields = cls.__dataclass_fields__
+    return {k: v for k, v in values.items() if k not in names or v != fields[k].default}
 
 
 UNKEYED = (*FREE_ON_RESUME, "resume")
@@ -132,14 +70,10 @@ STREAM = (*SHARED_FIELDS, "shuffle_rows", "processes")
 loader's shuffle buffer, and the data-parallel ranks that train them."""
 
 
-def stream_key(cfg: dict[str, Any], cache_key: str) -> str:
+def stream_key(c: Config, cache_key: str) -> str:
     """Jobs with equal stream keys train together in one `train_saes` task."""
-    spec = [cache_key, cfg["hook"], cfg["cache"]["exclude_special"]]
-    return json.dumps(spec + [cfg["train"][k] for k in STREAM])
-
-
-def state_dir(run_id: str) -> Path:
-    return home() / "saes" / run_id / "state"
+    spec = [cache_key, c.hook, c.cache.exclude_special]
+    return json.dumps(spec + [getattr(c.train, k) for k in STREAM])
 
 
 def _previous(c: Config, key: str, experiment_id: str) -> list[tuple[str, str]]:
@@ -156,16 +90,14 @@ def _trained_by(inputs: dict[str, Any]) -> Any:
     """train_saes's cache key content: the run keys and the tracking store (not the parent);
     None (never cached) with train.resume=false, which asks for a fresh run every time."""
     cfgs, key = inputs.get("cfgs") or [inputs["cfg"]], inputs["cache"]["key"]
-    if not all(cfg["train"]["resume"] for cfg in cfgs):
+    if not all(c.train.resume for c in cfgs):
         return None
-    return [
-        [run_key(cfg, key), cfg["tracking"]["uri"], cfg["tracking"]["experiment"]] for cfg in cfgs
-    ]
+    return [[run_key(c, key), c.tracking.uri, c.tracking.experiment] for c in cfgs]
 
 
 @task(name="train_saes", cache_policy=Stage(content=_trained_by), **CACHED)
 def train_saes(
-    cfgs: list[dict[str, Any]],
+    cfgs: list[Config],
     cache: dict[str, Any],
     experiment_id: str,
     parent_run_id: str | None = None,
@@ -178,13 +110,12 @@ def train_saes(
     reused, and unfinished runs of every config are resumed from their newest common trainer
     state; the rest start afresh. The configs must share `stream_key`. `force` trains afresh.
     """
-    typed = [from_dict(cfg) for cfg in cfgs]
-    keys = [run_key(cfg, cache["key"]) for cfg in cfgs]
-    if len({stream_key(cfg, cache["key"]) for cfg in cfgs}) != 1:
+    keys = [run_key(c, cache["key"]) for c in cfgs]
+    if len({stream_key(c, cache["key"]) for c in cfgs}) != 1:
         raise ValueError(f"train_saes: the configs differ in train.{STREAM} or the cache")
     out: list[dict[str, Any] | None] = [None] * len(cfgs)
     todo, states = [], []
-    for i, (c, key) in enumerate(zip(typed, keys, strict=True)):
+    for i, (c, key) in enumerate(zip(cfgs, keys, strict=True)):
         found = _previous(c, key, experiment_id) if c.train.resume and not force else []
         done = [r for r, status in found if status == "FINISHED" and _checkpoint(r).is_file()]
         if done:
@@ -212,7 +143,7 @@ def train_saes(
 
 
 def _checkpoint(run_id: str) -> Path:
-    return home() / "saes" / run_id / WEIGHTS
+    return sae_dir(run_id) / WEIGHTS
 
 
 def _resumable(candidates: list[list[str]]) -> tuple[list[str], int] | None:
@@ -241,7 +172,7 @@ def _locked(run_id: str) -> bool:
 
 
 def _lock_path(run_id: str) -> Path:
-    path = home() / "saes" / run_id / ".lock"
+    path = sae_dir(run_id) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -257,68 +188,15 @@ def _check_cache(c: Config, dir: Path, manifest: Manifest) -> None:
         )
 
 
-def _build(c: Config, d_in: int) -> SAE:
-    hparams = {k: getattr(c.sae, k) for k in HPARAMS[c.sae.arch]}
-    return build_sae(c.sae.arch, d_in, c.sae.d_sae, seed=c.train.seed, **hparams)
-
-
-def load_states(run_ids: list[str], step: int) -> list[TrainState]:
-    """The runs' trainer states of `step`, to resume them from."""
-    return [checkpoint.load(state_dir(r), step) for r in run_ids]
-
-
-def step_loggers(typed: list[Config], run_ids: list[str], bar: bool = True) -> list[_Logger]:
-    """One train/* logger per run, and one terminal bar for the group: its SAEs step together."""
-    label = f"train ×{len(typed)}" if bar else ""
-    return [
-        _Logger(r, t.tracking.uri, t.train.tokens, t.train.checkpoint_every, "" if i else label)
-        for i, (r, t) in enumerate(zip(run_ids, typed, strict=True))
-    ]
-
-
-def fit_group(
-    typed: list[Config],
-    run_ids: list[str],
-    cache_dir: Path,
-    d_in: int,
-    resume: list[TrainState] | None,
-    on_steps: Sequence[OnStep | None],
-) -> list[SAE]:
-    """Build the group's SAEs and its loader as configured and train them (resumed from
-    `resume`), writing trainer states to the runs' state dirs: in the task's process, or as one
-    torchrun rank of tasks/support/ddp.py, where every rank builds the same."""
-    c = typed[0]
-    saes = [_build(t, d_in) for t in typed]
-    loader = ActivationLoader(
-        cache_dir,
-        c.hook,
-        c.train.batch_size,
-        buffer_rows=c.train.shuffle_rows,
-        seed=c.train.seed,
-        exclude_special=c.cache.exclude_special,
-        state=resume[0].loader if resume else None,
-    )
-    with loader:
-        return fit_many(
-            saes,
-            loader,
-            [fit_config(t) for t in typed],
-            list(on_steps),
-            checkpoints=[state_dir(r) for r in run_ids],
-            resume=list(resume) if resume else None,
-        )
-
-
 def _train_group(
-    cfgs: list[dict[str, Any]],
+    cfgs: list[Config],
     keys: list[str],
     candidates: list[list[str]],
     cache: dict[str, Any],
     experiment_id: str,
     parent_run_id: str | None,
 ) -> list[dict[str, Any]]:
-    typed = [from_dict(cfg) for cfg in cfgs]
-    c, uri, ranks = typed[0], typed[0].tracking.uri, typed[0].train.processes
+    c, uri, ranks = cfgs[0], cfgs[0].tracking.uri, cfgs[0].train.processes
     manifest = Manifest.load(Path(cache["dir"]))
     d_in = manifest.d_in(c.hook)
     _check_cache(c, Path(cache["dir"]), manifest)
@@ -330,7 +208,7 @@ def _train_group(
         run_ids, step = found
         _reopen_runs(run_ids, step, uri, parent_run_id)
     else:
-        run_ids = _start_runs(typed, cfgs, keys, cache, d_in, experiment_id, parent_run_id)
+        run_ids = _start_runs(cfgs, keys, cache, d_in, experiment_id, parent_run_id)
         step = None
     group = tracking.task_run_id() or uuid.uuid4().hex  # one read of the cache for these runs
     for r in run_ids:
@@ -338,20 +216,17 @@ def _train_group(
     locks = [open(_lock_path(r), "a") for r in run_ids]  # noqa: SIM115 (held to the end)
     for f in locks:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the files close, or the process dies
-    on_steps = step_loggers(typed, run_ids) if ranks == 1 else []  # torchrun: rank 0 logs
+    on_steps = step_loggers(cfgs, run_ids) if ranks == 1 else []  # torchrun: rank 0 logs
     try:
         if ranks == 1:
-            saes = fit_group(typed, run_ids, Path(cache["dir"]), d_in, resume, on_steps)
+            saes = fit_group(cfgs, run_ids, Path(cache["dir"]), d_in, resume, on_steps)
             for log in on_steps:
                 log.flush()
         else:
-            from tasks import ddp  # here, not above: tasks.support.ddp imports this module
-
             saes = ddp.fit(cfgs, run_ids, cache, d_in, step)
         status = "resumed" if found else "trained"
         return [
-            _finish(r, sae, t, cache, status)
-            for r, sae, t in zip(run_ids, saes, typed, strict=True)
+            _finish(r, sae, t, cache, status) for r, sae, t in zip(run_ids, saes, cfgs, strict=True)
         ]
     except BaseException as e:
         for log in on_steps:
@@ -375,8 +250,7 @@ def _reopen_runs(run_ids: list[str], step: int, uri: str | None, parent: str | N
 
 
 def _start_runs(
-    typed: list[Config],
-    cfgs: list[dict[str, Any]],
+    cfgs: list[Config],
     keys: list[str],
     cache: dict[str, Any],
     d_in: int,
@@ -385,7 +259,7 @@ def _start_runs(
 ) -> list[str]:
     """A new MLflow run per config, its params the flattened config."""
     run_ids = []
-    for t, cfg, key in zip(typed, cfgs, keys, strict=True):
+    for t, key in zip(cfgs, keys, strict=True):
         uri = t.tracking.uri
         r = tracking.start_run(
             experiment_id,
@@ -394,7 +268,7 @@ def _start_runs(
             parent_run_id=parent_run_id,
             tags={"cache_key": cache["key"], "saeflow.stage": "train", "saeflow.run_key": key},
         )
-        params = flatten(cfg) | {"sae.d_in": d_in, "cache.key": cache["key"]}
+        params = tracking.flatten(asdict(t)) | {"sae.d_in": d_in, "cache.key": cache["key"]}
         tracking.log_params(r, params, uri)
         run_ids.append(r)
     return run_ids
@@ -402,7 +276,7 @@ def _start_runs(
 
 def _finish(run_id: str, sae: SAE, t: Config, cache: dict[str, Any], status: str) -> dict:
     """Save the trained SAE, log it, end its run FINISHED; {run_id, checkpoint, status}."""
-    dir, uri = home() / "saes" / run_id, t.tracking.uri
+    dir, uri = sae_dir(run_id), t.tracking.uri
     meta = {"hook": t.hook, "cache_key": cache["key"], "run_id": run_id, "model": t.model.name}
     sae.save(dir, meta=meta)
     tracking.log_artifact(run_id, dir / WEIGHTS, "checkpoint", uri)
@@ -411,16 +285,3 @@ def _finish(run_id: str, sae: SAE, t: Config, cache: dict[str, Any], status: str
     shutil.rmtree(state_dir(run_id), ignore_errors=True)  # the final weights supersede it
     logger().info(f"trained {t.sae.arch} SAE: run {run_id}, checkpoint {dir}")
     return {"run_id": run_id, "checkpoint": str(dir), "status": status}
-
-
-@task(name="train_sae", cache_policy=Stage(content=_trained_by), **CACHED)
-def train_sae(
-    cfg: dict[str, Any],
-    cache: dict[str, Any],
-    experiment_id: str,
-    parent_run_id: str | None = None,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Train `cfg.sae` on the cache (or reuse / resume it: `train_saes`); returns {run_id,
-    checkpoint, status}. The checkpoint lands in $SAEFLOW_HOME/saes/<run_id>."""
-    return train_saes.fn([cfg], cache, experiment_id, parent_run_id, force)[0]

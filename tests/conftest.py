@@ -57,7 +57,7 @@ def tiny_model(saeflow_home: Path) -> dict:
     from flows.config import load
     from tasks.model import prepare_model
 
-    _, cfg = load(TINY)
+    cfg, _ = load(TINY)
     return prepare_model.fn(cfg)
 
 

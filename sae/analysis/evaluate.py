@@ -22,10 +22,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from sae.models.base import SAE
+from sae.analysis.metrics import KLToClean, ReconstructionStats, loss_recovered
 from sae.failpoint import failpoint
 from sae.lm.hooks import HookPoint, activations_at, logits_from
-from sae.analysis.metrics import KLToClean, ReconstructionStats, loss_recovered
+from sae.models.base import SAE
 
 Contexts = Iterable[tuple[Tensor, Tensor]]  # (token_ids (B, T), special (B, T))
 

@@ -19,10 +19,12 @@ backward ≈ (2 · d_in · d_sae + 8 · d_in · k) · T (the encoder stays dense
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from sae.checks import positive
 
 
 def training_flops(arch: str, d_in: int, d_sae: int, tokens: int, k: int = 0) -> float:
@@ -167,3 +169,51 @@ def grid_budgets(
         for t in tokens
     ]
     return len(best_per_budget(points, bin_factor))
+
+
+@dataclass
+class ScalingConfig:
+    """`saeflow scaling`: a grid of SAEs on one cache, and power laws fitted to it."""
+
+    d_sae: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    """Dictionary sizes of the grid."""
+    tokens: list[int] = field(default_factory=lambda: [153_600, 307_200, 614_400])
+    """Training tokens of the grid (SAEs with equal tokens train from one read of the cache)."""
+    lr: list[float] = field(default_factory=lambda: [3e-3, 1e-2, 3e-2])
+    """Learning rates of the grid: the best per budget is fitted against compute."""
+    budget_bin: float = 2.0
+    """Budgets within this factor of each other count as one (the best SAE of each bin is
+    the compute-efficient one)."""
+    extrapolate: float = 10.0
+    """The recommendation is for this many times the grid's largest budget."""
+    split_threshold: float = 0.5
+    """Decoder cosine at or above which a feature of the larger SAE is a child of its best
+    match in the smaller one (feature splitting)."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the exponents' 90% intervals."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_sae", "tokens", "lr"):
+            values = getattr(self, name)
+            if not values or not all(math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"scaling.{name} must be a non-empty list of values > 0")
+            if len(set(values)) != len(values):
+                raise ValueError(f"scaling.{name} has repeated values: {values}")
+        if not (math.isfinite(self.budget_bin) and self.budget_bin > 1):
+            raise ValueError(f"scaling.budget_bin must be > 1, got {self.budget_bin}")
+        positive("scaling", extrapolate=self.extrapolate, n_boot=self.n_boot)
+        if not 0 < self.split_threshold <= 1:
+            raise ValueError(
+                f"scaling.split_threshold must be in (0, 1], got {self.split_threshold}"
+            )
+
+    def check_grid(self, arch: str, k: int) -> None:
+        """The fits need >= 3 compute budgets and >= 3 (d_sae, tokens) cells: said before hours
+        of training, not after."""
+        budgets = grid_budgets(arch, self.d_sae, self.tokens, k, self.budget_bin)
+        if budgets < 3 or len(self.d_sae) * len(self.tokens) < 3:
+            raise ValueError(
+                f"scaling.d_sae={self.d_sae} × scaling.tokens={self.tokens} spans {budgets} "
+                f"compute budget(s) (bins of ×{self.budget_bin:g}); the fits need ≥ 3: add sizes "
+                "or token counts"
+            )

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from sae.models.base import SAE
 from sae.lm.hooks import HookPoint, spliced
+from sae.models.base import SAE
 
 
 def intervention(sae: SAE, feature: int, mode: str, value: float) -> Callable[[Tensor], Tensor]:

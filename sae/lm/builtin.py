@@ -1,16 +1,14 @@
 """The offline default model (DESIGN §8): a small GPT-2 trained on the Python standard library.
 
 `build_stdlib_lm(out_dir, LMSpec())` trains a byte-level BPE tokenizer and a GPT-2-architecture
-causal LM on the stdlib's own sources (`sae.lm.text`, train split), measures held-out cross-entropy on
-whole held-out files, and saves everything with `save_pretrained`, so that
+causal LM on the stdlib's own sources (`sae.lm.text`, train split), measures held-out cross-entropy
+on whole held-out files, and saves everything with `save_pretrained`, so that
 `AutoModelForCausalLM.from_pretrained(out_dir)` / `AutoTokenizer.from_pretrained(out_dir)` load it
 like any Hub model. The build is cached: a directory with a `build.json` is finished and reused.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -27,58 +25,13 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from sae.hardware import cpu_has_fast_bf16, num_threads
+from sae.lm.config import ENDOFTEXT, LMSpec
 from sae.lm.text import documents, token_contexts
 
-ENDOFTEXT = "<|endoftext|>"
 WARMUP_FRAC = 0.05  # of the steps, linear warm-up before the cosine decay
 MIN_LR_FRAC = 0.1  # cosine decays to this fraction of the peak lr
 EVAL_BATCH = 16  # contexts per forward pass when measuring held-out loss
-_POSITIVE = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size", "train_tokens", "batch_size")
-
-
-@dataclasses.dataclass(frozen=True)
-class LMSpec:
-    """Everything that determines the built model (and so its cache directory's contents)."""
-
-    n_layer: int = 4  # transformer blocks
-    n_embd: int = 128  # residual stream width (d_model)
-    n_head: int = 4  # attention heads; must divide n_embd
-    n_ctx: int = 256  # context length, in tokens, for training and n_positions
-    vocab_size: int = 4096  # BPE vocabulary, <|endoftext|> included
-    train_tokens: int = 1_600_000  # tokens seen in training: steps = train_tokens // (batch*n_ctx)
-    batch_size: int = 8  # contexts per optimiser step
-    lr: float = 2e-3  # peak AdamW learning rate
-    seed: int = 0  # seeds init and the order of training contexts
-    corpus_bytes: int = 0  # cap on each split's text in bytes (0 = whole stdlib); for tiny builds
-    bf16: bool = True  # bf16 autocast for training, where the CPU has native bf16 (else fp32)
-    threads: int = 0  # torch intra-op threads for the build (0 = leave torch's default)
-
-    def __post_init__(self) -> None:
-        for name in _POSITIVE:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LMSpec.{name} must be a positive int, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"LMSpec.n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
-        if self.n_ctx < 2:
-            raise ValueError(f"LMSpec.n_ctx must be >= 2 (BOS + one token), got {self.n_ctx}")
-        if self.vocab_size < 257:
-            raise ValueError(
-                f"LMSpec.vocab_size must be >= 257 (256 bytes + {ENDOFTEXT}), got {self.vocab_size}"
-            )
-        if self.train_tokens < self.batch_size * self.n_ctx:
-            raise ValueError(
-                f"LMSpec.train_tokens={self.train_tokens} is less than one step "
-                f"(batch_size*n_ctx = {self.batch_size * self.n_ctx})"
-            )
-        if not (isinstance(self.lr, int | float) and 0 < self.lr < 1):
-            raise ValueError(f"LMSpec.lr must be in (0, 1), got {self.lr!r}")
-        for name in ("seed", "corpus_bytes", "threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"LMSpec.{name} must be an int >= 0, got {value!r}")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -99,17 +52,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT
     )
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here (AVX-512 BF16 / AMX).
-
-    Without them (e.g. an AVX2-only CPU) bf16 matmuls are emulated: measured ~50x slower than fp32.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
@@ -136,7 +78,7 @@ def build_stdlib_lm(out_dir: Path, spec: LMSpec, log: Callable[[str], None] = pr
             "stdlib LM build); remove it or choose another out_dir"
         )
     start = time.perf_counter()
-    with _threads(spec.threads):
+    with num_threads(spec.threads):
         tokenizer = train_tokenizer(_texts("train", spec), spec.vocab_size)
         tokenizer.model_max_length = spec.n_ctx
         train, held_out = _contexts(tokenizer, "train", spec), _contexts(tokenizer, "eval", spec)
@@ -145,7 +87,7 @@ def build_stdlib_lm(out_dir: Path, spec: LMSpec, log: Callable[[str], None] = pr
             f"in contexts of {spec.n_ctx}"
         )
         model = _new_model(spec, tokenizer)
-        bf16 = spec.bf16 and cpu_has_native_bf16()
+        bf16 = spec.bf16 and cpu_has_fast_bf16()
         if spec.bf16 and not bf16:
             log(
                 "stdlib LM: no native bf16 on this CPU "
@@ -155,7 +97,7 @@ def build_stdlib_lm(out_dir: Path, spec: LMSpec, log: Callable[[str], None] = pr
         eos = tokenizer.eos_token_id
         heldout_ce, eval_tokens = heldout_cross_entropy(model, held_out, eos)
         record = {
-            "spec": dataclasses.asdict(spec),
+            "spec": spec.recipe(),
             "heldout_ce": heldout_ce,
             "unigram_ce": unigram_cross_entropy(train, held_out, len(tokenizer), eos),
             "train_tokens": train_tokens,
@@ -174,24 +116,10 @@ def build_stdlib_lm(out_dir: Path, spec: LMSpec, log: Callable[[str], None] = pr
 def _reuse(out_dir: Path, spec: LMSpec, log: Callable[[str], None]) -> dict:
     record = json.loads((out_dir / "build.json").read_text())
     built = record.get("spec", {})
-    differs = [
-        k for k, v in dataclasses.asdict(spec).items() if k != "threads" and built.get(k) != v
-    ]
+    differs = [k for k, v in spec.recipe().items() if k != "threads" and built.get(k) != v]
     note = f" (built with a different spec: {differs})" if differs else ""
     log(f"stdlib LM: reusing {out_dir}{note}")
     return record
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run with `n` torch threads (0 = unchanged), restoring the caller's setting afterwards."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _texts(split: str, spec: LMSpec) -> Iterator[str]:

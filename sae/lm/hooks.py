@@ -18,7 +18,6 @@ once every hooked point has been computed, so caching pays only for the layers i
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # in the order a block computes them
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(SITES) + r")$")
+from sae.devices import LM_DTYPES
+from sae.lm.config import HOOK_RE, SITES
+
 # Where each family keeps its list of transformer blocks (GPT-2, GPT-NeoX, Llama-style, OPT).
 _BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "model.decoder.layers")
 # Attribute names of a block's attention and MLP submodules, across families.
@@ -37,7 +37,7 @@ _SUBMODULES = {
     "attn_out": ("self_attn", "attn", "attention", "self_attention"),
     "mlp_out": ("mlp", "feed_forward", "ffn"),
 }
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TORCH_DTYPES = dict(zip(LM_DTYPES, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 
 
 @dataclass(frozen=True)

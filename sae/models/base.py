@@ -8,8 +8,8 @@ An SAE maps an activation x (d_in,) to latents f (d_sae,) and back:
 Parameters (all fp32): W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,).
 Row i of W_dec is latent i's decoder direction. On disk (`save`): `sae.safetensors` (these four
 tensors, fp32; the header's metadata names the arch and the tensors' sha256) and `cfg.json`
-(`config()`, plus caller metadata under "meta"); `sae.models.registry.load_sae` reads them back and checks
-the sha256. Never pickle.
+(`config()`, plus caller metadata under "meta"); `sae.models.registry.load_sae` reads them back and
+checks the sha256. Never pickle.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from sae.training.checkpoint import digest
 from sae.failpoint import failpoint
+from sae.models.config import SAEConfig
+from sae.training.checkpoint import digest
 
 WEIGHTS = "sae.safetensors"
 HEADER = "saeflow"
@@ -62,14 +63,19 @@ class SAE(nn.Module):
     """
 
     arch: ClassVar[str]
+    hparams: ClassVar[tuple[str, ...]] = ()
+    """The `SAEConfig` fields this architecture reads; saved in `cfg.json` (`config()`)."""
     train_attrs: ClassVar[tuple[str, ...]] = ()
     """Python attributes that training changes (saved in the trainer state, not the weights)."""
 
-    def __init__(self, d_in: int, d_sae: int):
+    def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__()
-        for name, value in (("d_in", d_in), ("d_sae", d_sae)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(d_in, int) or d_in <= 0:
+            raise ValueError(f"d_in must be a positive int, got {d_in!r}")
+        if cfg.arch != self.arch:
+            raise ValueError(f"{type(self).__name__} is arch {self.arch!r}, not {cfg.arch!r}")
+        self.cfg = cfg  # as built; training may move l1_coeff (target_l0)
+        d_sae = cfg.d_sae
         self.d_in, self.d_sae = d_in, d_sae
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -92,13 +98,16 @@ class SAE(nn.Module):
         """x (N, d_in) -> SAEOutput; `sparsity_scale` multiplies the sparsity penalty (warm-up)."""
         raise NotImplementedError
 
-    def hparams(self) -> dict[str, Any]:
-        """The architecture's hyper-parameters, as `build_sae` keyword arguments."""
-        return {}
+    @property
+    def target_l0(self) -> float | None:
+        """The L0 training steers the sparsity coefficient to (`SAEConfig.target_l0`)."""
+        return self.cfg.target_l0
 
     def config(self) -> dict[str, Any]:
-        """Everything `build_sae` needs to rebuild this SAE: arch, d_in, d_sae, hyper-params."""
-        return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae, **self.hparams()}
+        """Everything `build_sae` needs to rebuild this SAE: arch, d_in, d_sae and the
+        architecture's `hparams` (as resolved: `aux_k` None becomes d_in // 2)."""
+        values = {name: getattr(self, name) for name in self.hparams}
+        return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae, **values}
 
     # --- training hooks ----------------------------------------------------------------------
     def before_step(self) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sae.models.base import SAEOutput, sq_err
+from sae.models.config import SAEConfig
 from sae.models.topk import TopKSAE
 
 
@@ -32,25 +31,12 @@ class BatchTopKSAE(TopKSAE):
     """
 
     arch = "batchtopk"
+    hparams = (*TopKSAE.hparams, "threshold_beta")
 
-    def __init__(
-        self,
-        d_in: int,
-        d_sae: int,
-        k: int = 32,
-        aux_k: int | None = None,
-        aux_coeff: float = 1 / 32,
-        dead_tokens: int = 200_000,
-        threshold_beta: float = 0.9,
-    ):
-        super().__init__(d_in, d_sae, k, aux_k, aux_coeff, dead_tokens)
-        if not 0 <= threshold_beta < 1:
-            raise ValueError(f"threshold_beta must be in [0, 1), got {threshold_beta}")
-        self.threshold_beta = float(threshold_beta)
+    def __init__(self, d_in: int, cfg: SAEConfig):
+        super().__init__(d_in, cfg)
+        self.threshold_beta = float(cfg.threshold_beta)
         self.register_buffer("threshold", torch.zeros(()))  # θ, saved in sae.safetensors
-
-    def hparams(self) -> dict[str, Any]:
-        return super().hparams() | {"threshold_beta": self.threshold_beta}
 
     def encode(self, x: Tensor) -> Tensor:
         """f = z·1[z > θ]: (N, d_in) -> (N, d_sae); the inference code, whatever the mode."""

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+from sae.models.config import SAEConfig
 from sae.models.topk import TopKSAE
 
 
@@ -48,35 +49,18 @@ class JumpReLUSAE(SAE):
     """
 
     arch = "jumprelu"
+    hparams = ("l1_coeff", "bandwidth", "init_threshold")
     train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
 
-    def __init__(
-        self,
-        d_in: int,
-        d_sae: int,
-        l1_coeff: float = 1.0,
-        bandwidth: float = 1e-3,
-        init_threshold: float = 1e-3,
-    ):
-        super().__init__(d_in, d_sae)
-        if l1_coeff < 0:
-            raise ValueError(f"l1_coeff must be >= 0, got {l1_coeff}")
-        for name, value in (("bandwidth", bandwidth), ("init_threshold", init_threshold)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        self.l1_coeff, self.bandwidth = float(l1_coeff), float(bandwidth)
-        self.init_threshold = float(init_threshold)
-        self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold * math.sqrt(d_in)))
+    def __init__(self, d_in: int, cfg: SAEConfig):
+        super().__init__(d_in, cfg)
+        self.l1_coeff, self.bandwidth = float(cfg.l1_coeff), float(cfg.bandwidth)
+        self.init_threshold = float(cfg.init_threshold)
+        theta = torch.full((cfg.d_sae,), self.init_threshold * math.sqrt(d_in))
+        self.threshold = nn.Parameter(theta)
         with torch.no_grad():
-            self.W_dec.copy_(random_directions(d_sae, d_in, 1.0))
+            self.W_dec.copy_(random_directions(cfg.d_sae, d_in, 1.0))
             self.W_enc.copy_(self.W_dec.T)
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            "l1_coeff": self.l1_coeff,
-            "bandwidth": self.bandwidth,
-            "init_threshold": self.init_threshold,
-        }
 
     def encode(self, x: Tensor) -> Tensor:
         """f = z·H(z − θ), z = ReLU(x @ W_enc + b_enc): (N, d_in) -> (N, d_sae)."""

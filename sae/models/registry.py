@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,11 @@ from safetensors import SafetensorError, safe_open
 
 from sae.models.base import CONFIG, HEADER, SAE, WEIGHTS
 from sae.models.batchtopk import BatchTopKSAE
-from sae.training.checkpoint import digest
+from sae.models.config import SAEConfig
 from sae.models.jumprelu import JumpReLUSAE
 from sae.models.relu import ReluSAE
 from sae.models.topk import TopKSAE
+from sae.training.checkpoint import digest
 
 ARCHS: dict[str, type[SAE]] = {
     cls.arch: cls for cls in (ReluSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)
@@ -23,27 +23,29 @@ ARCHS: dict[str, type[SAE]] = {
 
 
 def hparam_names(arch: str) -> list[str]:
-    """The keyword hyper-parameters `build_sae` accepts for `arch` (beyond d_in, d_sae)."""
-    params = inspect.signature(_arch(arch).__init__).parameters
-    return [n for n in params if n not in ("self", "d_in", "d_sae")]
+    """The architecture's hyper-parameters: the `SAEConfig` fields it reads and saves."""
+    return list(_arch(arch).hparams)
+
+
+def build(cfg: SAEConfig, d_in: int, *, seed: int | None = None) -> SAE:
+    """A freshly initialised SAE of `cfg` for inputs of width `d_in`; `seed`, if given, makes
+    the initialisation reproducible without touching torch's global RNG state."""
+    cls = _arch(cfg.arch)
+    if seed is None:
+        return cls(d_in, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(d_in, cfg)
 
 
 def build_sae(arch: str, d_in: int, d_sae: int, *, seed: int | None = None, **hparams: Any) -> SAE:
-    """A freshly initialised SAE of architecture `arch` (one of `ARCHS`).
-
-    `hparams` are the architecture's keyword arguments (`hparam_names(arch)`); `seed`, if given,
-    makes the initialisation reproducible without touching torch's global RNG state.
-    """
-    cls = _arch(arch)
-    valid = hparam_names(arch)
+    """`build(SAEConfig(arch, d_sae, **hparams), d_in, seed=seed)`: hyper-parameters by name
+    (`hparam_names(arch)`, and `target_l0`; the rest keep `SAEConfig`'s defaults)."""
+    valid = [*hparam_names(arch), "target_l0"]
     for name in hparams:
         if name not in valid:
             raise ValueError(f"unknown hyper-parameter {name!r} for arch {arch!r}; valid: {valid}")
-    if seed is None:
-        return cls(d_in, d_sae, **hparams)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls(d_in, d_sae, **hparams)
+    return build(SAEConfig(arch=arch, d_sae=d_sae, **hparams), d_in, seed=seed)
 
 
 def load_sae(dir: Path) -> SAE:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+from sae.models.config import SAEConfig
 
 
 class ReluSAE(SAE):
@@ -28,21 +27,15 @@ class ReluSAE(SAE):
     """
 
     arch = "relu"
+    hparams = ("l1_coeff", "init_norm")
     train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
 
-    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 5.0, init_norm: float = 0.1):
-        super().__init__(d_in, d_sae)
-        if l1_coeff < 0:
-            raise ValueError(f"l1_coeff must be >= 0, got {l1_coeff}")
-        if init_norm <= 0:
-            raise ValueError(f"init_norm must be > 0, got {init_norm}")
-        self.l1_coeff, self.init_norm = float(l1_coeff), float(init_norm)
+    def __init__(self, d_in: int, cfg: SAEConfig):
+        super().__init__(d_in, cfg)
+        self.l1_coeff, self.init_norm = float(cfg.l1_coeff), float(cfg.init_norm)
         with torch.no_grad():
-            self.W_dec.copy_(random_directions(d_sae, d_in, init_norm))
+            self.W_dec.copy_(random_directions(cfg.d_sae, d_in, self.init_norm))
             self.W_enc.copy_(self.W_dec.T)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"l1_coeff": self.l1_coeff, "init_norm": self.init_norm}
 
     def encode(self, x: Tensor) -> Tensor:
         """f = ReLU(x @ W_enc + b_enc): (N, d_in) -> (N, d_sae)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+from sae.models.config import SAEConfig
 
 
 class TopKSAE(SAE):
@@ -33,41 +34,17 @@ class TopKSAE(SAE):
     """
 
     arch = "topk"
+    hparams = ("k", "aux_k", "aux_coeff", "dead_tokens")
     train_attrs = ("tokens_trained",)  # AuxK waits for dead_tokens of training
 
-    def __init__(
-        self,
-        d_in: int,
-        d_sae: int,
-        k: int = 32,
-        aux_k: int | None = None,
-        aux_coeff: float = 1 / 32,
-        dead_tokens: int = 200_000,
-    ):
-        super().__init__(d_in, d_sae)
-        aux_k = d_in // 2 if aux_k is None else aux_k
-        if not isinstance(k, int) or not 0 < k <= d_sae:
-            raise ValueError(f"k must be an int in 1..d_sae={d_sae}, got {k!r}")
-        if not isinstance(aux_k, int) or aux_k <= 0:
-            raise ValueError(f"aux_k must be a positive int (default d_in // 2), got {aux_k!r}")
-        if aux_coeff < 0:
-            raise ValueError(f"aux_coeff must be >= 0, got {aux_coeff}")
-        if dead_tokens <= 0:
-            raise ValueError(f"dead_tokens must be > 0, got {dead_tokens}")
-        self.k, self.aux_k, self.aux_coeff = k, aux_k, float(aux_coeff)
-        self.dead_tokens = int(dead_tokens)
+    def __init__(self, d_in: int, cfg: SAEConfig):
+        super().__init__(d_in, cfg)
+        self.k, self.aux_coeff, self.dead_tokens = cfg.k, float(cfg.aux_coeff), cfg.dead_tokens
+        self.aux_k = d_in // 2 if cfg.aux_k is None else cfg.aux_k
         self.tokens_trained = 0  # training tokens seen by forward; no latent is dead before
         with torch.no_grad():
-            self.W_dec.copy_(random_directions(d_sae, d_in, 1.0))
+            self.W_dec.copy_(random_directions(cfg.d_sae, d_in, 1.0))
             self.W_enc.copy_(self.W_dec.T)
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "aux_k": self.aux_k,
-            "aux_coeff": self.aux_coeff,
-            "dead_tokens": self.dead_tokens,
-        }
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """z = (x − b_dec) @ W_enc + b_enc: (N, d_in) -> (N, d_sae)."""

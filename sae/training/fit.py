@@ -14,144 +14,28 @@ The trainer knows nothing of files or trackers: metrics leave through `on_step(s
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import itertools
 import json
 import math
-import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sae.training import checkpoint
-
 from sae.analysis import metrics
+from sae.failpoint import failpoint
+from sae.hardware import num_threads, resolve_device, resolve_dtype
 from sae.models.base import SAE, SAEOutput
+from sae.training import checkpoint
 from sae.training.checkpoint import CheckpointError, TrainState
 from sae.training.checkpoint import steps as steps_in
-from sae.failpoint import failpoint
+from sae.training.config import FitConfig
 
 OnStep = Callable[[int, dict[str, float]], None]
-
-
-@dataclass
-class FitConfig:
-    tokens: int
-    """Training tokens; the run takes steps = ceil(tokens / batch_size) batches."""
-    batch_size: int = 4096
-    """Rows per batch the loader yields (sets the step count; the trainer takes what it gets)."""
-    lr: float = 1e-3
-    """Peak Adam learning rate (inputs are scaled to E‖x‖ = √d_in, so it transfers across d_in)."""
-    l1_warmup_frac: float = 0.05
-    """Fraction of steps over which the sparsity penalty ramps 0 → 1 (`sparsity_scale`; relu)."""
-    lr_warmup_frac: float = 0.0
-    """Fraction of steps over which lr ramps linearly 0 → lr."""
-    lr_decay_frac: float = 0.2
-    """Fraction of steps at the end over which lr decays linearly to 0."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
-    dtype: str = "auto"
-    """auto | bf16 | fp32. bf16 = autocast with fp32 master weights; auto = bf16 on CUDA or on a
-    CPU with native bf16 matmuls (AVX-512 BF16 / AMX), else fp32 (an AVX2 CPU emulates bf16
-    matmuls ~40x slower than fp32)."""
-    device: str = "auto"
-    """auto | cpu | cuda. auto = cuda when available."""
-    seed: int = 0
-    """Seeds torch's RNG for the duration of fit (restored afterwards)."""
-    log_every: int = 10
-    """Call on_step every this many steps, and at the last step."""
-    geometric_median_samples: int = 4096
-    """Rows of the first batch used for the input scale and b_dec's geometric median."""
-    threads: int = 0
-    """torch CPU threads during fit (0 = leave torch's setting)."""
-    dead_window: int = 200_000
-    """Training tokens without firing after which a latent counts in the logged `dead_frac`."""
-    target_l0: float | None = None
-    """Steer the sparsity coefficient (`l1_coeff`: relu, jumprelu) so the run ends at this L0;
-    the SAE's l1_coeff is the starting point. None = keep it fixed. topk/batchtopk: k sets L0."""
-    checkpoint_every: int = 0
-    """Save the trainer state every this many steps (0 = never; needs fit's `checkpoint`)."""
-    compile: bool = False
-    """Run the SAE's forward through torch.compile."""
-
-    def __post_init__(self) -> None:
-        def bad(name: str, valid: str) -> ValueError:
-            return ValueError(f"FitConfig.{name} must be {valid}, got {getattr(self, name)!r}")
-
-        for name in ("tokens", "batch_size", "lr", "log_every", "geometric_median_samples",
-                     "dead_window"):  # fmt: skip
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise bad(name, "> 0")
-        for name in ("l1_warmup_frac", "lr_warmup_frac", "lr_decay_frac"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise bad(name, "in [0, 1]")
-        if self.lr_warmup_frac + self.lr_decay_frac > 1:
-            raise bad("lr_decay_frac", f"<= 1 - lr_warmup_frac = {1 - self.lr_warmup_frac}")
-        for name in ("grad_clip", "threads", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise bad(name, ">= 0")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise bad("dtype", "one of auto, bf16, fp32")
-        if not DEVICE.fullmatch(self.device):
-            raise bad("device", "one of auto, cpu, cuda, cuda:N")
-        if self.target_l0 is not None and not (
-            math.isfinite(self.target_l0) and self.target_l0 > 0
-        ):
-            raise bad("target_l0", "None or a finite number > 0")
-
-    @property
-    def steps(self) -> int:
-        return math.ceil(self.tokens / self.batch_size)
-
-
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-"""Device names a config may give: `cuda:N` is GPU N (a sweep can put one SAE on each)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda' without CUDA, or 'cuda:N' past this
-    machine's GPUs -> RuntimeError."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("FitConfig.device='cuda' but CUDA is not available; use cpu or auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    d = torch.device(device)
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if d.type == "cuda" and d.index is not None and d.index >= n:
-        valid = f"cuda:0 … cuda:{n - 1}, " if n else ""
-        raise RuntimeError(
-            f"device {device!r}: this machine has {n} CUDA device(s); use {valid}cpu or auto"
-        )
-    return d
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 BF16 / AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where bf16 matmuls are fast on `device`, else 'fp32'."""
-    fast = cpu_has_fast_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
-    if dtype == "auto":
-        return "bf16" if fast else "fp32"
-    if dtype == "bf16" and not fast:
-        warnings.warn(
-            f"dtype='bf16' on a {device.type} without native bf16 matmuls is much slower than "
-            "fp32; use dtype='auto' or 'fp32'",
-            stacklevel=3,
-        )
-    return dtype
 
 
 def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-7) -> Tensor:
@@ -256,7 +140,8 @@ L0_FREEZE_FRAC = 0.05
 
 
 class _L0Controller:
-    """Steers the SAE's sparsity coefficient λ (`l1_coeff`) so the run ends at cfg.target_l0.
+    """Steers the SAE's sparsity coefficient λ (`l1_coeff`) so the run ends at the SAE's
+    `target_l0` (`SAEConfig.target_l0`).
 
         λ ← λ·exp(clamp(L0_GAIN·log(l0 / target_l0), ±L0_MAX_STEP))      once per step
 
@@ -267,14 +152,9 @@ class _L0Controller:
     """
 
     def __init__(self, sae: SAE, cfg: FitConfig):
-        if not hasattr(sae, "l1_coeff"):
-            raise ValueError(
-                f"FitConfig.target_l0={cfg.target_l0} needs an SAE with a sparsity coefficient "
-                f"(relu, jumprelu); {sae.arch} sets its L0 with k: use target_l0=None"
-            )
-        if not sae.l1_coeff > 0:
+        if not sae.l1_coeff > 0:  # SAEConfig lets target_l0 only where λ sets the L0
             raise ValueError(f"target_l0 scales l1_coeff, which must be > 0, got {sae.l1_coeff}")
-        self.sae, self.target = sae, float(cfg.target_l0 or 0)
+        self.sae, self.target = sae, float(sae.target_l0 or 0)
         self.start = round(cfg.l1_warmup_frac * cfg.steps)
         self.stop = cfg.steps - round(L0_FREEZE_FRAC * cfg.steps)
         self.last_l0: Tensor | None = None
@@ -353,7 +233,7 @@ class _Monitor:
             "sparsity_scale": sparsity_scale,
             "tokens": float(self.tokens),
         }
-        if self.cfg.target_l0 is not None:
+        if self.sae.target_l0 is not None:
             m["l1_coeff"] = float(self.sae.l1_coeff)
         now = time.perf_counter()
         m["tokens_per_s"] = (self.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
@@ -372,7 +252,7 @@ class _Trainer:
         checkpoint: Path | None,
         device: torch.device,
     ):
-        self.control = None if cfg.target_l0 is None else _L0Controller(sae, cfg)
+        self.control = None if sae.target_l0 is None else _L0Controller(sae, cfg)
         self.rank, self.world = world()
         if self.world > 1:  # data-parallel: rank 0 alone logs and writes trainer states
             if cfg.batch_size % self.world:
@@ -454,7 +334,8 @@ class _Trainer:
             "sae_train": attrs,
             "scale": self.scale,
             "tokens": self.monitor.tokens,
-            "fit": dataclasses.asdict(self.cfg),
+            "fit": self.cfg.fit_values(),
+            "target_l0": self.sae.target_l0,
             "last_l0": None if self.control is None else self.control.last,
             **shared,
         }
@@ -463,9 +344,10 @@ class _Trainer:
     @torch.no_grad()
     def restore(self, state: TrainState) -> None:
         """Become the trainer that saved `state` (same SAE config and FitConfig)."""
-        want = {"sae": self.config, "fit": _comparable(dataclasses.asdict(self.cfg))}
+        want = {"sae": self.config, "fit": _comparable(self.cfg.fit_values())}
+        want["target_l0"] = self.sae.target_l0
         for key, value in want.items():
-            saved = state.values[key] if key == "sae" else _comparable(state.values[key])
+            saved = state.values.get(key) if key != "fit" else _comparable(state.values[key])
             if json.loads(json.dumps(value)) != saved:
                 raise CheckpointError(
                     f"the trainer state of step {state.step} was saved with {key}="
@@ -514,18 +396,19 @@ def fit(
     (steps count from 1)
     with floats: loss, mse (raw units), aux, l0, fvu (this batch), dead_frac (latents silent for
     the last `dead_window` training tokens, or all tokens so far if fewer), lr, sparsity_scale,
-    tokens, tokens_per_s (since the previous call), and with cfg.target_l0 the current l1_coeff.
-    If the batches run out before cfg.tokens, training stops there with a warning. A NaN/inf loss
-    raises FloatingPointError naming the step (checked when logging and before each checkpoint).
-    Returns the same SAE object: CPU, fp32, eval mode, raw-input units. cfg.target_l0 on an SAE
-    without `l1_coeff` (topk, batchtopk) raises ValueError before any training.
+    tokens, tokens_per_s (since the previous call), and with the SAE's target_l0 the current
+    l1_coeff. If the batches run out before cfg.tokens, training stops there with a warning. A
+    NaN/inf loss raises FloatingPointError naming the step (checked when logging and before each
+    checkpoint). Returns the same SAE object: CPU, fp32, eval mode, raw-input units. A target_l0
+    (the SAE's config) on an SAE whose l1_coeff is 0 raises ValueError before any training.
 
     checkpoint: a directory for the trainer state (`sae.training.checkpoint`), written every
-    cfg.checkpoint_every steps, with the loader position if `batches` has a `state()` method
-    (`sae.activations.loader.ActivationLoader`). resume: a state read back from there (`checkpoint.load`):
-    the SAE, optimiser, schedules and RNG continue from it, and `batches` must yield what followed
-    that step (an ActivationLoader built with `state=resume.loader`). The losses are then those
-    of a run that never stopped (bit-identical on CPU with the same thread count).
+    cfg.checkpoint_every steps (None: no states), with the loader position if `batches` has a
+    `state()` method (`sae.activations.loader.ActivationLoader`). resume: a state read back from
+    there (`checkpoint.load`): the SAE, optimiser, schedules and RNG continue from it, and
+    `batches` must yield what followed that step (an ActivationLoader built with
+    `state=resume.loader`). The losses are then those of a run that never stopped (bit-identical on
+    CPU with the same thread count).
     """
     return fit_many([sae], batches, [cfg], [on_step], checkpoints=[checkpoint], resume=[resume])[0]
 
@@ -560,8 +443,6 @@ def fit_many(
     for name in SHARED_FIELDS:
         if len({getattr(c, name) for c in cfgs}) > 1:
             raise ValueError(f"fit_many: every FitConfig must have the same {name}")
-    if cfg.checkpoint_every and None in checkpoints:
-        raise ValueError("FitConfig.checkpoint_every is set but fit got no checkpoint directory")
     resumed = {s.step if s else None for s in resume}
     if len(resumed) > 1:
         raise ValueError(f"fit_many resumes all SAEs from one step, got {sorted(resumed, key=str)}")
@@ -569,7 +450,7 @@ def fit_many(
     rng_devices = []  # fork_rng restores the CUDA RNG of the GPU we train on, not GPU 0's
     if device.type == "cuda":
         rng_devices = [torch.cuda.current_device() if device.index is None else device.index]
-    with _num_threads(cfg.threads), torch.random.fork_rng(devices=rng_devices):
+    with num_threads(cfg.threads), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(cfg.seed)
         trainers = [
             _Trainer(*args, device) for args in zip(saes, cfgs, on_steps, checkpoints, strict=True)
@@ -640,17 +521,3 @@ def _check_batch(batch: Tensor, d_in: int) -> None:
             f"a batch must be a float tensor of shape (B, d_in={d_in}), "
             f"got {batch.dtype} {tuple(batch.shape)}"
         )
-
-
-@contextlib.contextmanager
-def _num_threads(n: int) -> Iterator[None]:
-    """Set torch's CPU thread count for the block (n = 0: leave it)."""
-    if n <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

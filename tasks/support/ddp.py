@@ -1,14 +1,16 @@
 """Data-parallel training of one group of SAEs under torchrun (train.processes > 1).
 
 The task's process keeps the MLflow runs, their locks and the final save (tasks/train.py);
-`fit` writes the group's spec into a temporary directory beside the first SAE and runs
+`fit` writes the group's spec (the configs as their `asdict`) into a temporary directory beside the
+first SAE and runs
 
     python -m torch.distributed.run --standalone --nproc_per_node=N -m tasks.support.ddp SPEC
 
-whose ranks (`main`) each build the same SAEs and loader (`tasks.train.fit_group`), read every
-global batch and train on rows[rank::N] with the gradients averaged (sae/training/fit.py). Rank 0 alone
-logs train/* to MLflow and writes the trainer states into the runs' state directories (so a
-killed group resumes as one process's would), then writes the trained SAEs for `fit` to return.
+whose ranks (`main`) each build the same SAEs and loader (`tasks.support.fitting.fit_group`), read
+every global batch and train on rows[rank::N] with the gradients averaged (sae/training/fit.py).
+Rank 0 alone logs train/* to MLflow and writes the trainer states into the runs' state directories
+(so a killed group resumes as one process's would), then writes the trained SAEs for `fit` to
+return.
 """
 
 from __future__ import annotations
@@ -24,19 +26,20 @@ import sys
 import tempfile
 import threading
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from conf.schema import TrainConfig, from_dict
+from conf.schema import Config, TrainConfig, from_dict
+from sae.hardware import resolve_device
 from sae.models.base import SAE
 from sae.models.registry import load_sae
-from sae.training.fit import resolve_device
+from tasks.support.fitting import fit_group, load_states, step_loggers
+from tasks.support.home import sae_dir
 from tasks.support.log import logger
-from tasks.support.home import home
-from tasks.train import fit_group, load_states, step_loggers
 
 SPEC = "spec.json"
 TAIL_CHARS = 4000
@@ -46,7 +49,7 @@ STOP_S = 30
 
 
 def fit(
-    cfgs: list[dict[str, Any]],
+    cfgs: list[Config],
     run_ids: list[str],
     cache: dict[str, Any],
     d_in: int,
@@ -54,24 +57,26 @@ def fit(
 ) -> list[SAE]:
     """Train the group on train.processes ranks, resumed from trainer states of `step` (None:
     afresh); the trained SAEs (CPU, fp32, eval), as `fit_group` returns them in one process."""
-    t = from_dict(cfgs[0]).train
+    t = cfgs[0].train
     cuda = _uses_cuda(t)
     if cuda and t.processes > torch.cuda.device_count():
         raise ValueError(
             f"train.processes={t.processes} ranks need one GPU each; this machine has "
             f"{torch.cuda.device_count()}"
         )
-    sae_dir = home() / "saes" / run_ids[0]
-    for old in sae_dir.glob(".ddp-*"):  # a killed task's; the caller holds the run's lock
+    first = sae_dir(run_ids[0])
+    for old in first.glob(".ddp-*"):  # a killed task's; the caller holds the run's lock
         shutil.rmtree(old, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=".ddp-", dir=sae_dir))
+    work = Path(tempfile.mkdtemp(prefix=".ddp-", dir=first))
     try:
         outs = [work / f"sae-{i}" for i in range(len(run_ids))]
-        spec = {"cfgs": cfgs, "run_ids": run_ids, "cache": cache, "d_in": d_in, "step": step,
-                "out": [str(o) for o in outs], "watch_stdin": True}  # fmt: skip
+        spec = {"cfgs": [asdict(c) for c in cfgs], "run_ids": run_ids, "cache": cache,
+                "d_in": d_in, "step": step, "out": [str(o) for o in outs],
+                "watch_stdin": True}  # fmt: skip
         (work / SPEC).write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={t.processes}", "-m", "tasks.support.ddp", str(work / SPEC)]  # fmt: skip
+               f"--nproc_per_node={t.processes}", "-m", "tasks.support.ddp",
+               str(work / SPEC)]  # fmt: skip
         _run(cmd, _env(t, cuda), t.processes)
         return [load_sae(o) for o in outs]
     finally:
@@ -156,7 +161,7 @@ def main(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     if spec.get("watch_stdin"):
         _exit_with_parent()
-    typed = [from_dict(cfg) for cfg in spec["cfgs"]]
+    typed = [from_dict(cfg) for cfg in spec["cfgs"]]  # the one conversion back
     run_ids, step = spec["run_ids"], spec["step"]
     cuda = _uses_cuda(typed[0].train)
     if cuda:  # one GPU per rank, before NCCL binds to one

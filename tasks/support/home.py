@@ -20,3 +20,8 @@ def inside(*parts: str) -> Path:
     if root not in path.parents and path != root:
         raise ValueError(f"{'/'.join(parts)!r} would lead outside the data directory {root}")
     return path
+
+
+def sae_dir(run_id: str) -> Path:
+    """Where a trained SAE of MLflow run `run_id` lives: its weights, trainer states and lock."""
+    return home() / "saes" / run_id

@@ -179,8 +179,8 @@ def reopen_run(run_id: str, uri: str | None = None) -> None:
 
 def close_orphans(experiment_id: str, by: str, uri: str | None = None) -> dict[str, dict]:
     """End KILLED every RUNNING run of the experiment whose owning process is gone (killed
-    outright, so nothing ended its run; `tasks/support/owner.py`), tagging it `saeflow.orphaned` with
-    who found it (`by`). Returns {run_id: its tags}. A resumable training run stays resumable:
+    outright, so nothing ended its run; `tasks/support/owner.py`), tagging it `saeflow.orphaned`
+    with who found it (`by`). Returns {run_id: its tags}. A resumable training run stays resumable:
     resume takes any status but FINISHED."""
     c = client(uri)
     found = c.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50_000)
@@ -274,3 +274,14 @@ def _table(rows: list[dict[str, Any]], first: list[str]) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             cols[n] = pa.array([None if v is None else str(v) for v in values], pa.string())
     return pa.table(cols) if rows else pa.table({n: pa.array([], pa.string()) for n in first})
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'sae': {'k': 16}} -> {'sae.k': 16}: MLflow params with dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -571,7 +571,7 @@ def test_unreachable_mlflow_server_fails_a_served_flow_fast(study: dict[str, Any
     from tasks.study import open_study
 
     uri = f"http://127.0.0.1:{free_port()}"
-    _, cfg = load([*TINY, "tracking=server", f"tracking.uri={uri}"])
+    cfg, _ = load([*TINY, "tracking=server", f"tracking.uri={uri}"])
     t0 = time.monotonic()
     with pytest.raises(ConnectionError, match=f"MLflow tracking server {uri} is unreachable"):
         open_study.fn(cfg)  # one attempt; Prefect retries it thrice (~14 s in all)

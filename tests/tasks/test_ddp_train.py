@@ -27,7 +27,7 @@ def cache(tiny_model: dict) -> dict[str, Any]:
     from flows.config import load
     from tasks.cache import cache_shard, finish_cache, plan_cache
 
-    _, cfg = load(TINY)
+    cfg, _ = load(TINY)
     plan = plan_cache.fn(cfg, tiny_model, "train")
     for index in plan["todo"]:
         cache_shard.fn(cfg, tiny_model, plan, index)
@@ -40,8 +40,9 @@ def _train(overrides: list[str], cache: dict[str, Any], experiment: str) -> dict
     from tasks.train import train_saes
 
     # fp32: under bf16 autocast (dtype=auto on an AVX-512 BF16 CPU) each rank rounds its
-    # half-batch gradients to bf16 and the weights part by ~1e-3 relative (tests/sae/training/test_ddp.py)
-    _, cfg = load([*TINY, "train.threads=1", "train.dtype=fp32", *overrides])
+    # half-batch gradients to bf16 and the weights part by ~1e-3 relative
+    # (tests/sae/training/test_ddp.py)
+    cfg, _ = load([*TINY, "train.threads=1", "train.dtype=fp32", *overrides])
     return train_saes.fn([cfg], cache, tracking.ensure_experiment(experiment))[0]
 
 
@@ -106,7 +107,7 @@ from flows.config import load
 from tasks.support import tracking
 from tasks.train import train_saes
 from tests.conftest import TINY
-_, cfg = load([*TINY, *json.loads(sys.argv[2])])
+cfg, _ = load([*TINY, *json.loads(sys.argv[2])])
 train_saes.fn([cfg], json.loads(sys.argv[1]), tracking.ensure_experiment("ddp-kill"))
 """
 

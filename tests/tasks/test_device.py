@@ -112,7 +112,7 @@ def test_cuda_without_cuda_fails_naming_model_device(saeflow_home: Path) -> None
     from tasks.model import prepare_model
     from tasks.steer import steer
 
-    _, cfg = load([*TINY, "model.device=cuda"])
+    cfg, _ = load([*TINY, "model.device=cuda"])
     trained = {"run_id": "r", "checkpoint": str(saeflow_home / "no-sae")}
     calls = {
         "prepare_model": lambda: prepare_model.fn(cfg),
@@ -169,13 +169,13 @@ def on_both(tiny_model: dict, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """TINY's caches and the eval metrics of one random ReLU SAE, with model.device=cpu and
     =cuda, logged to a real MLflow run of the session's store."""
     from sae.models.registry import build_sae
-    from tasks.support import tracking
     from tasks.evaluate import evaluate_many
+    from tasks.support import tracking
 
     run_id = tracking.start_run(tracking.ensure_experiment("device-check"), "device-check")
     out: dict[str, Any] = {"cfg": {}, "cache": {}, "metrics": {}}
     for device in ("cpu", "cuda"):
-        _, cfg = load([*TINY, f"model.device={device}"])
+        cfg, _ = load([*TINY, f"model.device={device}"])
         out["cfg"][device] = cfg
         for split in ("train", "eval"):
             out["cache"][device, split] = _cache(cfg, tiny_model, split)

@@ -12,8 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from sae.activations.cache import CacheError, Manifest, cache_key, read_shard, sequences, verify
 from sae.activations.extract import build_cache
-from sae.lm.hooks import HookPoint, activations_at, parse_hook
 from sae.activations.loader import ActivationLoader
+from sae.lm.hooks import HookPoint, activations_at, parse_hook
 
 T, D = 16, 24
 

@@ -1,5 +1,5 @@
-"""Scaling-law fitting (sae/analysis/scaling.py): known exponents recovered from noisy power-law points,
-the frontier, and the FLOP counts."""
+"""Scaling-law fitting (sae/analysis/scaling.py): known exponents recovered from noisy power-law
+points, the frontier, and the FLOP counts."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sae.models.registry import build_sae
 from sae.analysis.splitting import SCHEMA, decoder_directions, families, match_features
+from sae.models.registry import build_sae
 
 D_IN = 64
 SPLITS = {0: 2, 1: 3, 2: 2, 3: 3, 4: 2, 5: 3}  # parent -> number of children

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from sae.analysis.steer import generate, intervention, next_token_probs
 from sae.lm.hooks import HookPoint
 from sae.models.registry import build_sae
-from sae.analysis.steer import generate, intervention, next_token_probs
 
 D, V, TARGET, FEATURE = 32, 50, 7, 3
 

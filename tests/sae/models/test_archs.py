@@ -84,10 +84,8 @@ def train(
     (sae, true features, on_step logs)."""
     hp, steps, lr = recipe or RECIPES[arch]
     features, logs = true_features(n_feat, d), []
-    sae = build_sae(arch, d, d_sae, seed=0, **hp)
-    cfg = FitConfig(
-        tokens=steps * 512, batch_size=512, lr=lr, dtype="fp32", log_every=10, target_l0=target_l0
-    )
+    sae = build_sae(arch, d, d_sae, seed=0, target_l0=target_l0, **hp)
+    cfg = FitConfig(tokens=steps * 512, batch_size=512, lr=lr, dtype="fp32", log_every=10)
     sae = fit(sae, sparse_batches(features, 512, active), cfg, lambda s, m: logs.append(m))
     return sae, features, logs
 
@@ -352,21 +350,20 @@ def test_target_l0_steers_jumprelu_to_the_asked_l0() -> None:
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_target_l0_with_k_raises(arch: str) -> None:
-    sae = build_sae(arch, 8, 16, k=2)
     with pytest.raises(ValueError, match=rf"target_l0=3.*{arch}.*k"):
-        fit(sae, iter([torch.randn(64, 8)]), FitConfig(tokens=64, target_l0=3))
+        build_sae(arch, 8, 16, k=2, target_l0=3)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
 def test_target_l0_is_validated(bad: float) -> None:
-    with pytest.raises(ValueError, match=r"FitConfig.target_l0 must be None or .* > 0"):
-        FitConfig(tokens=1, target_l0=bad)
+    with pytest.raises(ValueError, match=r"sae.target_l0 must be in \(0, d_sae\] or None"):
+        build_sae("relu", 8, 16, target_l0=bad)
 
 
 def test_target_l0_needs_a_positive_coefficient() -> None:
-    sae = build_sae("relu", 8, 16, l1_coeff=0.0)
+    sae = build_sae("relu", 8, 16, l1_coeff=0.0, target_l0=3)
     with pytest.raises(ValueError, match=r"l1_coeff, which must be > 0, got 0\.0"):
-        fit(sae, iter([torch.randn(64, 8)]), FitConfig(tokens=64, target_l0=3))
+        fit(sae, iter([torch.randn(64, 8)]), FitConfig(tokens=64))
 
 
 # --- registry, build and load ---------------------------------------------------------------------

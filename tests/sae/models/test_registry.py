@@ -230,7 +230,8 @@ def test_config_rebuilds() -> None:
     assert build_sae(arch, d_in, d_sae, **cfg).config() == sae.config()
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])  # batchtopk/jumprelu: tests/sae/models/test_archs.py
+# batchtopk/jumprelu: tests/sae/models/test_archs.py
+@pytest.mark.parametrize("arch", ["relu", "topk"])
 def test_gradients_match_the_textbook_formula(arch: str) -> None:
     """The shortcuts (sparse decode, b_dec's gradient via a vector) change no gradient."""
     sae = make(arch).double().train()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from sae.models.registry import build_sae
 from sae.activations.synthetic import sparse_batches, unit_rows
+from sae.models.registry import build_sae
 from sae.training.fit import FitConfig, fit
 
 BATCH, STEPS = 512, 40

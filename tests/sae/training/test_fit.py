@@ -129,13 +129,13 @@ def test_bad_inputs() -> None:
         fit(sae, iter([torch.randn(4, 5)]), FitConfig(tokens=4))
     with pytest.raises(ValueError, match="empty"):
         fit(sae, iter([]), FitConfig(tokens=4))
-    with pytest.raises(ValueError, match=r"FitConfig.tokens must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"train.tokens must be > 0, got 0"):
         FitConfig(tokens=0)
-    with pytest.raises(ValueError, match=r"FitConfig.lr_decay_frac"):
+    with pytest.raises(ValueError, match=r"train.lr_decay_frac"):
         FitConfig(tokens=1, lr_decay_frac=1.5)
-    with pytest.raises(ValueError, match=r"FitConfig.dtype .*auto, bf16, fp32.*'fp8'"):
+    with pytest.raises(ValueError, match=r"train.dtype='fp8' is not one of auto, bf16, fp32"):
         FitConfig(tokens=1, dtype="fp8")
-    with pytest.raises(ValueError, match=r"FitConfig.device .*'tpu'"):
+    with pytest.raises(ValueError, match=r"train.device='tpu'"):
         FitConfig(tokens=1, device="tpu")
 
 

@@ -44,10 +44,10 @@ def test_owner_tags_tell_gone_processes_from_live_ones() -> None:
 
 def test_the_next_study_marks_only_runs_of_gone_processes_killed(saeflow_home: Path) -> None:
     from flows.config import load
-    from tasks.support import tracking
     from tasks.study import open_study
+    from tasks.support import tracking
 
-    _, cfg = load([*TINY, "tracking.experiment=orphans"])
+    cfg, _ = load([*TINY, "tracking.experiment=orphans"])
     orphan = _child(CHILD, "orphans")
     exp = tracking.ensure_experiment("orphans")
     alive = tracking.start_run(exp, "alive")  # owned by this process: still running

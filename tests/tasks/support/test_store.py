@@ -68,7 +68,7 @@ def _cache(home: Path, store: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dic
     from tasks.model import prepare_model
 
     monkeypatch.setenv("SAEFLOW_HOME", str(home))
-    _, cfg = load([*TINY, f"cache.store='{store}'"])
+    cfg, _ = load([*TINY, f"cache.store='{store}'"])
     model = prepare_model.fn(cfg)
     plan = plan_cache.fn(cfg, model, "train")
     for i in plan["todo"]:

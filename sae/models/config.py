@@ -1,0 +1,78 @@
+"""The SAE's config: its architecture and every hyper-parameter, one default and one check each.
+
+No torch here: `conf/schema.py` uses this class as the `sae` section of the config, so a value
+is written, defaulted, checked and documented once. An architecture reads the fields it names
+in its `hparams` (and saves exactly those in `cfg.json`); the others are ignored by it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sae.checks import choice, non_negative, positive
+
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+"""Architecture names, each a module of `sae.models`."""
+K_ARCHS = ("topk", "batchtopk")
+"""Architectures whose L0 is set by `k`."""
+STEERED = ("relu", "jumprelu")
+"""Architectures whose L0 is set by a sparsity coefficient λ (so `target_l0` can steer it);
+the others set it with `k`."""
+
+
+@dataclass
+class SAEConfig:
+    arch: str = "relu"
+    """`relu` (Anthropic April 2024: ReLU, decoder-norm-weighted L1), `topk` (Gao et al. 2024),
+    `batchtopk` (Bussmann et al. 2024) or `jumprelu` (Rajamanoharan et al. 2024)."""
+    d_sae: int = 1024
+    """Number of latents."""
+    l1_coeff: float = 3.0
+    """relu, jumprelu: sparsity coefficient λ (L1 for relu, L0 for jumprelu), for inputs scaled
+    to E‖x‖ = √d_in."""
+    init_norm: float = 0.1
+    """relu: norm of the decoder rows at initialisation (W_enc starts as W_decᵀ)."""
+    k: int = 16
+    """topk, batchtopk: active latents per token (batchtopk: on average over the batch)."""
+    aux_k: int | None = None
+    """topk, batchtopk: dead latents the AuxK loss may use per token (None = d_in // 2)."""
+    aux_coeff: float = 1 / 32
+    """topk, batchtopk: weight of the AuxK loss on dead latents."""
+    dead_tokens: int = 200_000
+    """topk, batchtopk: training tokens without firing after which a latent counts as dead for
+    AuxK (AuxK starts once this many tokens have been trained)."""
+    threshold_beta: float = 0.9
+    """batchtopk: β of the running average that sets the inference threshold θ (a horizon of
+    about 1/(1 − β) batches)."""
+    bandwidth: float = 1e-3
+    """jumprelu: width ε of the straight-through rectangle kernel, in units where E‖x‖² = 1."""
+    init_threshold: float = 1e-3
+    """jumprelu: the threshold θ at initialisation, in units where E‖x‖² = 1."""
+    target_l0: float | None = None
+    """relu, jumprelu: steer λ during training so the run ends at this L0 (None = fixed λ)."""
+
+    def __post_init__(self) -> None:
+        choice("sae", "arch", self.arch, ARCHS)
+        positive("sae", d_sae=self.d_sae, k=self.k, init_norm=self.init_norm)
+        positive("sae", dead_tokens=self.dead_tokens, bandwidth=self.bandwidth)
+        positive("sae", init_threshold=self.init_threshold)
+        for name in ("d_sae", "k", "dead_tokens"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"sae.{name} must be an int, got {getattr(self, name)!r}")
+        if self.arch in K_ARCHS and self.k > self.d_sae:
+            raise ValueError(f"sae.k={self.k} must be <= sae.d_sae={self.d_sae}")
+        if self.aux_k is not None and not (isinstance(self.aux_k, int) and self.aux_k > 0):
+            raise ValueError(f"sae.aux_k must be a positive int or None, got {self.aux_k!r}")
+        non_negative("sae", l1_coeff=self.l1_coeff, aux_coeff=self.aux_coeff)
+        if not 0 <= self.threshold_beta < 1:  # 1 would never move θ
+            raise ValueError(f"sae.threshold_beta must be in [0, 1), got {self.threshold_beta}")
+        if self.target_l0 is not None:
+            if self.arch not in STEERED:
+                raise ValueError(
+                    f"sae.target_l0 needs arch relu or jumprelu, got target_l0={self.target_l0:g} "
+                    f"with arch {self.arch}, which sets its L0 with sae.k"
+                )
+            t = self.target_l0
+            if not (isinstance(t, int | float) and math.isfinite(t) and 0 < t <= self.d_sae):
+                raise ValueError(f"sae.target_l0 must be in (0, d_sae] or None, got {t}")

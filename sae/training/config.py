@@ -1,0 +1,79 @@
+"""The training config: everything `fit` and its batch loader read, one default and one check
+each. No torch here: `conf/schema.py` extends this class by the orchestration-only fields to make
+the `train` section of the config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sae.checks import choice, fraction, non_negative, positive
+from sae.devices import TRAIN_DTYPES, check_device
+
+
+@dataclass
+class FitConfig:
+    tokens: int = 1_228_800
+    """Training tokens; the run takes steps = ceil(tokens / batch_size) batches (the loader
+    cycles over a cache that holds fewer)."""
+    batch_size: int = 4096
+    """Rows per batch the loader yields (sets the step count; the trainer takes what it gets)."""
+    lr: float = 1e-3
+    """Peak Adam learning rate (inputs are scaled to E‖x‖ = √d_in, so it transfers across d_in)."""
+    l1_warmup_frac: float = 0.05
+    """Fraction of steps over which the sparsity penalty ramps 0 → 1 (`sparsity_scale`)."""
+    lr_warmup_frac: float = 0.0
+    """Fraction of steps over which lr ramps linearly 0 → lr."""
+    lr_decay_frac: float = 0.2
+    """Fraction of steps at the end over which lr decays linearly to 0."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    dtype: str = "auto"
+    """auto | bf16 | fp32: bf16 autocast with fp32 master weights; auto = bf16 on CUDA or on a
+    CPU with native bf16 matmuls (AVX-512 BF16 / AMX), else fp32 (an AVX2 CPU emulates bf16
+    matmuls ~40x slower than fp32)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N (GPU N; `runner.devices` spreads a sweep's SAEs over GPUs)."""
+    seed: int = 0
+    """Seeds the SAE's initialisation, the loader's shuffle and torch's RNG during fit."""
+    log_every: int = 10
+    """Report train/* metrics every this many steps, and at the last step."""
+    geometric_median_samples: int = 4096
+    """Rows of the first batch used for the input scale and b_dec's geometric median."""
+    threads: int = 0
+    """torch CPU threads during training (0 = torch's default)."""
+    dead_window: int = 200_000
+    """Training tokens without firing after which a latent counts in the logged `dead_frac`."""
+    checkpoint_every: int = 100
+    """Steps between trainer states (0 = none): a killed run resumes from the newest."""
+    compile: bool = False
+    """Run the SAE's forward through torch.compile."""
+    shuffle_rows: int = 262_144
+    """Rows in the loader's shuffle buffer: memory is bounded by this, not by the cache size."""
+
+    def __post_init__(self) -> None:
+        positive("train", tokens=self.tokens, batch_size=self.batch_size, lr=self.lr)
+        positive("train", log_every=self.log_every, shuffle_rows=self.shuffle_rows)
+        positive("train", geometric_median_samples=self.geometric_median_samples)
+        positive("train", dead_window=self.dead_window)
+        fraction("train", l1_warmup_frac=self.l1_warmup_frac)
+        fraction("train", lr_warmup_frac=self.lr_warmup_frac, lr_decay_frac=self.lr_decay_frac)
+        if self.lr_warmup_frac + self.lr_decay_frac > 1:
+            raise ValueError(
+                f"train.lr_decay_frac must be <= 1 - train.lr_warmup_frac = "
+                f"{1 - self.lr_warmup_frac}, got {self.lr_decay_frac}"
+            )
+        non_negative("train", grad_clip=self.grad_clip, threads=self.threads)
+        non_negative("train", checkpoint_every=self.checkpoint_every)
+        choice("train", "dtype", self.dtype, TRAIN_DTYPES)
+        check_device("train.device", self.device)
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.tokens / self.batch_size)
+
+    def fit_values(self) -> dict[str, Any]:
+        """This config's own fields (a subclass's orchestration fields left out), as a dict."""
+        return {f.name: getattr(self, f.name) for f in fields(FitConfig)}
