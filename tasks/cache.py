@@ -10,7 +10,6 @@ workers; a store spreads the finished caches over machines.
 from __future__ import annotations
 
 import errno
-import hashlib
 import math
 import shutil
 import threading
@@ -40,6 +39,7 @@ from sae.activations.extract import (
     todo,
     write_tokens,
 )
+from sae.files import file_sha256
 from sae.lm.hooks import load_lm, parse_hook
 from sae.lm.text import documents, token_contexts
 from tasks.model import lm_device
@@ -54,8 +54,7 @@ _MODELS_LOCK = threading.Lock()
 def _file_hash(path: Path) -> str | None:
     if not path.is_file():
         return None
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def hooks_of(c: Config) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from conf.schema import Config
 from sae.activations.cache import Manifest, sequences
 from sae.analysis.evaluate import ce_baselines, evaluate_saes
 from sae.analysis.features import feature_stats
-from sae.failpoint import failpoint
+from sae.files import atomic_write, write_text
 from sae.lm.hooks import HookPoint, load_lm, parse_hook
 from sae.models.base import SAE
 from sae.models.registry import load_sae
@@ -51,9 +50,7 @@ def _baselines(lm, hp: HookPoint, eval_dir: Path, contexts) -> dict[str, float]:
     if path.is_file():
         return json.loads(path.read_text())
     out = ce_baselines(lm, hp, contexts)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(out))
     return out
 
 
@@ -118,9 +115,7 @@ def features(
     out = inside("features", f"run_id={trained['run_id']}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "feature_stats.parquet"
-    pq.write_table(table, path.with_suffix(".tmp"))
-    failpoint("features.write")
-    os.replace(path.with_suffix(".tmp"), path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp), point="features.write")
     tracking.log_artifact(trained["run_id"], path, None, c.tracking.uri)
     logger().info(f"feature stats of {table.num_rows} latents -> {path}")
     return {"path": str(path), "n_features": table.num_rows}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Config
 from dashboards.report import COMPARED, comparison, run_report
-from sae.failpoint import failpoint
+from sae.files import write_text
 from tasks.support import tracking
 from tasks.support.home import inside
 from tasks.support.log import logger
@@ -23,10 +22,7 @@ SHOWN = ("sae.arch", "sae.d_sae", "hook", "train.tokens", "train.lr", "cache.key
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    failpoint("report.write")
-    os.replace(tmp, path)
+    write_text(path, text, point="report.write")
 
 
 @task(name="report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])

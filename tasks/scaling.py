@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from sae.analysis.scaling import (
     training_flops,
 )
 from sae.analysis.splitting import decoder_directions, families, match_features
+from sae.files import atomic_write, write_text
 from sae.models.registry import load_sae
 from tasks.support import tracking
 from tasks.support.home import inside
@@ -43,9 +43,7 @@ def study_dir(parent_run_id: str) -> Path:
 
 def _write(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def final_loss(run_id: str, uri: str | None) -> float:
@@ -198,9 +196,7 @@ def scaling_report(
     page = scaling_page(fitted["points"], fitted["fits"], fitted["budget"], shown, c.sae.arch)
     path = inside("reports", f"scaling-{parent_run_id}.html")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, page)
     tracking.log_artifact(parent_run_id, path, "report", c.tracking.uri)
     logger().info(f"scaling report -> {path}")
     return {"report": str(path)}

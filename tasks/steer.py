@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Config
 from sae.analysis.steer import generate, intervention, next_token_probs
+from sae.files import write_text
 from sae.lm.hooks import load_lm, parse_hook
 from sae.models.registry import load_sae
 from tasks.model import lm_device
@@ -54,8 +54,7 @@ def steer(cfg: Config, model: dict[str, Any], trained: dict[str, Any]) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"feature-{s.feature}-{s.mode}-{s.value:g}.json"
     result = {"feature": s.feature, "mode": s.mode, "value": s.value, "hook": c.hook, "rows": rows}
-    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    os.replace(path.with_suffix(".tmp"), path)
+    write_text(path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     tracking.log_artifact(trained["run_id"], path, "steering", c.tracking.uri)
     logger().info(f"steering feature {s.feature} ({s.mode} {s.value:g}) -> {path}")
     return {"path": str(path), **result}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sae.failpoint import failpoint
+from sae.files import atomic_write, file_sha256, write_text
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -39,7 +38,7 @@ class CacheError(RuntimeError):
 def cache_key(inputs: dict) -> str:
     """Short content hash of everything that determines the activations."""
     blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]  # the format of every existing key
 
 
 @dataclass
@@ -84,13 +83,7 @@ class Manifest:
     def save(self, dir: Path) -> None:
         """Temp file + fsync + rename: readers see the old manifest or the new, never half."""
         body = asdict(self) | {"n_sequences": self.n_sequences, "n_tokens": self.n_tokens}
-        tmp = dir / f".{MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(body, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        failpoint("cache.manifest_write")
-        os.replace(tmp, dir / MANIFEST)
+        write_text(dir / MANIFEST, json.dumps(body, indent=1), point="cache.manifest_write")
 
     @classmethod
     def load(cls, dir: Path) -> Manifest:
@@ -115,11 +108,6 @@ class Manifest:
         if hook not in self.hooks:
             raise CacheError(f"hook {hook!r} is not in this cache; it holds {sorted(self.hooks)}")
         return self.hooks[hook]
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _to_binary(acts: torch.Tensor, dtype: str) -> pa.Array:
@@ -173,9 +161,9 @@ def write_shard(
         meta[f"saeflow.d_in.{hook}"] = str(a.shape[-1])
     table = pa.table(cols).replace_schema_metadata(meta)
     name = f"shard-{index:05d}.parquet"
-    tmp = dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+
     # The layout DESIGN §4 measured at ~3 GB/s: no compression, dictionary or stats on activations.
-    try:
+    def write(tmp: Path) -> None:
         pq.write_table(
             table,
             tmp,
@@ -184,17 +172,17 @@ def write_shard(
             write_statistics=["seq_id", "pos", "token_id"],
             row_group_size=s * t,
         )
+
+    try:  # the failpoint: a shard written, not yet renamed into place
+        atomic_write(dir / name, write, point="cache.shard_write")
     except OSError as e:  # a full disk (ENOSPC) or a file-size limit (EFBIG), typically
-        tmp.unlink(missing_ok=True)  # a half shard would only take more of the space
-        reason = os.strerror(e.errno) if e.errno else str(e)
+        reason = os.strerror(e.errno) if e.errno else str(e)  # the half shard is gone
         raise OSError(
             e.errno,
             f"cannot write shard {dir / name}: {reason}; free space on that disk or move "
             "SAEFLOW_HOME, then re-run: the shards already written are kept",
         ) from e
-    failpoint("cache.shard_write")  # a shard written, not yet renamed into place
-    os.replace(tmp, dir / name)
-    return Shard(name, s * t, first_seq, s, _sha256(dir / name))
+    return Shard(name, s * t, first_seq, s, file_sha256(dir / name))
 
 
 def read_shard(
@@ -227,7 +215,7 @@ def verify(dir: Path, manifest: Manifest | None = None) -> list[str]:
     bad = []
     for s in manifest.shards:
         p = Path(dir) / s.file
-        if not p.is_file() or _sha256(p) != s.sha256:
+        if not p.is_file() or file_sha256(p) != s.sha256:
             bad.append(s.file)
     return bad
 

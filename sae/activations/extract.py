@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +28,7 @@ from torch import nn
 
 from sae.activations.cache import MANIFEST, CacheError, Manifest, Shard, verify, write_shard
 from sae.failpoint import failpoint
+from sae.files import atomic_write
 from sae.lm.hooks import HookPoint, activations_at
 
 TOKENS = "tokens.npy"
@@ -81,13 +81,12 @@ def write_tokens(
         rows = flat.reshape(-1, t)
         if shuffle_seed is not None:
             rows = rows[np.random.default_rng(shuffle_seed).permutation(len(rows))]
-        tmp = dir / f".{TOKENS}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, rows)
-            f.flush()
-            os.fsync(f.fileno())
-        failpoint("cache.tokens")  # tokens written, not yet renamed into place
-        os.replace(tmp, path)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a name
+                np.save(f, rows)
+
+        atomic_write(path, save, point="cache.tokens")  # the point: written, not yet renamed
     return read_tokens(dir)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from sae.failpoint import failpoint
+from sae.files import atomic_write, write_text
 from sae.models.config import SAEConfig
 from sae.training.checkpoint import digest
 
@@ -164,19 +163,16 @@ class SAE(nn.Module):
         cfg = self.config() | ({"meta": meta} if meta is not None else {})
         # Config first, weights last, each renamed into place: a kill leaves no half file, and
         # weights beside a config always belong to it.
-        tmp = dir / f".{CONFIG}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, dir / CONFIG)
-        tmp = dir / f".{WEIGHTS}.{os.getpid()}.tmp"
+        write_text(dir / CONFIG, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         # The arch in the weights' own header: relu and topk tensors have the same names and
         # shapes, so only this tells load_sae that a cfg.json does not belong to them. The
         # tensors' sha256 too: safetensors checks its header, not the data. One key holding
         # both: safetensors writes its metadata map in an order that changes from process to
         # process, so two keys made identical runs write different bytes.
         header = {"arch": self.arch, "sha256": digest(tensors)}
-        save_file(tensors, str(tmp), metadata={HEADER: json.dumps(header, sort_keys=True)})
-        failpoint("sae.save")
-        os.replace(tmp, dir / WEIGHTS)
+        meta = {HEADER: json.dumps(header, sort_keys=True)}
+        atomic_write(dir / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
+                     point="sae.save")  # fmt: skip
 
 
 def random_directions(n: int, d: int, norm: float) -> Tensor:

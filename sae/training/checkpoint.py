@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae.failpoint import failpoint
+from sae.files import atomic_write, write_text
 
 STATE_VERSION = 1
 _NAME = re.compile(r"step-(\d{8})\.json")
@@ -73,11 +73,11 @@ def save(dir: Path, state: TrainState, keep: int = 2) -> None:
     dir.mkdir(parents=True, exist_ok=True)
     stem = dir / f"step-{state.step:08d}"
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors.items()}
-    _atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
     failpoint("checkpoint.write")  # tensors in place, their JSON not yet: not a state
     head = {"version": STATE_VERSION, "step": state.step, "tensors_sha256": digest(tensors)}
     text = json.dumps(head | state.values, indent=1)
-    _atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text + "\n"))
+    write_text(stem.with_suffix(".json"), text + "\n")
     for old in steps(dir)[:-keep]:
         (dir / f"step-{old:08d}.json").unlink(missing_ok=True)  # JSON first: never half a state
         (dir / f"step-{old:08d}.safetensors").unlink(missing_ok=True)
@@ -110,11 +110,3 @@ def load(dir: Path, step: int | None = None) -> TrainState | None:
             + "train afresh with train.resume=false"
         )
     return TrainState(step, tensors, values)
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 
 from sae.activations.cache import MANIFEST, CacheError, Manifest, Shard, cache_key
 from sae.activations.extract import locked
+from sae.files import file_sha256
 
 CHUNK = 8 << 20
 """Bytes per read/write while streaming an object (hashing as it goes)."""
@@ -100,8 +101,7 @@ def _read_if_there(fs: pafs.FileSystem, path: str) -> bytes | None:
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_sha256(path)
 
 
 def _tmp(name: str) -> str:
