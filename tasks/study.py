@@ -16,7 +16,7 @@ from conf.schema import Config
 from sae.failpoint import failpoint
 from sae.models.base import CONFIG
 from tasks.support import tracking
-from tasks.support.home import home, inside
+from tasks.support.home import sae_dir
 from tasks.support.log import logger
 
 
@@ -126,14 +126,14 @@ def find_sae(cfg: Config) -> dict[str, str]:
                 order_by=["attributes.start_time DESC"],
             )
         )
-        runs = [r for r in runs if (home() / "saes" / r.info.run_id).is_dir()]
+        runs = [r for r in runs if sae_dir(r.info.run_id).is_dir()]
         if not runs:
             raise FileNotFoundError(
                 f"no trained SAE in experiment {experiment_name(cfg)!r}; "
                 "train one first or pass eval.run_id=<MLflow run id>"
             )
         run_id = runs[0].info.run_id
-    checkpoint = inside("saes", run_id)
+    checkpoint = sae_dir(run_id)
     if not checkpoint.is_dir():
         raise FileNotFoundError(
             f"eval.run_id={run_id!r}: no SAE was trained under this run id (no {checkpoint}); "

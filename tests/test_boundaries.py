@@ -22,6 +22,28 @@ def test_sae_is_pure_torch() -> None:
     assert not bad
 
 
+def test_the_config_imports_no_torch() -> None:
+    """conf/ builds on the core's configs (sae/*/config.py): they must stay importable without
+    torch, which takes seconds to import and is not needed to check a config."""
+    import subprocess
+    import sys
+
+    code = "import sys, conf.schema, flows.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_tasks_hold_tasks_and_import_no_circle() -> None:
+    """Each module directly in tasks/ defines a Prefect task; helpers live in tasks/support/,
+    which never imports a task module."""
+    for p in (ROOT / "tasks").glob("*.py"):
+        if p.name != "__init__.py":
+            assert "@task(" in p.read_text(), f"{p} holds no task: move it to tasks/support/"
+    for f in _imports("tasks/support"):
+        text = (ROOT / f).read_text()
+        assert not re.search(r"^from tasks\.(?!support)", text, re.M), f"{f} imports a task module"
+
+
 def test_only_tasks_talk_to_mlflow() -> None:
     for package in ("sae", "flows", "dashboards", "conf"):
         bad = [f for f, mods in _imports(package).items() if "mlflow" in mods]

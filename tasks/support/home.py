@@ -23,5 +23,6 @@ def inside(*parts: str) -> Path:
 
 
 def sae_dir(run_id: str) -> Path:
-    """Where a trained SAE of MLflow run `run_id` lives: its weights, trainer states and lock."""
-    return home() / "saes" / run_id
+    """Where a trained SAE of MLflow run `run_id` lives: its weights, trainer states and lock
+    (a run id that would lead outside the data directory is refused)."""
+    return inside("saes", run_id)

@@ -100,10 +100,6 @@ def _read_if_there(fs: pafs.FileSystem, path: str) -> bytes | None:
         return f.read()
 
 
-def _sha256(path: Path) -> str:
-    return file_sha256(path)
-
-
 def _tmp(name: str) -> str:
     """A hidden temp name (no reader lists it), unique across machines writing one store."""
     return f".{name}.{secrets.token_hex(8)}.tmp"
@@ -275,7 +271,7 @@ def fetch(url: str, key: str, local_dir: Path) -> dict[str, Any] | None:
         got = kept = 0
         for s in m.shards:
             dst = local_dir / _check_name(s.file, "shard")
-            if dst.is_file() and _sha256(dst) == s.sha256:
+            if dst.is_file() and file_sha256(dst) == s.sha256:
                 kept += 1
                 continue
             got += _download(fs, url, f"{prefix}/{s.file}", dst, s)
