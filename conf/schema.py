@@ -28,7 +28,7 @@ from sae.analysis.scaling import ScalingConfig
 from sae.checks import choice, finite, fraction, non_negative, positive
 from sae.devices import LM_DEVICES, LM_DTYPES, check_device
 from sae.lm.config import LMSpec, check_hook
-from sae.models.config import SAEConfig
+from sae.models.config import DEFAULT_LR, SAEConfig
 from sae.training.config import FitConfig
 
 TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
@@ -297,6 +297,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.data.context_length is None:  # the model's own context unless set
             self.data.context_length = self.model.n_ctx
+        if self.train.lr is None:  # the architecture's measured default
+            self.train.lr = DEFAULT_LR[self.sae.arch]
         # A builtin model's depth is known before any work; a Hub model's once its config loads.
         n_layer = self.model.n_layer if self.model.source == "builtin" else None
         for key, hook in [("hook", self.hook)] + [("cache.hooks", h) for h in self.cache.hooks]:

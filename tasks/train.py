@@ -10,6 +10,7 @@ runs, their locks and the final save stay here.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -51,8 +52,17 @@ def run_key(c: Config, cache_key: str) -> str:
 
 
 ADDED = {
-    "sae": ("init_norm", "aux_k", "dead_tokens", "threshold_beta", "bandwidth", "init_threshold"),
-    "train": ("lr_warmup_frac", "geometric_median_samples", "dead_window"),
+    "sae": (
+        "init_norm",
+        "aux_k",
+        "dead_tokens",
+        "threshold_beta",
+        "bandwidth",
+        "init_threshold",
+        "centre",
+        "matryoshka_fractions",
+    ),
+    "train": ("lr_warmup_frac", "geometric_median_samples", "dead_window", "scale"),
 }
 """Fields no config could set before (they were fixed in the code): at their defaults they are
 left out of the key, so earlier runs, which trained with those values, keep their keys."""
@@ -60,7 +70,12 @@ left out of the key, so earlier runs, which trained with those values, keep thei
 
 def _unless_default(values: dict[str, Any], cls: type, names: tuple[str, ...]) -> dict[str, Any]:
     fields = cls.__dataclass_fields__
-    return {k: v for k, v in values.items() if k not in names or v != fields[k].default}
+
+    def default(k: str) -> Any:
+        f = fields[k]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    return {k: v for k, v in values.items() if k not in names or v != default(k)}
 
 
 UNKEYED = (*FREE_ON_RESUME, "resume")

@@ -109,6 +109,14 @@ class SAE(nn.Module):
         return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae, **values}
 
     # --- training hooks ----------------------------------------------------------------------
+    def centre_on(self, c: Tensor) -> None:
+        """Called by the trainer with b_dec's initial value, the data's geometric median (scaled
+        units): relu centres its encoder there. Others ignore it (topk subtracts b_dec)."""
+
+    def fold_centre(self) -> None:
+        """Called by the trainer once training is over, before `fold_scale`: fold the encoder's
+        centre into b_enc, so the saved SAE needs none."""
+
     def before_step(self) -> None:
         """Called by the trainer after backward, before the optimiser step."""
 
@@ -173,6 +181,41 @@ class SAE(nn.Module):
         meta = {HEADER: json.dumps(header, sort_keys=True)}
         atomic_write(dir / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
                      point="sae.save")  # fmt: skip
+
+
+class Centred(nn.Module):
+    """An encoder that reads x − c for a fixed c: the data's geometric median in the trainer's
+    scaled units (`centre_on`, where `sae.centre` asks for it), folded exactly into b_enc when
+    training ends (`fold_centre`:
+    (x − c) @ W_enc + b_enc = x @ W_enc + (b_enc − c @ W_enc)), so the saved SAE needs none.
+
+    Why fixed, not b_dec: a learned bias under the encoder lets Adam's per-coordinate steps on
+    W_enc move every latent's effective bias by ~lr·‖c‖₁ per step; with a large offset, as real
+    residual streams have, every latent ended dead (L0 0, measured). For relu and jumprelu."""
+
+    def __init__(self, d_in: int, *args: Any) -> None:
+        super().__init__(d_in, *args)
+        self.register_buffer("c", torch.zeros(d_in), persistent=False)  # 0 once folded
+
+    @torch.no_grad()
+    def centre_on(self, c: Tensor) -> None:
+        if self.cfg.centre:
+            self.c.copy_(c)
+
+    @torch.no_grad()
+    def fold_centre(self) -> None:
+        self.b_enc.sub_(self.c @ self.W_enc)  # (x − c) @ W + b = x @ W + (b − c @ W)
+        self.c.zero_()
+
+    def training_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors, values = super().training_state()
+        return tensors | {"centre": self.c}, values
+
+    @torch.no_grad()
+    def load_training_state(self, tensors: dict[str, Tensor], values: dict[str, Any]) -> None:
+        super().load_training_state(tensors, values)
+        if "centre" in tensors:  # states saved before the centre existed: 0, as then
+            self.c.copy_(tensors["centre"])
 
 
 def random_directions(n: int, d: int, norm: float) -> Tensor:

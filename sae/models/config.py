@@ -7,18 +7,21 @@ in its `hparams` (and saves exactly those in `cfg.json`); the others are ignored
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sae.checks import choice, non_negative, positive
 
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 """Architecture names, each a module of `sae.models`."""
-K_ARCHS = ("topk", "batchtopk")
+K_ARCHS = ("topk", "batchtopk", "matryoshka")
 """Architectures whose L0 is set by `k`."""
 STEERED = ("relu", "jumprelu")
 """Architectures whose L0 is set by a sparsity coefficient λ (so `target_l0` can steer it);
 the others set it with `k`."""
+DEFAULT_LR = {"relu": 1e-3, "topk": 3e-3, "batchtopk": 3e-3, "jumprelu": 1e-3, "matryoshka": 3e-3}
+"""Peak lr where `train.lr` is None, by architecture (measured: BENCHMARKS.md, ground truth)."""
 
 
 @dataclass
@@ -31,6 +34,11 @@ class SAEConfig:
     l1_coeff: float = 3.0
     """relu, jumprelu: sparsity coefficient λ (L1 for relu, L0 for jumprelu), for inputs scaled
     to E‖x‖ = √d_in."""
+    centre: bool = False
+    """relu, jumprelu: encode x − c for c the data's geometric median, fixed (folded into b_enc
+    when saved). Keeps relu alive on data with a large offset (synthetic, offset 10: every latent
+    dead without it), but on the default study the encoder's bias then learns too slowly in a
+    short run (relu λ 3: EV 0.858 at L0 69 centred vs 0.874 at L0 38), hence off by default."""
     init_norm: float = 0.1
     """relu: norm of the decoder rows at initialisation (W_enc starts as W_decᵀ)."""
     k: int = 16
@@ -49,6 +57,9 @@ class SAEConfig:
     """jumprelu: width ε of the straight-through rectangle kernel, in units where E‖x‖² = 1."""
     init_threshold: float = 1e-3
     """jumprelu: the threshold θ at initialisation, in units where E‖x‖² = 1."""
+    matryoshka_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
+    """matryoshka: the nested prefixes that must each reconstruct x, as fractions of d_sae
+    (increasing, the last 1: the whole dictionary)."""
     target_l0: float | None = None
     """relu, jumprelu: steer λ during training so the run ends at this L0 (None = fixed λ)."""
 
@@ -67,6 +78,11 @@ class SAEConfig:
         non_negative("sae", l1_coeff=self.l1_coeff, aux_coeff=self.aux_coeff)
         if not 0 <= self.threshold_beta < 1:  # 1 would never move θ
             raise ValueError(f"sae.threshold_beta must be in [0, 1), got {self.threshold_beta}")
+        fr = self.matryoshka_fractions
+        if not fr or fr[-1] != 1 or any(not 0 < a < b for a, b in itertools.pairwise(fr)):
+            raise ValueError(
+                f"sae.matryoshka_fractions must increase strictly in (0, 1] and end at 1, got {fr}"
+            )
         if self.target_l0 is not None:
             if self.arch not in STEERED:
                 raise ValueError(

@@ -8,15 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+from sae.models.base import SAE, Centred, SAEOutput, random_directions, sq_err
 from sae.models.config import SAEConfig
 from sae.models.topk import TopKSAE
 
 
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(Centred, SAE):
     """JumpReLU SAE, as trained for Gemma Scope: a learnt threshold per latent, an L0 penalty.
 
-        z    = ReLU(x @ W_enc + b_enc)                        (N, d_sae)   no b_dec subtracted
+        z    = ReLU((x − c) @ W_enc + b_enc)                  (N, d_sae)   c fixed (`Centred`)
         f    = z·H(z − θ)                                     θ = `threshold` (d_sae,) >= 0
         x̂    = f @ W_dec + b_dec                              (N, d_in), ‖W_dec,i‖ = 1
         loss = mean_N ‖x − x̂‖² + λ·sparsity_scale·aux
@@ -49,13 +49,14 @@ class JumpReLUSAE(SAE):
     """
 
     arch = "jumprelu"
-    hparams = ("l1_coeff", "bandwidth", "init_threshold")
+    hparams = ("l1_coeff", "bandwidth", "init_threshold", "centre")
     train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
 
     def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__(d_in, cfg)
         self.l1_coeff, self.bandwidth = float(cfg.l1_coeff), float(cfg.bandwidth)
         self.init_threshold = float(cfg.init_threshold)
+        self.centre = cfg.centre  # the buffer c holds the point itself
         theta = torch.full((cfg.d_sae,), self.init_threshold * math.sqrt(d_in))
         self.threshold = nn.Parameter(theta)
         with torch.no_grad():
@@ -64,11 +65,14 @@ class JumpReLUSAE(SAE):
 
     def encode(self, x: Tensor) -> Tensor:
         """f = z·H(z − θ), z = ReLU(x @ W_enc + b_enc): (N, d_in) -> (N, d_sae)."""
-        z = torch.addmm(self.b_enc, x, self.W_enc).relu()
+        z = torch.addmm(self.b_enc, x - self.c, self.W_enc).relu()
         return z * (z > self.threshold)
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
-        z = torch.addmm(self.b_enc, x, self.W_enc).relu()  # (N, d_sae)
+        # z before the ReLU: θ >= 0 makes z·H(z − θ) the same, and the straight-through kernel
+        # K((z − θ)/ε) then sees where z really is (after a ReLU every z <= 0 sits at 0, and for
+        # θ < ε/2 those zeros counted as "near the threshold", pushing θ up for nothing).
+        z = torch.addmm(self.b_enc, x - self.c, self.W_enc)  # (N, d_sae)
         eps = self.bandwidth * math.sqrt(self.d_in)
         f, h = JumpStep.apply(z, self.threshold, eps)  # (N, d_sae) each; h is fp32
         x_hat = self.decode(f)  # (N, d_in)

@@ -13,12 +13,13 @@ from sae.models.base import CONFIG, HEADER, SAE, WEIGHTS
 from sae.models.batchtopk import BatchTopKSAE
 from sae.models.config import SAEConfig
 from sae.models.jumprelu import JumpReLUSAE
+from sae.models.matryoshka import MatryoshkaSAE
 from sae.models.relu import ReluSAE
 from sae.models.topk import TopKSAE
 from sae.training.checkpoint import digest
 
 ARCHS: dict[str, type[SAE]] = {
-    cls.arch: cls for cls in (ReluSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)
+    cls.arch: cls for cls in (ReluSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE)
 }
 
 

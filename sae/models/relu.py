@@ -5,19 +5,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+from sae.models.base import SAE, Centred, SAEOutput, random_directions, sq_err
 from sae.models.config import SAEConfig
 
 
-class ReluSAE(SAE):
+class ReluSAE(Centred, SAE):
     """ReLU SAE, Anthropic's April 2024 recipe.
 
-        f    = ReLU(x @ W_enc + b_enc)                     (N, d_sae)   no b_dec subtracted
+        f    = ReLU((x − c) @ W_enc + b_enc)               (N, d_sae)   c fixed: the data's median
         x̂    = f @ W_dec + b_dec                            (N, d_in)
         loss = mean_N ‖x − x̂‖² + λ·sparsity_scale·aux
         aux  = mean_N Σ_i f_i·‖W_dec,i‖₂                    L1 weighted by decoder row norms
 
-    Following Anthropic, the input is not centred by b_dec, and the decoder is unconstrained:
+    c is the geometric median of the first batch (`centre_on`, by the trainer), fixed: unlike a
+    learned b_dec it does not move, so Adam's per-coordinate steps on W_enc do not shift every
+    latent's effective bias by lr·‖c‖₁ per step (with a large offset, as real residual streams
+    have, that killed every latent: L0 0). At the end c is folded exactly into b_enc
+    (`fold_centre`: b_enc ← b_enc − c @ W_enc), so the saved SAE is f = ReLU(x @ W_enc + b_enc).
+    The decoder is unconstrained, as in Anthropic's recipe:
     weighting f_i by ‖W_dec,i‖ stops the optimiser from shrinking f while growing W_dec. The
     squared error is summed over dimensions (not averaged), so λ = `l1_coeff` means what it
     means in the paper for inputs scaled to E‖x‖ = √d_in (the trainer does that).
@@ -27,19 +32,20 @@ class ReluSAE(SAE):
     """
 
     arch = "relu"
-    hparams = ("l1_coeff", "init_norm")
+    hparams = ("l1_coeff", "init_norm", "centre")
     train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
 
     def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__(d_in, cfg)
         self.l1_coeff, self.init_norm = float(cfg.l1_coeff), float(cfg.init_norm)
+        self.centre = cfg.centre  # the buffer c holds the point itself
         with torch.no_grad():
             self.W_dec.copy_(random_directions(cfg.d_sae, d_in, self.init_norm))
             self.W_enc.copy_(self.W_dec.T)
 
     def encode(self, x: Tensor) -> Tensor:
-        """f = ReLU(x @ W_enc + b_enc): (N, d_in) -> (N, d_sae)."""
-        return torch.addmm(self.b_enc, x, self.W_enc).relu()
+        """f = ReLU((x − c) @ W_enc + b_enc): (N, d_in) -> (N, d_sae) (c = 0 once folded)."""
+        return torch.addmm(self.b_enc, x - self.c, self.W_enc).relu()
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
         f = self.encode(x)  # (N, d_sae)

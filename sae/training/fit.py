@@ -30,6 +30,7 @@ from sae.analysis import metrics
 from sae.failpoint import failpoint
 from sae.hardware import num_threads, resolve_device, resolve_dtype
 from sae.models.base import SAE, SAEOutput
+from sae.models.config import DEFAULT_LR
 from sae.training import checkpoint
 from sae.training.checkpoint import CheckpointError, TrainState
 from sae.training.checkpoint import steps as steps_in
@@ -58,10 +59,11 @@ def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-7) -> Tensor:
     return m.float()
 
 
-def schedule(step: int, cfg: FitConfig) -> tuple[float, float]:
-    """(lr, sparsity_scale) at 0-based `step` of cfg.steps: linear warm-ups and decay."""
+def schedule(step: int, cfg: FitConfig, arch: str = "relu") -> tuple[float, float]:
+    """(lr, sparsity_scale) at 0-based `step` of cfg.steps: linear warm-ups and decay; the
+    peak lr is cfg.lr, or the architecture's default (`DEFAULT_LR`) where that is None."""
     steps = cfg.steps
-    lr = cfg.lr
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[arch]
     warmup = round(cfg.lr_warmup_frac * steps)
     if step < warmup:
         lr *= (step + 1) / warmup
@@ -74,16 +76,26 @@ def schedule(step: int, cfg: FitConfig) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def init_from_sample(sae: SAE, x: Tensor, n: int) -> float:
-    """Set b_dec to the geometric median of the scaled first `n` rows; return the scale s."""
+def init_from_sample(sae: SAE, x: Tensor, n: int, by: str = "norm") -> float:
+    """From the first `n` rows x: their geometric median m and the scale
+
+        s = √d_in / mean_N ‖x‖          by="norm" (Anthropic: E‖s·x‖ = √d_in)
+        s = √d_in / mean_N ‖x − m‖      by="spread" (E‖s·(x − m)‖ = √d_in)
+
+    b_dec ← s·m, and the SAE may centre its encoder there (`centre_on`: relu and jumprelu with
+    `sae.centre`). By the spread, λ and lr mean the same on data with or without a large
+    constant offset (real residual streams carry one). Returns s."""
     x = x[:n].float()  # (n, d_in)
-    norm = x.norm(dim=-1).mean().item()
-    if not (math.isfinite(norm) and norm > 0):
+    m = geometric_median(x)  # (d_in,)
+    spread = (x - m if by == "spread" else x).norm(dim=-1).mean().item()
+    if not (math.isfinite(spread) and spread > 0):
         raise FloatingPointError(
-            f"step 0: the first batch has mean norm {norm} (NaN/inf or all zeros); cannot scale it"
+            f"step 0: the first batch has mean norm {spread} (by {by}: NaN/inf, all zeros or "
+            "every row the same); cannot scale it"
         )
-    s = math.sqrt(sae.d_in) / norm
-    sae.b_dec.copy_(geometric_median(x * s).to(sae.b_dec.device))
+    s = math.sqrt(sae.d_in) / spread
+    sae.b_dec.copy_((m * s).to(sae.b_dec.device))
+    sae.centre_on(sae.b_dec.detach().clone())
     return s
 
 
@@ -265,22 +277,22 @@ class _Trainer:
         self.config = sae.config()  # as built: target_l0 changes l1_coeff as it goes
         self.bf16 = resolve_dtype(cfg.dtype, device) == "bf16"
         self.forward = torch.compile(sae) if cfg.compile else sae
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=1.0, betas=(0.9, 0.999), fused=True)
         self.monitor = _Monitor(sae, cfg, on_step, checkpoint)
         self.scale = 1.0
-        self.lr = cfg.lr
+        self.lr = 0.0  # set by the schedule at each step
         self.last: tuple[Tensor, SAEOutput, float] | None = None  # (x, out, sparsity_scale)
 
     def start(self, first: Tensor) -> None:
         """Scale and b_dec from the first batch (before any step)."""
         self.scale = self.monitor.scale = init_from_sample(
-            self.sae, first, self.cfg.geometric_median_samples
+            self.sae, first, self.cfg.geometric_median_samples, self.cfg.scale
         )
 
     def step(self, step: int, batch: Tensor) -> None:
         """Optimiser step number `step` (from 1) on the raw batch (B, d_in)."""
         failpoint("train.step")
-        self.lr, sparsity_scale = schedule(step - 1, self.cfg)
+        self.lr, sparsity_scale = schedule(step - 1, self.cfg, self.sae.arch)
         for group in self.opt.param_groups:
             group["lr"] = self.lr
         if self.world > 1:  # every rank reads the global batch and trains on its slice
@@ -302,10 +314,12 @@ class _Trainer:
         self.last = (x, out, sparsity_scale)
 
     def finish(self, step: int) -> SAE:
-        """Log the last step if the batches ran out before it; fold the scale; CPU, fp32, eval."""
+        """Log the last step if the batches ran out before it; fold the encoder's centre and
+        the scale into the weights; CPU, fp32, eval."""
         if self.last is not None and self.monitor.logged_step != step:
             x, out, sparsity_scale = self.last
             self.monitor.log(step, x, out, self.lr, sparsity_scale)
+        self.sae.fold_centre()
         self.sae.fold_scale(self.scale)
         return self.sae.cpu().float().eval()
 

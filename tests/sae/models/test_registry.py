@@ -19,6 +19,7 @@ HPARAMS = {
     "topk": {"k": 4},
     "batchtopk": {"k": 4},
     "jumprelu": {"l1_coeff": 1.0},
+    "matryoshka": {"k": 4},
 }
 
 
@@ -287,3 +288,22 @@ def test_identical_saes_saved_by_different_processes_are_byte_identical(tmp_path
     files = {hashlib.sha256((tmp_path / str(i) / "sae.safetensors").read_bytes()).hexdigest()
              for i in range(3)}  # fmt: skip
     assert len(files) == 1
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_a_folded_centre_gives_the_latents_of_training(arch: str) -> None:
+    """relu and jumprelu encode x − c in training (c: the data's median, scaled units);
+    fold_centre + fold_scale give an SAE with the same latents and reconstruction on raw x."""
+    sae = build_sae(arch, D_IN, D_SAE, seed=0, centre=True).eval()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1)) * 3 + 7
+    s, c = 0.25, torch.full((D_IN,), 7 * 0.25)
+    sae.centre_on(c)
+    f, x_hat = sae.encode(x * s), sae.decode(sae.encode(x * s)) / s
+    sae.fold_centre()
+    sae.fold_scale(s)
+    assert torch.equal(sae.c, torch.zeros(D_IN))
+    torch.testing.assert_close(sae.encode(x), f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), x_hat, atol=1e-4, rtol=1e-5)
+    assert (f > 0).any()

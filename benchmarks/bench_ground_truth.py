@@ -1,0 +1,153 @@
+"""Known-answer benchmark: every saeflow architecture, and the peers, on data whose features are
+known (`sae.activations.ground_truth`), in one run, on the same batches.
+
+Data sets (d_in 256, 1024 true features, ~16 on per sample, a_j ~ U(0, 1)):
+
+    flat       Sharkey et al.: every feature equally likely, independent
+    offset     flat + a constant vector of norm 10 (≈4× the signal's norm), as residual streams
+    hard       Zipf frequencies (exponent 1), 64 parents with 4 children each (a child fires
+               only with its parent), correlated firing (30% shared factors), offset 10, noise
+
+Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 2048, fp32) from
+their own defaults; k = 16 (the data's L0) for the top-k family, and relu/jumprelu both at their
+default λ and steered to L0 16 (`target_l0`). Peers (`saelens`, `sparsify-k16`) come from
+bench_peers.py and run only where that venv has them (see its docstring). Scores on 16,384
+held-out samples: FVU, L0, MMCS, and for each true feature matched to a distinct latent the
+firing precision/recall/F1 and the MCC (`ground_truth.score`); samples/s over the training call.
+
+    .venv/bin/python benchmarks/bench_ground_truth.py --samples 1000000 --data flat offset
+    /work/peers-venv/bin/python benchmarks/bench_ground_truth.py --write        # all, ~1 h
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import itertools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from benchmd import cpu, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the peers venv does not install saeflow
+
+from bench_peers import BATCH, D_IN, D_SAE, Trained, train_saelens, train_sparsify  # noqa: E402
+
+from sae.activations.ground_truth import GroundTruth, score  # noqa: E402
+from sae.models.registry import build_sae  # noqa: E402
+from sae.training.fit import FitConfig, fit  # noqa: E402
+
+START, END = "<!-- bench_ground_truth:start -->", "<!-- bench_ground_truth:end -->"
+DATA = {
+    "flat": GroundTruth(d_in=D_IN, n_features=1024, active=16),
+    "offset": GroundTruth(d_in=D_IN, n_features=1024, active=16, offset=10.0),
+    "hard": GroundTruth(
+        d_in=D_IN,
+        n_features=1024,
+        active=16,
+        zipf=1.0,
+        parents=64,
+        children=4,
+        correlation=0.3,
+        offset=10.0,
+        noise=0.5,
+    ),
+}
+
+
+def saeflow(arch: str, **hparams: float) -> Callable[[list[torch.Tensor]], Trained]:
+    """saeflow's fit() from its defaults (the arch's default lr), fp32, the sizes."""
+
+    def train(batches: list[torch.Tensor]) -> Trained:
+        sae = build_sae(arch, D_IN, D_SAE, seed=0, **hparams)
+        cfg = FitConfig(tokens=len(batches) * BATCH, batch_size=BATCH, dtype="fp32")
+        t0 = time.perf_counter()
+        sae = fit(sae, iter(batches), cfg)
+        seconds = time.perf_counter() - t0
+        return Trained(seconds, lambda x: (sae.encode(x), sae(x).x_hat), sae.W_dec.detach())
+
+    return train
+
+
+CONTENDERS: dict[str, Callable[[list[torch.Tensor]], Trained]] = {
+    "saeflow-relu": saeflow("relu"),
+    "saeflow-relu-l0=16": saeflow("relu", target_l0=16.0),
+    "saeflow-jumprelu-l0=16": saeflow("jumprelu", target_l0=16.0),
+    "saeflow-topk": saeflow("topk", k=16),
+    "saeflow-batchtopk": saeflow("batchtopk", k=16),
+    "saeflow-matryoshka": saeflow("matryoshka", k=16),
+    "sparsify-k16": lambda b: train_sparsify(b, k=16),
+    "saelens": train_saelens,
+}
+PEERS = {"sparsify-k16": "sparsify", "saelens": "sae_lens"}
+
+
+def available(name: str) -> bool:
+    module = PEERS.get(name)
+    if module is None:
+        return True
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str:
+    lines = [
+        START,
+        "## Known features: every architecture and the peers on ground-truth data",
+        "",
+        "`benchmarks/bench_ground_truth.py` (data sets and scores in its docstring). "
+        f"{datetime.date.today()} · {cpu()}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. One pass over {samples:,} samples per data set "
+        f"(batches of {BATCH}), d_sae {D_SAE}, fp32; scores on 16,384 held-out samples.",
+        "",
+        "| data | contender | FVU | L0 | MMCS | precision | recall | F1 | MCC | samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data, by in results.items():
+        for name, r in by.items():
+            lines.append(
+                f"| {data} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['mmcs']:.3f} | "
+                f"{r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['mcc']:.3f} | "
+                f"{r['samples/s']:,.0f} |"
+            )
+    return "\n".join([*lines, "", END])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=2_000_000, help="training samples per run")
+    ap.add_argument("--data", nargs="*", default=list(DATA), choices=list(DATA))
+    ap.add_argument("--only", nargs="*", default=None, help="contenders to run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = [n for n in (args.only or CONTENDERS) if available(n)]
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for data in args.data:
+        truth = DATA[data]
+        batches = list(itertools.islice(truth.batches(BATCH, seed=1), args.samples // BATCH))
+        samples = len(batches) * BATCH
+        results[data] = {}
+        for name in names:
+            gc.collect()
+            t = CONTENDERS[name](batches)
+            r = score(truth, lambda x, t=t: t.encode_decode(x), t.W_dec.float())
+            results[data][name] = r | {"samples/s": samples / t.seconds}
+            print(data, name, {k: round(v, 4) for k, v in results[data][name].items()}, flush=True)
+    text = report(results, samples)
+    print(text)
+    if args.write:
+        write_section(text, START, END)
+
+
+if __name__ == "__main__":
+    main()

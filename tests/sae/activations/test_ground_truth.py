@@ -1,0 +1,43 @@
+"""Known-answer data with Zipf frequencies, a hierarchy, correlation, offset and noise; the
+scores that compare an SAE with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae.activations.ground_truth import GroundTruth, match, score
+
+
+def test_frequencies_hierarchy_and_offset() -> None:
+    t = GroundTruth(d_in=32, n_features=64, active=6, zipf=1.0, parents=4, children=3,
+                    correlation=0.3, offset=10.0)  # fmt: skip
+    x, a = t.sample(20_000, torch.Generator().manual_seed(0))
+    on = a > 0
+    assert on.sum(-1).float().mean().item() == pytest.approx(t.p.sum().item(), rel=0.05)
+    freq = on.float().mean(0)
+    roots = t.parent < 0
+    torch.testing.assert_close(freq[roots], t.p[roots], atol=0.01, rtol=0.1)
+    assert freq[0] > 5 * freq[-1]  # Zipf: the first features fire far more often
+    kids = (t.parent >= 0).nonzero().flatten()
+    assert len(kids) == 12
+    assert not (on[:, kids] & ~on[:, t.parent[kids]]).any()  # a child only with its parent
+    assert t.mean.norm().item() == pytest.approx(10.0)
+    torch.testing.assert_close(x - a @ t.features, t.mean.expand_as(x), atol=1e-4, rtol=0)
+
+
+def test_a_perfect_dictionary_scores_perfectly() -> None:
+    t = GroundTruth(d_in=32, n_features=24, active=4, zipf=0.5, offset=3.0)
+    q, _ = torch.linalg.qr(torch.randn(32, 24, generator=torch.Generator().manual_seed(0)))
+    t.features = q.T.contiguous()  # orthonormal: the coefficients are read back exactly
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        a = (x - t.mean) @ t.features.T
+        return a * (a > 1e-5)  # exact zeros where off (float error aside)
+
+    s = score(t, lambda x: (encode(x), encode(x) @ t.features + t.mean), t.features, n=4096)
+    assert s["fvu"] < 1e-10 and s["mmcs"] == pytest.approx(1.0)
+    assert s["f1"] == pytest.approx(1.0) and s["mcc"] == pytest.approx(1.0, abs=1e-4)
+    assert s["l0"] == pytest.approx(t.p.sum().item(), rel=0.1)
+    shuffled = t.features[torch.randperm(24, generator=torch.Generator().manual_seed(1))]
+    assert torch.equal(shuffled[match(t.features, shuffled)], t.features)
