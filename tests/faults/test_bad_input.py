@@ -448,7 +448,7 @@ def test_cfg_json_that_is_not_json(cli, saeflow_home: Path) -> None:
 def test_weights_of_another_architecture(cli, saeflow_home: Path) -> None:
     sae = make_sae(saeflow_home)  # relu: the same tensor names and shapes as topk
     cfg = json.loads((sae / "cfg.json").read_text())
-    cfg = {k: v for k, v in cfg.items() if k not in ("l1_coeff", "init_norm")}
+    cfg = {k: v for k, v in cfg.items() if k not in ("l1_coeff", "init_norm", "centre")}
     (sae / "cfg.json").write_text(json.dumps(cfg | {"arch": "topk", "k": 4}))
     code, err = cli("evaluate", *TINY, f"eval.run_id={sae.name}")
     assert code == 1
