@@ -10,7 +10,8 @@ Data sets (d_in 256, 1024 true features, ~16 on per sample, a_j ~ U(0, 1)):
 
 Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 2048, fp32) from
 their own defaults; k = 16 (the data's L0) for the top-k family, and relu/jumprelu both at their
-default λ and steered to L0 16 (`target_l0`). Peers (`saelens`, `sparsify-k16`) come from
+default λ and steered to L0 16 (`target_l0`), and relu with the offset recipe
+(`sae.centre`, `train.scale=spread`, lr 3e-3). Peers (`saelens`, `sparsify-k16`) come from
 bench_peers.py and run only where that venv has them (see its docstring). Scores on 16,384
 held-out samples: FVU, L0, MMCS, and for each true feature matched to a distinct latent the
 firing precision/recall/F1 and the MCC (`ground_truth.score`); samples/s over the training call.
@@ -60,12 +61,15 @@ DATA = {
 }
 
 
-def saeflow(arch: str, **hparams: float) -> Callable[[list[torch.Tensor]], Trained]:
-    """saeflow's fit() from its defaults (the arch's default lr), fp32, the sizes."""
+def saeflow(
+    arch: str, fit_kw: dict | None = None, **hparams: float
+) -> Callable[[list[torch.Tensor]], Trained]:
+    """saeflow's fit() from its defaults (the arch's default lr) or `fit_kw`, fp32, the sizes."""
 
     def train(batches: list[torch.Tensor]) -> Trained:
         sae = build_sae(arch, D_IN, D_SAE, seed=0, **hparams)
-        cfg = FitConfig(tokens=len(batches) * BATCH, batch_size=BATCH, dtype="fp32")
+        n = len(batches) * BATCH
+        cfg = FitConfig(tokens=n, batch_size=BATCH, dtype="fp32", **(fit_kw or {}))
         t0 = time.perf_counter()
         sae = fit(sae, iter(batches), cfg)
         seconds = time.perf_counter() - t0
@@ -77,6 +81,8 @@ def saeflow(arch: str, **hparams: float) -> Callable[[list[torch.Tensor]], Train
 CONTENDERS: dict[str, Callable[[list[torch.Tensor]], Trained]] = {
     "saeflow-relu": saeflow("relu"),
     "saeflow-relu-l0=16": saeflow("relu", target_l0=16.0),
+    # the offset recipe (README): a fixed encoder centre and the scale by the data's spread
+    "saeflow-relu-centred": saeflow("relu", {"scale": "spread", "lr": 3e-3}, centre=True),
     "saeflow-jumprelu-l0=16": saeflow("jumprelu", target_l0=16.0),
     "saeflow-topk": saeflow("topk", k=16),
     "saeflow-batchtopk": saeflow("batchtopk", k=16),
