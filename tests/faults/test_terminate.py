@@ -15,6 +15,15 @@ from tests.conftest import TINY
 from tests.servers import child_env, fresh_home
 
 
+def _cmdline(p: psutil.Process) -> str:
+    """A child's command line; '' for one that has just exited (a zombie until reaped: psutil
+    raises on it, which failed this test once in a full-suite run)."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_sigterm_stops_saeflow_and_its_temporary_server(tiny_model: dict, tmp_path: Path) -> None:
     home = fresh_home(tmp_path / "home", Path(tiny_model["path"]))
     env = child_env(home, "")
@@ -26,7 +35,7 @@ def test_sigterm_stops_saeflow_and_its_temporary_server(tiny_model: dict, tmp_pa
     deadline, children = time.monotonic() + 180, []
     while time.monotonic() < deadline and proc.poll() is None:
         children = psutil.Process(proc.pid).children(recursive=True)
-        if any("uvicorn" in " ".join(c.cmdline()) for c in children):
+        if any("uvicorn" in _cmdline(c) for c in children):
             break
         time.sleep(0.5)
     assert children, "saeflow started no Prefect server"
