@@ -12,16 +12,19 @@ from pathlib import Path
 from sae.failpoint import failpoint
 
 
-def atomic_write(path: Path, write: Callable[[Path], object], *, point: str | None = None) -> None:
-    """`write(tmp)` into a temp name beside `path` (unique to this process and thread), fsync,
-    rename it over `path`: a reader, or a process killed at any moment, sees the old file or the
-    new one, never half of one. `point` names the failpoint between the write and the rename
-    (tests/faults kill there). A failed write leaves no temp file."""
+def atomic_write(
+    path: Path, write: Callable[[Path], object], *, point: str | None = None, fsync: bool = True
+) -> None:
+    """`write(tmp)` into a temp name beside `path` (unique to this process and thread), fsync
+    (unless `fsync=False`), rename it over `path`: a reader, or a process killed at any moment,
+    sees the old file or the new one, never half of one. `point` names the failpoint between the
+    write and the rename (tests/faults kill there). A failed write leaves no temp file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -174,7 +174,8 @@ def write_shard(
         )
 
     try:  # the failpoint: a shard written, not yet renamed into place
-        atomic_write(dir / name, write, point="cache.shard_write")
+        # no fsync, as before: a shard is checked against the sha256 the manifest records
+        atomic_write(dir / name, write, point="cache.shard_write", fsync=False)
     except OSError as e:  # a full disk (ENOSPC) or a file-size limit (EFBIG), typically
         reason = os.strerror(e.errno) if e.errno else str(e)  # the half shard is gone
         raise OSError(

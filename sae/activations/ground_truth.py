@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sae.activations.synthetic import unit_rows
+from sae.activations.synthetic import mean_max_cos, unit_rows
 
 
 @dataclass
@@ -135,12 +135,10 @@ def score(
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     fc, ac = fm - fm.mean(0), am - am.mean(0)
     corr = (fc * ac).sum(0) / (fc.norm(dim=0) * ac.norm(dim=0)).clamp(min=1e-12)
-    W = W_dec.detach().float()
-    cos = truth.features @ (W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T
     return {
         "fvu": fvu,
         "l0": (f != 0).sum(-1).float().mean().item(),
-        "mmcs": cos.max(1).values.mean().item(),
+        "mmcs": mean_max_cos(truth.features, W_dec),
         "precision": precision.mean().item(),
         "recall": recall.mean().item(),
         "f1": f1.mean().item(),

@@ -195,11 +195,12 @@ class Centred(nn.Module):
 
     def __init__(self, d_in: int, *args: Any) -> None:
         super().__init__(d_in, *args)
+        self.centre = self.cfg.centre  # whether to; the buffer c holds the point itself
         self.register_buffer("c", torch.zeros(d_in), persistent=False)  # 0 once folded
 
     @torch.no_grad()
     def centre_on(self, c: Tensor) -> None:
-        if self.cfg.centre:
+        if self.centre:
             self.c.copy_(c)
 
     @torch.no_grad()

@@ -53,13 +53,18 @@ class BatchTopKSAE(TopKSAE):
         z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
         flat = z.flatten().topk(self.k * x.shape[0], sorted=False).indices  # (k·N,)
         vals = encoder(flat // self.d_sae, flat % self.d_sae).relu()  # with gradients
-        x_hat = _decode_flat(vals, flat, self.W_dec, x.shape[0]) + self.b_dec  # (N, d_in)
+        x_hat, recon = self._reconstruct(x, vals, flat)  # (N, d_in), ()
         err = sq_err(x, x_hat)
-        fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
         aux = self._auxk(x, x_hat, z, encoder)
         f, l0 = self._fired(vals, flat // self.d_sae, flat % self.d_sae, x.shape[0])
         self._update_threshold(vals)
-        return SAEOutput(x_hat, f, fvu + self.aux_coeff * aux, err.mean() / self.d_in, aux, l0)
+        return SAEOutput(x_hat, f, recon + self.aux_coeff * aux, err.mean() / self.d_in, aux, l0)
+
+    def _reconstruct(self, x: Tensor, vals: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Training: (x̂ from the batch's kept (token, latent) pairs, the reconstruction loss:
+        the batch FVU Σ_N ‖x − x̂‖² / Σ_N ‖x − x̄‖²)."""
+        x_hat = _decode_flat(vals, flat, self.W_dec, x.shape[0]) + self.b_dec  # (N, d_in)
+        return x_hat, sq_err(x, x_hat).sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
 
     @torch.no_grad()
     def _update_threshold(self, vals: Tensor) -> None:

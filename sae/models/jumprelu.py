@@ -56,7 +56,6 @@ class JumpReLUSAE(Centred, SAE):
         super().__init__(d_in, cfg)
         self.l1_coeff, self.bandwidth = float(cfg.l1_coeff), float(cfg.bandwidth)
         self.init_threshold = float(cfg.init_threshold)
-        self.centre = cfg.centre  # the buffer c holds the point itself
         theta = torch.full((cfg.d_sae,), self.init_threshold * math.sqrt(d_in))
         self.threshold = nn.Parameter(theta)
         with torch.no_grad():

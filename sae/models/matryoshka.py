@@ -8,7 +8,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from sae.models.base import SAEOutput, sq_err
+from sae.models.base import sq_err
 from sae.models.batchtopk import BatchTopKSAE, _decode_flat
 from sae.models.config import SAEConfig
 
@@ -37,25 +37,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.matryoshka_fractions = [float(f) for f in cfg.matryoshka_fractions]
         self.widths = prefix_widths(self.matryoshka_fractions, cfg.d_sae)
 
-    def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
-        if not self.training:
-            return super().forward(x, sparsity_scale)
-        n = x.shape[0]
-        z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
-        flat = z.flatten().topk(self.k * n, sorted=False).indices  # (k·N,)
-        token, latent = flat // self.d_sae, flat % self.d_sae
-        vals = encoder(token, latent).relu()  # (k·N,) with gradients
+    def _reconstruct(self, x: Tensor, vals: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Training: (x̂_G, the mean over prefixes of Σ_N ‖x − x̂_g‖² / Σ_N ‖x − x̄‖²); each
+        prefix decodes its own latents (G·k·N·d_in work)."""
+        n, latent = x.shape[0], flat % self.d_sae
         spread = sq_err(x, x.mean(0)).sum().clamp_min(1e-12)  # Σ_N ‖x − x̄‖²
         fvus = []
-        for m in self.widths:  # each prefix decodes its own latents: G·k·N·d_in work
+        for m in self.widths:
             x_hat = _decode_flat(vals * (latent < m), flat, self.W_dec, n) + self.b_dec
             fvus.append(sq_err(x, x_hat).sum() / spread)
-        err = sq_err(x, x_hat)  # the whole dictionary's: x̂_G
-        aux = self._auxk(x, x_hat, z, encoder)
-        f, l0 = self._fired(vals, token, latent, n)
-        self._update_threshold(vals)
-        loss = torch.stack(fvus).mean() + self.aux_coeff * aux
-        return SAEOutput(x_hat, f, loss, err.mean() / self.d_in, aux, l0)
+        return x_hat, torch.stack(fvus).mean()
 
 
 def prefix_widths(fractions: list[float], d_sae: int) -> list[int]:

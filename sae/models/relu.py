@@ -38,7 +38,6 @@ class ReluSAE(Centred, SAE):
     def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__(d_in, cfg)
         self.l1_coeff, self.init_norm = float(cfg.l1_coeff), float(cfg.init_norm)
-        self.centre = cfg.centre  # the buffer c holds the point itself
         with torch.no_grad():
             self.W_dec.copy_(random_directions(cfg.d_sae, d_in, self.init_norm))
             self.W_enc.copy_(self.W_dec.T)
