@@ -144,48 +144,71 @@ def _average_gradients(sae: SAE, world: int) -> None:
         p.grad = g.div_(world)
 
 
-# target_l0: per step, log λ moves by L0_GAIN·log(l0 / target), at most ±L0_MAX_STEP; frozen
-# for the last L0_FREEZE_FRAC of the steps.
-L0_GAIN = 0.07
+# target_l0 (see _L0Controller): smoothing of log L0, its log-time averaging, and the gain and
+# per-step bound of the λ update.
+L0_SMOOTH = 0.1
+L0_SLOW = 2.0
+L0_GAIN = 0.05
 L0_MAX_STEP = 0.05
-L0_FREEZE_FRAC = 0.05
 
 
 class _L0Controller:
     """Steers the SAE's sparsity coefficient λ (`l1_coeff`) so the run ends at the SAE's
-    `target_l0` (`SAEConfig.target_l0`).
+    `target_l0` (`SAEConfig.target_l0`). Once per step t of T, from the previous batch's L0:
 
-        λ ← λ·exp(clamp(L0_GAIN·log(l0 / target_l0), ±L0_MAX_STEP))      once per step
+        y ← y + L0_SMOOTH·(ln L0 − y)                 log L0, smoothed over ~10 steps
+        z ← z + (L0_SLOW / t)·(y − z)                 y averaged over the last ~half of the run
+        v  = L0_SLOW·(y − z)                          d y / d ln t: how fast L0 is still falling
+        e  = y + v·ln(T / t) − ln target_l0           the final log L0 if λ stayed, minus the goal
+        λ ← λ·exp(clamp(L0_GAIN·e, ±L0_MAX_STEP))
 
-    with l0 the previous batch's L0: a multiplicative integral controller, so λ keeps its sign
-    and moves by factors, whatever its scale. Off during the λ warm-up (the L0 there says nothing
-    about λ) and over the last L0_FREEZE_FRAC of the steps, so the SAE settles under the λ it
+    An SAE's L0 keeps falling for the whole run at a fixed λ, roughly as a power of t, and
+    answers a change of λ only after tens of steps; a controller on the present L0 raises λ
+    through that fall, overshoots and kills latents (measured on the default study: λ 3 → 13,
+    10% dead). This one acts on the L0 the run is heading for (a power law extrapolated to step
+    T), a multiplicative integral so λ keeps its sign and moves by factors at any scale. Off
+    during the λ warm-up and from the start of the lr decay, so the SAE settles under the λ it
     reports and saves.
     """
 
     def __init__(self, sae: SAE, cfg: FitConfig):
         if not sae.l1_coeff > 0:  # SAEConfig lets target_l0 only where λ sets the L0
             raise ValueError(f"target_l0 scales l1_coeff, which must be > 0, got {sae.l1_coeff}")
-        self.sae, self.target = sae, float(sae.target_l0 or 0)
+        self.sae, self.goal = sae, math.log(float(sae.target_l0 or 1))
+        self.steps = cfg.steps
         self.start = round(cfg.l1_warmup_frac * cfg.steps)
-        self.stop = cfg.steps - round(L0_FREEZE_FRAC * cfg.steps)
+        self.stop = cfg.steps - max(round(cfg.lr_decay_frac * cfg.steps), 1)
         self.last_l0: Tensor | None = None
+        self.fast: float | None = None  # y
+        self.slow = 0.0  # z
 
     @property
-    def last(self) -> float | None:
-        """The previous step's L0, as saved in a trainer state."""
-        return None if self.last_l0 is None else self.last_l0.item()
+    def last(self) -> dict[str, float | None]:
+        """What the controller carries between steps, as saved in a trainer state."""
+        last = None if self.last_l0 is None else self.last_l0.item()
+        return {"l0": last, "fast": self.fast, "slow": self.slow}
 
     @last.setter
-    def last(self, value: float | None) -> None:
-        self.last_l0 = None if value is None else torch.tensor(value, dtype=torch.float32)
+    def last(self, value: dict[str, float | None] | float | None) -> None:
+        if not isinstance(value, dict):  # a state from before 2026-12-05 kept the L0 alone
+            value = {"l0": value, "fast": None, "slow": 0.0}
+        l0 = value["l0"]
+        self.last_l0 = None if l0 is None else torch.tensor(l0, dtype=torch.float32)
+        self.fast, self.slow = value["fast"], float(value["slow"] or 0.0)
 
     def update(self, step: int, out: SAEOutput) -> None:
         """After step `step` (from 1) with output `out`: adjust λ, remember this L0."""
         # The previous step's L0 is read: on a GPU it is ready, so the host does not wait.
-        if self.last_l0 is not None and self.start < step <= self.stop:
-            err = L0_GAIN * math.log(max(self.last_l0.item(), 1e-3) / self.target)
-            self.sae.l1_coeff *= math.exp(min(max(err, -L0_MAX_STEP), L0_MAX_STEP))
+        if self.last_l0 is not None:
+            y = math.log(max(self.last_l0.item(), 1e-3))
+            if self.fast is None:
+                self.fast = self.slow = y
+            self.fast += L0_SMOOTH * (y - self.fast)
+            self.slow += min(L0_SLOW / step, 1.0) * (self.fast - self.slow)
+            if self.start < step <= self.stop:
+                heading = self.fast + L0_SLOW * (self.fast - self.slow) * math.log(self.steps / step)
+                err = L0_GAIN * (heading - self.goal)
+                self.sae.l1_coeff *= math.exp(min(max(err, -L0_MAX_STEP), L0_MAX_STEP))
         self.last_l0 = (
             (out.f.detach() != 0).sum(-1).float().mean() if out.l0 is None else out.l0.detach()
         )
