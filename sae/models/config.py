@@ -31,7 +31,7 @@ class SAEConfig:
     `batchtopk` (Bussmann et al. 2024) or `jumprelu` (Rajamanoharan et al. 2024)."""
     d_sae: int = 1024
     """Number of latents."""
-    l1_coeff: float = 3.0
+    l1_coeff: float = 2.0
     """relu, jumprelu: sparsity coefficient λ (L1 for relu, L0 for jumprelu), for inputs scaled
     to E‖x‖ = √d_in."""
     centre: bool = False

@@ -15,7 +15,7 @@ from sae.devices import TRAIN_DTYPES, check_device
 
 @dataclass
 class FitConfig:
-    tokens: int = 1_228_800
+    tokens: int = 2_457_600
     """Training tokens; the run takes steps = ceil(tokens / batch_size) batches (the loader
     cycles over a cache that holds fewer)."""
     batch_size: int = 4096
