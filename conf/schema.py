@@ -31,6 +31,8 @@ from sae.lm.config import LMSpec, check_hook
 from sae.models.config import DEFAULT_LR, SAEConfig
 from sae.training.config import FitConfig
 
+EXPORT_FORMATS = ("saelens",)
+"""What `saeflow export` writes (`export.format`)."""
 TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 """tracking.uri schemes MLflow stores take (`postgresql+psycopg2://` counts as postgresql)."""
 
@@ -186,6 +188,11 @@ class EvalConfig:
     """A latent firing on more than this fraction of tokens counts in `dense_frac`."""
     run_id: str | None = None
     """`saeflow evaluate`: the MLflow run whose SAE to evaluate (None = the latest trained)."""
+    sae: str | None = None
+    """An SAE trained elsewhere, to evaluate, analyse, steer or export in place of `run_id`: a
+    directory (saeflow's, SAELens's, sparsify's or dictionary_learning's; `sae.formats`) or a
+    Hugging Face Hub id `owner/repo[:sae_id]`. It becomes an MLflow run of its own (tags
+    `saeflow.source`, `saeflow.format`; its config as `source.*` params), once per content."""
 
     def __post_init__(self) -> None:
         positive(
@@ -198,6 +205,10 @@ class EvalConfig:
             raise ValueError(
                 f"eval.run_id must be an MLflow run id (letters, digits, - and _), "
                 f"got {self.run_id!r}"
+            )
+        if self.run_id is not None and self.sae is not None:
+            raise ValueError(
+                f"eval.run_id={self.run_id} and eval.sae={self.sae} both name the SAE; pass one"
             )
 
 
@@ -258,6 +269,19 @@ class SteerConfig:
 
 
 @dataclass
+class ExportConfig:
+    format: str = "saelens"
+    """`saeflow export`: `saelens`, a directory `sae_lens.SAE.load_from_disk` reads as it is
+    (`sae/formats/saelens.py`: cfg.json, sae_weights.safetensors, sparsity.safetensors)."""
+    dir: str | None = None
+    """Where to write; None = `$SAEFLOW_HOME/exports/<run_id>-<format>`. A sweep's or scaling
+    study's parent run (`eval.run_id`) exports each SAE into `<dir>/<run_id>`."""
+
+    def __post_init__(self) -> None:
+        choice("export", "format", self.format, EXPORT_FORMATS)
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; None = SQLite under $SAEFLOW_HOME/mlflow."""
@@ -288,6 +312,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     hook: str = "blocks.2.resid_post"
     """Hook point, `blocks.{L}.resid_pre|attn_out|mlp_out|resid_post` (see sae/lm/hooks.py)."""

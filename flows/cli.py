@@ -14,6 +14,7 @@ USAGE = """saeflow run [-m] [--force STAGE] [overrides]   the pipeline: cache ->
 saeflow cache|train|evaluate [overrides]   one stage
 saeflow scaling [overrides]          a scaling-law study: scaling.d_sae × tokens × lr, fits
 saeflow steer [steer.feature=N steer.value=X eval.run_id=ID]   generate with a feature
+saeflow export [export.format=saelens export.dir=DIR eval.run_id=ID|eval.sae=PATH]   an SAE out
 saeflow sql "SELECT ..."|<dashboard>|list [--param V]... [--format table|csv|json]
 saeflow serve [overrides]            Prefect deployments of the flows, for the Prefect UI
 saeflow deploy --pool NAME [overrides]   the same deployments on a work pool's workers"""
@@ -144,6 +145,7 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
         "train": p.train_flow,
         "evaluate": p.evaluate_flow,
         "steer": p.steer_flow,
+        "export": p.export_flow,
         "scaling": p.scaling,
     }[name].with_options(task_runner=task_runner(typed[0].runner))
     if name == "run" and multirun:
@@ -151,13 +153,16 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
         print(_sweep_summary(sweep(jobs=jobs, force=force)))
         return 0
     for job in jobs:
-        result = flow(job) if name == "steer" else flow(job, force=force)
+        result = flow(job) if name in ("steer", "export") else flow(job, force=force)
         if name == "run":
             print(_summary(result))
         elif name == "scaling":
             print(_scaling_summary(result))
         elif name == "steer":
             print(_steer_summary(result))
+        elif name == "export":
+            for e in result["exports"]:
+                print(f"run {e['run_id']}: {e['format']} -> {e['dir']}")
         else:
             print(result)
     return 0
@@ -188,7 +193,7 @@ def _param(value: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saeflow", usage=USAGE)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "cache", "train", "evaluate", "steer", "scaling"):
+    for name in ("run", "cache", "train", "evaluate", "steer", "export", "scaling"):
         s = sub.add_parser(name)
         s.add_argument("-m", "--multirun", action="store_true")
         s.add_argument(

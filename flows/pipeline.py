@@ -22,6 +22,7 @@ from flows.config import jobs as compose_jobs
 from flows.config import load, place, scaling_jobs
 from tasks.cache import cache_shard, finish_cache, plan_cache
 from tasks.evaluate import evaluate_many, features
+from tasks.export import export_sae, export_targets
 from tasks.model import prepare_model
 from tasks.report import compare_sweep, report
 from tasks.scaling import feature_splits, fit_study, scaling_report
@@ -125,6 +126,17 @@ def steer_flow(overrides: list[str] | None = None, experiment: str | None = None
     model = prepare_model(cfg)
     trained = find_sae(cfg)
     return steer(cfg, model, trained) | {"run_id": trained["run_id"]}
+
+
+@flow(name="export_sae")
+def export_flow(
+    overrides: list[str] | None = None, experiment: str | None = None
+) -> dict[str, Any]:
+    """Write an SAE in another tool's format (`export.format`, `export.dir`): `eval.run_id`'s
+    (a sweep's or scaling study's parent: each of its SAEs), `eval.sae`'s, or the latest."""
+    cfg, _ = load(with_experiment(overrides, experiment))
+    targets = export_targets(cfg) or [(find_sae(cfg), None)]
+    return {"exports": [export_sae(cfg, trained, dir) for trained, dir in targets]}
 
 
 @flow(name="pipeline")

@@ -7,6 +7,7 @@ from prefect import serve as prefect_serve
 from flows.pipeline import (
     cache_flow,
     evaluate_flow,
+    export_flow,
     pipeline,
     scaling,
     steer_flow,
@@ -14,7 +15,7 @@ from flows.pipeline import (
     train_flow,
 )
 
-FLOWS = (pipeline, sweep, scaling, cache_flow, train_flow, evaluate_flow, steer_flow)
+FLOWS = (pipeline, sweep, scaling, cache_flow, train_flow, evaluate_flow, steer_flow, export_flow)
 DEPLOYMENT = "saeflow"
 """Each flow's deployment is `<flow name>/saeflow`, e.g. `pipeline/saeflow`."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -14,6 +15,8 @@ from prefect.tasks import exponential_backoff
 
 from conf.schema import Config
 from sae.failpoint import failpoint
+from sae.files import file_sha256
+from sae.formats.load import load_any
 from sae.models.base import CONFIG
 from tasks.support import tracking
 from tasks.support.home import sae_dir
@@ -112,8 +115,11 @@ def close_study(
 
 @task(name="find_sae", cache_policy=NO_CACHE)
 def find_sae(cfg: Config) -> dict[str, str]:
-    """{run_id, checkpoint} of `eval.run_id`, or of the study's latest finished SAE run."""
+    """{run_id, checkpoint} of `eval.run_id`, of the SAE `eval.sae` imported, or of the study's
+    latest finished SAE run."""
     c = cfg
+    if c.eval.sae is not None:
+        return import_sae(c)
     run_id = c.eval.run_id
     if run_id is None:
         exp = tracking.client(c.tracking.uri).get_experiment_by_name(experiment_name(cfg))
@@ -122,7 +128,8 @@ def find_sae(cfg: Config) -> dict[str, str]:
             if exp is None
             else tracking.client(c.tracking.uri).search_runs(
                 [exp.experiment_id],
-                "tags.`saeflow.stage` != 'pipeline' and attributes.status = 'FINISHED'",
+                "tags.`saeflow.stage` != 'pipeline' and tags.`saeflow.stage` != 'import' "
+                "and attributes.status = 'FINISHED'",
                 order_by=["attributes.start_time DESC"],
             )
         )
@@ -150,6 +157,69 @@ def find_sae(cfg: Config) -> dict[str, str]:
             f"pass hook={hook}"
         )
     return {"run_id": run_id, "checkpoint": str(checkpoint)}
+
+
+def model_width(c: Config) -> int | None:
+    """The model's residual width, from its config alone (None where that cannot be read)."""
+    if c.model.source == "builtin":
+        return c.model.n_embd
+    try:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(c.model.path, revision=c.model.revision).hidden_size)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def import_sae(c: Config) -> dict[str, str]:
+    """The SAE `eval.sae` names (`sae.formats.load.load_any`), as an MLflow run of the study's
+    experiment with its weights in saeflow's layout: {run_id, checkpoint}. The same content
+    imported again is the same run (tag `saeflow.import_key`, the files' sha256). Its hook and
+    width are checked against `hook` and the model before any work."""
+    spec = c.eval.sae
+    assert spec is not None
+    imported = load_any(spec)
+    sae = imported.sae
+    if imported.hook is not None and imported.hook != c.hook:
+        raise ValueError(
+            f"eval.sae={spec}: the SAE was trained at hook {imported.hook!r}, not "
+            f"hook={c.hook!r}: pass hook={imported.hook}"
+        )
+    if (width := model_width(c)) is not None and sae.d_in != width:
+        raise ValueError(
+            f"eval.sae={spec}: the SAE reads d_in={sae.d_in}, but model {c.model.name} "
+            f"has width {width} at {c.hook}"
+        )
+    files = sorted(p for p in imported.dir.iterdir() if p.is_file())
+    key = hashlib.sha256("".join(file_sha256(p) for p in files).encode()).hexdigest()[:32]
+    uri = c.tracking.uri
+    experiment_id = tracking.ensure_experiment(experiment_name(c), uri)
+    for run in tracking.client(uri).search_runs(
+        [experiment_id],
+        f"tags.`saeflow.import_key` = '{key}' and attributes.status = 'FINISHED'",
+    ):
+        if (sae_dir(run.info.run_id) / "sae.safetensors").is_file():
+            return {"run_id": run.info.run_id, "checkpoint": str(sae_dir(run.info.run_id))}
+    tags = {
+        "saeflow.stage": "import",
+        "saeflow.source": str(spec)[:5000],
+        "saeflow.format": imported.format,
+        "saeflow.import_key": key,
+    }
+    name = f"import-{imported.format}-{sae.arch}-{sae.d_sae}"
+    run_id = tracking.start_run(experiment_id, name, uri=uri, tags=tags)
+    try:
+        params = {f"sae.{k}": v for k, v in sae.config().items()}
+        params |= tracking.flatten(imported.config, "source.")
+        tracking.log_params(run_id, {k: v for k, v in params.items() if len(str(v)) <= 6000}, uri)
+        meta = {"hook": c.hook, "source": str(spec), "format": imported.format}
+        sae.save(sae_dir(run_id), meta=meta)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", uri)
+        raise
+    tracking.end_run(run_id, "FINISHED", uri)
+    logger().info(f"imported {imported.format} SAE {spec} as MLflow run {run_id}")
+    return {"run_id": run_id, "checkpoint": str(sae_dir(run_id))}
 
 
 def _trained_at(checkpoint: Path) -> str | None:

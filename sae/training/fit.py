@@ -206,8 +206,8 @@ class _L0Controller:
             self.fast += L0_SMOOTH * (y - self.fast)
             self.slow += min(L0_SLOW / step, 1.0) * (self.fast - self.slow)
             if self.start < step <= self.stop:
-                heading = self.fast + L0_SLOW * (self.fast - self.slow) * math.log(self.steps / step)
-                err = L0_GAIN * (heading - self.goal)
+                trend = L0_SLOW * (self.fast - self.slow)  # v
+                err = L0_GAIN * (self.fast + trend * math.log(self.steps / step) - self.goal)
                 self.sae.l1_coeff *= math.exp(min(max(err, -L0_MAX_STEP), L0_MAX_STEP))
         self.last_l0 = (
             (out.f.detach() != 0).sum(-1).float().mean() if out.l0 is None else out.l0.detach()

@@ -1,0 +1,92 @@
+"""SAEs in and out through the flows: a trained SAE exported as SAELens (`saeflow export`),
+loaded by the real sae_lens, imported back (`eval.sae=`) as an MLflow run of its own whose
+evaluation equals the original's; bad imports named before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY
+
+
+def test_export_then_import_gives_the_same_metrics_as_a_run_of_its_own(
+    study, tmp_path: Path
+) -> None:
+    from sae_lens import SAE as LensSAE
+
+    from flows.pipeline import evaluate_flow, export_flow
+    from sae.models.registry import load_sae
+    from tasks.support import tracking
+
+    run_id = study["trained"]["run_id"]
+    out = export_flow([*TINY, f"eval.run_id={run_id}", f"export.dir={tmp_path / 'lens'}"])
+    (exported,) = out["exports"]
+    assert exported["run_id"] == run_id and exported["dir"] == str(tmp_path / "lens")
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+    assert cfg["architecture"] == "standard" and cfg["metadata"]["model_name"] == "tiny-gpt2"
+    assert (tmp_path / "lens" / "sparsity.safetensors").is_file()  # from the feature table
+    lens = LensSAE.load_from_disk(tmp_path / "lens")
+    sae = load_sae(Path(study["trained"]["checkpoint"]))
+    x = torch.randn(64, sae.d_in)
+    with torch.no_grad():
+        torch.testing.assert_close(lens.encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)
+    c = tracking.client()
+    assert c.get_run(run_id).data.tags["saeflow.export.saelens"] == str(tmp_path / "lens")
+
+    imported = evaluate_flow([*TINY, f"eval.sae={tmp_path / 'lens'}"])
+    new = imported["trained"]["run_id"]
+    assert new != run_id
+    for key in ("explained_variance", "l0", "dead_frac", "ce_sae", "loss_recovered", "mse"):
+        assert imported["metrics"][key] == pytest.approx(study["metrics"][key], rel=1e-5, abs=1e-7)
+    run = c.get_run(new)
+    assert run.data.tags["saeflow.format"] == "saelens"
+    assert run.data.tags["saeflow.source"] == str(tmp_path / "lens")
+    assert run.data.tags["saeflow.stage"] == "import" and run.info.status == "FINISHED"
+    assert run.data.params["source.architecture"] == "standard"
+    assert run.data.params["sae.arch"] == "relu"
+    assert float(run.data.metrics["eval/explained_variance"]) == pytest.approx(
+        study["metrics"]["explained_variance"], rel=1e-5
+    )
+    again = evaluate_flow([*TINY, f"eval.sae={tmp_path / 'lens'}"])
+    assert again["trained"]["run_id"] == new  # the same content is the same run
+
+
+def test_bad_imports_are_named_before_any_work(study, tmp_path: Path) -> None:
+    from flows.pipeline import evaluate_flow, export_flow
+
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "weights.bin").write_bytes(b"\0" * 8)
+    lens = tmp_path / "lens"
+    export_flow([*TINY, f"eval.run_id={study['trained']['run_id']}", f"export.dir={lens}"])
+    cases = [
+        ([f"eval.sae={tmp_path / 'odd'}"], "is not an SAE directory saeflow can read"),
+        ([f"eval.sae={tmp_path / 'none'}"], "no SAE directory at"),
+        ([f"eval.sae={lens}", "hook=blocks.1.resid_post"], "trained at hook 'blocks.0.resid_post'"),
+        ([f"eval.sae={lens}", "eval.run_id=abc"], "both name the SAE; pass one"),
+    ]
+    for overrides, message in cases:
+        state = evaluate_flow([*TINY, *overrides], return_state=True)
+        assert state.is_failed() and message in state.message, (overrides, state.message)
+    cfg = json.loads((lens / "cfg.json").read_text())
+    cfg["metadata"].pop("hook_name")  # no hook: the model's width is what is checked
+    (lens / "cfg.json").write_text(json.dumps(cfg))
+    wide = tmp_path / "wide"
+    from sae.formats import saelens
+    from sae.models.registry import build_sae
+
+    saelens.export(
+        build_sae("relu", 7, 16, seed=0),
+        wide,
+        model_name="x",
+        hook="blocks.0.resid_post",
+        context_size=8,
+        prepend_bos=True,
+        dataset_path="x",
+    )
+    state = evaluate_flow([*TINY, f"eval.sae={wide}"], return_state=True)
+    assert state.is_failed() and "reads d_in=7, but model tiny-gpt2 has width" in state.message
