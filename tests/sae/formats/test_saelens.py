@@ -92,8 +92,14 @@ def test_saelens_written_directories_load_with_the_same_f_and_x_hat(
     tmp_path: Path, arch: str, apply_b_dec: bool
 ) -> None:
     """A directory written by sae_lens's own `save_model`, either side of apply_b_dec_to_input."""
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
-    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     kinds = {
         "standard": (StandardSAE, StandardSAEConfig, {}),
@@ -148,5 +154,5 @@ def test_hook_names_translate_both_ways() -> None:
     assert to_transformer_lens("blocks.3.resid_post") == "blocks.3.hook_resid_post"
     assert from_transformer_lens("blocks.3.hook_resid_post") == "blocks.3.resid_post"
     assert from_transformer_lens("blocks.0.mlp_out") == "blocks.0.mlp_out"
-    with pytest.raises(ValueError, match="hook 'blocks.3.hook_z' has no saeflow equivalent"):
+    with pytest.raises(ValueError, match=r"hook 'blocks\.3\.hook_z' has no saeflow equivalent"):
         from_transformer_lens("blocks.3.hook_z")
