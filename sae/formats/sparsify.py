@@ -34,6 +34,8 @@ def load(dir: Path) -> tuple[SAE, dict[str, Any]]:
     """The sparsify directory `dir` as a saeflow topk SAE (fp32, eval) and its cfg.json."""
     dir = Path(dir)
     cfg = json.loads((dir / CONFIG).read_text())
+    if (activation := cfg.get("activation", "topk")) != "topk":
+        raise ValueError(f"{dir / CONFIG}: activation={activation!r} is not supported (topk is)")
     for key in ("skip_connection", "transcode"):
         if cfg.get(key):
             raise ValueError(f"{dir / CONFIG}: {key}=true (a transcoder) is not supported")
