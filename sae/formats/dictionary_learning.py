@@ -6,7 +6,8 @@
     AutoEncoderTopK             f = TopK_k(ReLU(encoder(x − b_dec)))                      -> topk
     BatchTopKSAE, MatryoshkaBatchTopKSAE   f = z·1[z > threshold], z = ReLU(encoder(x − b_dec))
                                                                                      -> batchtopk
-    JumpReluAutoEncoder         z = x·W_enc + b_enc, f = ReLU(z)·1[z > threshold]     -> jumprelu
+    JumpReluAutoEncoder         z = x·W_enc + b_enc (x − b_dec with apply_b_dec_to_input),
+                                f = ReLU(z·1[z > threshold])                          -> jumprelu
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def load(dir: Path) -> tuple[SAE, dict[str, Any]]:
         k = trainer.get("k", state.get("k"))
         hp["k"] = int(k.item() if torch.is_tensor(k) else k)
     sae = build_sae(arch, d_in, d_sae, **hp)
-    if arch == "relu":  # ReLU((x − bias)·W + b) = ReLU(x·W + (b − bias·W))
-        b_enc = b_enc - b_dec @ W_enc
+    if arch == "relu" or (arch == "jumprelu" and trainer.get("apply_b_dec_to_input")):
+        b_enc = b_enc - b_dec @ W_enc  # ReLU((x − b_dec)·W + b) = ReLU(x·W + (b − b_dec·W))
     weights = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     if arch in ("batchtopk", "jumprelu"):
         threshold = s.get("threshold")

@@ -60,15 +60,26 @@ def dictionary_learning_dir(dir: Path, cls: str, **extra: object) -> dict[str, t
 
 
 @pytest.mark.parametrize(
-    "cls", ["AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder"]
+    ("cls", "apply_b_dec"),
+    [
+        ("AutoEncoder", False),
+        ("AutoEncoderTopK", False),
+        ("BatchTopKSAE", False),
+        ("JumpReluAutoEncoder", False),
+        ("JumpReluAutoEncoder", True),
+    ],
 )
-def test_dictionary_learning_loads_with_the_same_f_and_x_hat(tmp_path: Path, cls: str) -> None:
-    s = dictionary_learning_dir(tmp_path / "ae", cls, k=6)
+def test_dictionary_learning_loads_with_the_same_f_and_x_hat(
+    tmp_path: Path, cls: str, apply_b_dec: bool
+) -> None:
+    """Against dictionary_learning 0.1.0's encode (read from the wheel on PyPI; the package
+    itself pulls nnsight 0.3 and is not installed here)."""
+    s = dictionary_learning_dir(tmp_path / "ae", cls, k=6, apply_b_dec_to_input=apply_b_dec)
     got = load_any(tmp_path / "ae")
     assert got.format == "dictionary_learning"
     xs = x()
-    if cls == "JumpReluAutoEncoder":  # their encode: ReLU(x·W_enc + b_enc)·1[pre > θ]
-        pre = xs @ s["W_enc"] + s["b_enc"]
+    if cls == "JumpReluAutoEncoder":  # their encode: ReLU(pre·1[pre > θ])
+        pre = (xs - s["b_dec"] * apply_b_dec) @ s["W_enc"] + s["b_enc"]
         f = pre.relu() * (pre > s["threshold"])
         b_dec, W_dec = s["b_dec"], s["W_dec"]
     else:
