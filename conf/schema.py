@@ -31,7 +31,7 @@ from sae.lm.config import LMSpec, check_hook
 from sae.models.config import DEFAULT_LR, SAEConfig
 from sae.training.config import FitConfig
 
-EXPORT_FORMATS = ("saelens",)
+EXPORT_FORMATS = ("saelens", "neuronpedia")
 """What `saeflow export` writes (`export.format`)."""
 TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 """tracking.uri schemes MLflow stores take (`postgresql+psycopg2://` counts as postgresql)."""
@@ -272,7 +272,9 @@ class SteerConfig:
 class ExportConfig:
     format: str = "saelens"
     """`saeflow export`: `saelens`, a directory `sae_lens.SAE.load_from_disk` reads as it is
-    (`sae/formats/saelens.py`: cfg.json, sae_weights.safetensors, sparsity.safetensors)."""
+    (`sae/formats/saelens.py`: cfg.json, sae_weights.safetensors, sparsity.safetensors), or
+    `neuronpedia`, the bulk-import layout (`sae/formats/neuronpedia.py`; needs the SAE's
+    feature table, from `saeflow evaluate`)."""
     dir: str | None = None
     """Where to write; None = `$SAEFLOW_HOME/exports/<run_id>-<format>`. A sweep's or scaling
     study's parent run (`eval.run_id`) exports each SAE into `<dir>/<run_id>`."""

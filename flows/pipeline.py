@@ -136,7 +136,8 @@ def export_flow(
     (a sweep's or scaling study's parent: each of its SAEs), `eval.sae`'s, or the latest."""
     cfg, _ = load(with_experiment(overrides, experiment))
     targets = export_targets(cfg) or [(find_sae(cfg), None)]
-    return {"exports": [export_sae(cfg, trained, dir) for trained, dir in targets]}
+    model = prepare_model(cfg) if cfg.export.format == "neuronpedia" else {}
+    return {"exports": [export_sae(cfg, trained, model, dir) for trained, dir in targets]}
 
 
 @flow(name="pipeline")

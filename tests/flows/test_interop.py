@@ -90,3 +90,73 @@ def test_bad_imports_are_named_before_any_work(study, tmp_path: Path) -> None:
     )
     state = evaluate_flow([*TINY, f"eval.sae={wide}"], return_state=True)
     assert state.is_failed() and "reads d_in=7, but model tiny-gpt2 has width" in state.message
+
+
+FEATURE_FIELDS = {
+    "modelId": str, "layer": str, "index": str, "hookName": str, "maxActApprox": float,
+    "frac_nonzero": float, "hasVector": bool, "vector": list, "topkCosSimIndices": list,
+    "topkCosSimValues": list, "pos_str": list, "pos_values": list, "neg_str": list,
+    "neg_values": list, "freq_hist_data_bar_heights": list, "freq_hist_data_bar_values": list,
+    "logits_hist_data_bar_heights": list, "logits_hist_data_bar_values": list,
+    "neuron_alignment_indices": list, "correlated_features_indices": list,
+}  # fmt: skip
+ACTIVATION_FIELDS = {
+    "id": str, "modelId": str, "layer": str, "index": str, "tokens": list, "values": list,
+    "maxValue": float, "maxValueTokenIndex": int, "minValue": float,
+    "qualifyingTokenIndex": int, "dataIndex": str, "dataSource": str,
+}  # fmt: skip
+
+
+def read_batches(dir: Path) -> list[dict]:
+    import gzip
+
+    files = sorted(dir.glob("batch-*.jsonl.gz"), key=lambda p: int(p.stem.split("-")[1][:-6]))
+    return [
+        json.loads(line) for p in files for line in gzip.decompress(p.read_bytes()).splitlines()
+    ]
+
+
+def test_neuronpedia_export_has_every_field_and_the_examples_activations(
+    study, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    from flows.pipeline import export_flow
+
+    run_id, out = study["trained"]["run_id"], tmp_path / "np"
+    export_flow([*TINY, f"eval.run_id={run_id}", "export.format=neuronpedia", f"export.dir={out}"])
+    for name in ("release", "model", "sourceset", "source"):
+        (record,) = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert record
+    source = json.loads((out / "source.jsonl").read_text())
+    assert source["id"] == "0-saeflow-residpost-relu-64" and source["modelId"] == "tiny-gpt2"
+    features = read_batches(out / "features")
+    assert [f["index"] for f in features] == [str(i) for i in range(64)]
+    for f in features:
+        for key, kind in FEATURE_FIELDS.items():
+            assert isinstance(f[key], kind), (key, f[key])
+        assert f["layer"] == source["id"] and f["hookName"] == "blocks.0.hook_resid_post"
+        assert len(f["pos_str"]) == len(f["pos_values"]) == 10 and len(f["topkCosSimIndices"]) == 10
+        assert f["pos_values"] == sorted(f["pos_values"], reverse=True)
+        assert len(f["freq_hist_data_bar_heights"]) == len(f["freq_hist_data_bar_values"])
+    stats = pq.read_table(
+        Path(study["features"]["path"]), columns=["feature_id", "freq", "max_act", "top_examples"]
+    ).to_pylist()
+    by_id = {r["feature_id"]: r for r in stats}
+    for f in features:
+        row = by_id[int(f["index"])]
+        assert f["frac_nonzero"] == pytest.approx(row["freq"])
+        assert f["maxActApprox"] == pytest.approx(row["max_act"])
+        fired = round(row["freq"] * study["metrics"]["tokens"])
+        assert sum(f["freq_hist_data_bar_heights"]) == pytest.approx(fired, abs=1)
+    acts = read_batches(out / "activations")
+    examples = [(r["feature_id"], e) for r in stats for e in r["top_examples"]]
+    assert len(acts) == len(examples) > 0
+    for a, (feature, ex) in zip(acts, examples, strict=True):
+        for key, kind in ACTIVATION_FIELDS.items():
+            assert isinstance(a[key], kind), (key, a[key])
+        assert a["index"] == str(feature) and len(a["tokens"]) == len(a["values"])
+        assert a["values"][a["qualifyingTokenIndex"]] == pytest.approx(ex["activation"], rel=1e-4)
+        assert a["maxValue"] == max(a["values"]) and a["dataIndex"] == str(ex["seq_id"])
+        marked = ex["text"].split("«")[1].split("»")[0]
+        assert a["tokens"][a["qualifyingTokenIndex"]] == marked
