@@ -188,6 +188,10 @@ class EvalConfig:
     """A latent firing on more than this fraction of tokens counts in `dense_frac`."""
     run_id: str | None = None
     """`saeflow evaluate`: the MLflow run whose SAE to evaluate (None = the latest trained)."""
+    protocol: str = "saeflow"
+    """Metric definitions: `saeflow` (DESIGN §6; logged as `eval/*`) or `saebench`, SAELens's and
+    SAEBench's (every position zero-ablated, CE and KL over positions whose token is not special,
+    mse summed over dimensions: `sae/analysis/evaluate.py`; logged as `eval_saebench/*`)."""
     sae: str | None = None
     """An SAE trained elsewhere, to evaluate, analyse, steer or export in place of `run_id`: a
     directory (saeflow's, SAELens's, sparsify's or dictionary_learning's; `sae.formats`) or a
@@ -200,6 +204,7 @@ class EvalConfig:
         )
         non_negative("eval", context_before=self.context_before, context_after=self.context_after)
         fraction("eval", dense_threshold=self.dense_threshold)
+        choice("eval", "protocol", self.protocol, ("saeflow", "saebench"))
         # A run id names directories (saes/<id>, features/run_id=<id>): no path may hide in it.
         if self.run_id is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", self.run_id):
             raise ValueError(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import torch
 from prefect import task
 
 from conf.schema import Config
@@ -39,17 +40,25 @@ def _load_sae(trained: dict[str, Any], eval_dir: Path, hook: str) -> SAE:
     return sae
 
 
-def _contexts(eval_dir: Path, hook: str, batch_size: int):
-    return [(ids, special) for ids, special, _ in sequences(eval_dir, hook, batch_size)]
+def _contexts(eval_dir: Path, hook: str, batch_size: int, protocol: str):
+    """(token ids, excluded) per batch: saeflow's exclusions (special tokens and outlier rows),
+    or for protocol saebench the special tokens alone, as SAELens masks them."""
+    if protocol == "saebench":
+        special = torch.tensor(Manifest.load(eval_dir).special_token_ids, dtype=torch.long)
+        return [
+            (ids, torch.isin(ids, special)) for ids, _, _ in sequences(eval_dir, hook, batch_size)
+        ]
+    return [(ids, excl) for ids, excl, _ in sequences(eval_dir, hook, batch_size)]
 
 
-def _baselines(lm, hp: HookPoint, eval_dir: Path, contexts) -> dict[str, float]:
+def _baselines(lm, hp: HookPoint, eval_dir: Path, contexts, protocol: str) -> dict[str, float]:
     """ce_clean / ce_zero depend on the model and the eval set only: computed once, kept beside
     the eval cache (the manifest ignores files it does not list)."""
-    path = eval_dir / f"ce-baselines-v2-{hp.name}.json"  # v2: with ce_mean
+    kind = "" if protocol == "saeflow" else f"-{protocol}"
+    path = eval_dir / f"ce-baselines-v2{kind}-{hp.name}.json"  # v2: with ce_mean
     if path.is_file():
         return json.loads(path.read_text())
-    out = ce_baselines(lm, hp, contexts)
+    out = ce_baselines(lm, hp, contexts, protocol)
     write_text(path, json.dumps(out))
     return out
 
@@ -78,13 +87,17 @@ def evaluate_many(
     saes = [_load_sae(t, eval_dir, c.hook) for t in trained]  # before any forward pass
     lm, _ = load_lm(model["path"], model["revision"], c.model.dtype, device)  # SAEs follow it
     hp = parse_hook(lm, c.hook)
-    contexts = _contexts(eval_dir, c.hook, c.eval.batch_size)
-    baselines = _baselines(lm, hp, eval_dir, contexts)
-    results = evaluate_saes(lm, hp, saes, contexts, baselines, c.eval.dense_threshold)
+    protocol = c.eval.protocol
+    contexts = _contexts(eval_dir, c.hook, c.eval.batch_size, protocol)
+    baselines = _baselines(lm, hp, eval_dir, contexts, protocol)
+    results = evaluate_saes(
+        lm, hp, saes, contexts, baselines, c.eval.dense_threshold, protocol=protocol
+    )
+    prefix = "eval" if protocol == "saeflow" else f"eval_{protocol}"
     for t, metrics in zip(trained, results, strict=True):
         metrics["dead_window_tokens"] = metrics.get("tokens", 0.0)
         tracking.log_metrics(
-            t["run_id"], {f"eval/{k}": v for k, v in metrics.items()}, uri=c.tracking.uri
+            t["run_id"], {f"{prefix}/{k}": v for k, v in metrics.items()}, uri=c.tracking.uri
         )
         tracking.set_tags(t["run_id"], {"eval_cache_key": eval_cache["key"]}, c.tracking.uri)
         log.info(f"eval {t['run_id']}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -7,6 +7,13 @@ its mean over the evaluation set (`ce_mean`); `kl` is the mean over predictions 
 KL(p_clean ‖ p_sae). Excluded positions (BOS/EOS, outlier rows) keep their clean activation in
 every variant: the SAE never trained on them.
 
+`protocol="saebench"` computes the same names as SAELens's evaluation (`sae_lens.evals`, as
+SAEBench reports them): the kept positions are those whose input token is not special (no
+outlier filter); `ce_zero` zeroes the activation at every position, BOS included; CE is the
+mean over predictions made at kept positions; `kl` is KL(p_clean ‖ p_sae) averaged over every
+kept position, the last included; `mse` is mean ‖x − x̂‖² summed over dimensions (saeflow's
+divides by d_in). Explained variance and L0 have one definition in both.
+
 Cost: the clean activation comes from a forward pass that stops at the hook (the prefix), and
 each variant runs only the blocks after it (`sae.lm.hooks.logits_from`: the suffix). Per batch,
 `evaluate_saes` runs the prefix and the clean suffix once (for KL), then one suffix per SAE;
@@ -28,6 +35,8 @@ from sae.lm.hooks import HookPoint, activations_at, logits_from
 from sae.models.base import SAE
 
 Contexts = Iterable[tuple[Tensor, Tensor]]  # (token_ids (B, T), special (B, T))
+PROTOCOLS = ("saeflow", "saebench")
+"""Metric definitions: saeflow's (DESIGN §6) or SAELens/SAEBench's (see above)."""
 
 
 def _ce(logp: Tensor, ids: Tensor) -> Tensor:
@@ -46,7 +55,9 @@ class _Mean:
     def __init__(self) -> None:
         self.total, self.count = 0.0, 0
 
-    def add(self, values: Tensor) -> None:
+    def add(self, values: Tensor, where: Tensor | None = None) -> None:
+        """Add `values`' elements (only those where the mask `where` is true, if given)."""
+        values = values if where is None else values[where]
         self.total += values.double().sum().item()
         self.count += values.numel()
 
@@ -64,8 +75,11 @@ def _batches(model: nn.Module, hp: HookPoint, contexts: Contexts):
 
 
 @torch.no_grad()
-def ce_baselines(model: nn.Module, hp: HookPoint, contexts: Contexts) -> dict[str, float]:
+def ce_baselines(
+    model: nn.Module, hp: HookPoint, contexts: Contexts, protocol: str = "saeflow"
+) -> dict[str, float]:
     """`ce_clean`, `ce_zero` and `ce_mean` (with the mean kept activation of the set)."""
+    bench = _protocol(protocol)
     contexts = list(contexts)
     total, n = None, 0
     for _, keep, acts in _batches(model, hp, contexts):
@@ -78,10 +92,11 @@ def ce_baselines(model: nn.Module, hp: HookPoint, contexts: Contexts) -> dict[st
     ce = {name: _Mean() for name in ("ce_clean", "ce_zero", "ce_mean")}
     for ids, keep, acts in _batches(model, hp, contexts):
         m = keep.unsqueeze(-1)
-        ce["ce_clean"].add(_ce(_logprobs(logits_from(model, hp, ids, acts)), ids))
-        ce["ce_zero"].add(_ce(_logprobs(logits_from(model, hp, ids, acts * ~m)), ids))
+        where = keep[:, :-1] if bench else None  # predictions made at kept positions
+        zeroed = torch.zeros_like(acts) if bench else acts * ~m
         ablated = torch.where(m, mean.to(acts.dtype), acts)
-        ce["ce_mean"].add(_ce(_logprobs(logits_from(model, hp, ids, ablated)), ids))
+        for name, a in (("ce_clean", acts), ("ce_zero", zeroed), ("ce_mean", ablated)):
+            ce[name].add(_ce(_logprobs(logits_from(model, hp, ids, a)), ids), where)
     return {name: m.value for name, m in ce.items()}
 
 
@@ -93,10 +108,13 @@ def evaluate_saes(
     contexts: Contexts,
     baselines: dict[str, float],
     dense_threshold: float = 0.1,
+    protocol: str = "saeflow",
 ) -> list[dict[str, float]]:
-    """Metrics of each SAE (DESIGN §6) from one pass over the contexts: reconstruction stats of
-    the live activations at the hook, ce_sae, delta_ce, kl, loss_recovered (zero ablation) and
-    loss_recovered_mean (mean ablation), plus the baselines."""
+    """Metrics of each SAE (DESIGN §6, or SAELens's with protocol="saebench") from one pass
+    over the contexts: reconstruction stats of the live activations at the hook, ce_sae,
+    delta_ce, kl, loss_recovered (zero ablation) and loss_recovered_mean (mean ablation), plus
+    the baselines (`ce_baselines` of the same protocol)."""
+    bench = _protocol(protocol)
     device = next(model.parameters()).device
     saes = [sae.to(device).eval() for sae in saes]
     stats = [ReconstructionStats(sae.d_sae, dense_threshold) for sae in saes]
@@ -104,7 +122,9 @@ def evaluate_saes(
     kl = [_Mean() for _ in saes]
     for ids, keep, acts in _batches(model, hp, contexts):
         failpoint("evaluate.batch")
-        kl_to_clean = KLToClean(_logprobs(logits_from(model, hp, ids, acts)))  # once per batch
+        clean = logits_from(model, hp, ids, acts).log_softmax(-1)  # (B, T, vocab)
+        kl_to_clean = KLToClean(clean if bench else clean[:, :-1])  # once per batch
+        del clean
         for sae, st, ce_i, kl_i in zip(saes, stats, ce, kl, strict=True):
             x = acts[keep].to(sae.W_enc.dtype)  # (N, d_in): the kept positions
             f = sae.encode(x)
@@ -112,17 +132,30 @@ def evaluate_saes(
             st.update(x, x_hat, f)
             spliced = acts.clone()
             spliced[keep] = x_hat.to(acts.dtype)
-            logp = _logprobs(logits_from(model, hp, ids, spliced))
-            ce_i.add(_ce(logp, ids))  # CE and KL from one log-softmax
-            kl_i.add(kl_to_clean(logp))
+            logp = logits_from(model, hp, ids, spliced).log_softmax(-1)  # (B, T, vocab)
+            if bench:  # CE of predictions at kept positions; KL at every kept position
+                ce_i.add(_ce(logp[:, :-1], ids), keep[:, :-1])
+                kl_i.add(kl_to_clean(logp), keep)
+            else:  # CE and KL over every prediction
+                ce_i.add(_ce(logp[:, :-1], ids))
+                kl_i.add(kl_to_clean(logp[:, :-1]))
     out = []
-    for st, ce_i, kl_i in zip(stats, ce, kl, strict=True):
+    for sae, st, ce_i, kl_i in zip(saes, stats, ce, kl, strict=True):
         m = st.compute() | baselines
+        if bench:
+            m["mse"] *= sae.d_in  # SAELens: summed over dimensions
         m |= {"ce_sae": ce_i.value, "delta_ce": ce_i.value - m["ce_clean"], "kl": kl_i.value}
         m["loss_recovered"] = loss_recovered(m["ce_clean"], ce_i.value, m["ce_zero"])
         m["loss_recovered_mean"] = loss_recovered(m["ce_clean"], ce_i.value, m["ce_mean"])
         out.append(m)
     return out
+
+
+def _protocol(protocol: str) -> bool:
+    """True for saebench; ValueError for an unknown protocol."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"eval.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return protocol == "saebench"
 
 
 def evaluate_sae(
