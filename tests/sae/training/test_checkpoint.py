@@ -76,7 +76,7 @@ def test_resume_refuses_another_runs_state(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"step 25 was saved with fit=.*'lr': 0.003"):
         fit(build_sae("relu", D, D_SAE), stream(), cfg(lr=1e-3, checkpoint_every=0), resume=state)
     with pytest.raises(CheckpointError, match="saved with sae="):
-        fit(build_sae("relu", D, D_SAE, l1_coeff=2.0), stream(), cfg(), resume=state,
+        fit(build_sae("relu", D, D_SAE, l1_coeff=5.0), stream(), cfg(), resume=state,
             checkpoint=tmp_path)  # fmt: skip
 
 
