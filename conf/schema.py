@@ -331,8 +331,10 @@ class Config:
             self.data.context_length = self.model.n_ctx
         if self.train.lr is None:  # the architecture's measured default
             self.train.lr = DEFAULT_LR[self.sae.arch]
-        # A builtin model's depth is known before any work; a Hub model's once its config loads.
-        n_layer = self.model.n_layer if self.model.source == "builtin" else None
+        # A builtin model's depth is known before any work; a Hub model's once its config loads;
+        # an external cache (cache.dir) says itself which hooks it holds, whatever the model.
+        builtin = self.model.source == "builtin" and self.cache.dir is None
+        n_layer = self.model.n_layer if builtin else None
         for key, hook in [("hook", self.hook)] + [("cache.hooks", h) for h in self.cache.hooks]:
             check_hook(key, hook, n_layer, self.model.name)
         if self.train.processes > 1 and ":" in self.train.device:

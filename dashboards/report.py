@@ -198,7 +198,10 @@ def comparison(runs: list[dict[str, Any]], title: str = "Runs compared", extra: 
     body = "".join(
         "<tr>" + "".join(f"<td>{_num(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in runs
     )
+    # Raw JSON, as a script element's text is not HTML-decoded; only "<" is escaped (\u003c is
+    # the same character to a JSON parser), so no "</script>" or "<!--" can end the element.
     data = json.dumps([{c: r.get(c) for c in cols} for r in runs], default=str)
+    data = data.replace("<", "\\u003c")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>saeflow · runs</title>"
         f"<style>{_STYLE}</style></head><body><h1>{_e(title)} ({len(runs)})</h1>"
@@ -206,7 +209,7 @@ def comparison(runs: list[dict[str, Any]], title: str = "Runs compared", extra: 
         f"{scatter_plot(points('eval_explained_variance'), 'L0', 'explained variance')}"
         f"{scatter_plot(points('eval_loss_recovered'), 'L0', 'loss recovered')}</div>"
         f"<h2>Table</h2><table class='m' id='runs'><tr>{head}</tr>{body}</table>"
-        f"<script type='application/json' id='data'>{html.escape(data)}</script></body></html>"
+        f"<script type='application/json' id='data'>{data}</script></body></html>"
     )
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,30 @@ DASHBOARDS = Path(__file__).parent
 """Where the ready queries live: `<name>.sql`."""
 
 
+TIMEOUT_S = 300.0
+"""A query running longer is interrupted (`saeflow sql --timeout`)."""
+MEMORY_LIMIT = "4GB"
+"""DuckDB's memory_limit for a query (`saeflow sql --memory-limit`); past it DuckDB spills to
+nothing (no temp directory: external access is off) and the query fails, saying so."""
+THREADS = 2
+"""DuckDB's worker threads (`saeflow sql --threads`)."""
+
+
 def connect(
-    features_root: Path, runs: pa.Table, metrics: pa.Table | None = None
+    features_root: Path,
+    runs: pa.Table,
+    metrics: pa.Table | None = None,
+    memory_limit: str = MEMORY_LIMIT,
+    threads: int = THREADS,
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the three views registered."""
+    """An in-memory DuckDB with the views registered, bounded in memory and threads."""
     con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"SET memory_limit = '{_quote(memory_limit)}'")
+        con.execute(f"SET threads = {int(threads)}")
+    except duckdb.Error as e:
+        limits = f"memory_limit={memory_limit!r}, threads={threads}"
+        raise ValueError(f"bad SQL limits ({limits}): {e}") from None
     files = sorted(Path(features_root).glob("run_id=*/feature_stats.parquet"))
     if files:
         pattern = str(Path(features_root) / "run_id=*" / "feature_stats.parquet")
@@ -101,9 +122,8 @@ def connect(
 
 def dashboard(name_or_sql: str) -> str:
     """The SQL of a ready query (`dead_features`, or a path to a .sql file), else the text."""
-    path = DASHBOARDS / f"{name_or_sql}.sql"
-    if path.is_file():
-        return path.read_text()
+    if re.fullmatch(r"\w+", name_or_sql) and (DASHBOARDS / f"{name_or_sql}.sql").is_file():
+        return (DASHBOARDS / f"{name_or_sql}.sql").read_text()
     if name_or_sql.endswith(".sql"):
         if not Path(name_or_sql).is_file():
             raise FileNotFoundError(f"no SQL file {name_or_sql}")
@@ -131,8 +151,15 @@ class ReadOnlyError(PermissionError):
     """A statement that would write, attach, install or reconfigure."""
 
 
-def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:
-    """Run one read-only statement, `?`/`$n` parameters bound (never pasted into the text)."""
+def query(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    params: list[Any] | None = None,
+    timeout: float = TIMEOUT_S,
+) -> pa.Table:
+    """Run one read-only statement, `?`/`$n` parameters bound (never pasted into the text),
+    interrupted after `timeout` seconds (TimeoutError) or past the connection's memory_limit
+    (MemoryError), each naming the bound and how to raise it."""
     statements = con.extract_statements(sql)
     if len(statements) != 1:
         raise ReadOnlyError(f"give exactly one SQL statement, got {len(statements)}")
@@ -142,7 +169,22 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = N
             f"saeflow sql is read-only: a {kind} statement is not allowed; "
             "use SELECT (or WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN)"
         )
-    return con.sql(sql, params=params or None).to_arrow_table()
+    timer = threading.Timer(timeout, con.interrupt)
+    timer.start()
+    try:
+        return con.sql(sql, params=params or None).to_arrow_table()
+    except duckdb.InterruptException:
+        raise TimeoutError(
+            f"the query ran past {timeout:g} s and was stopped (saeflow sql --timeout SECONDS)"
+        ) from None
+    except duckdb.OutOfMemoryException as e:
+        limit = con.execute("SELECT current_setting('memory_limit')").fetchone()
+        raise MemoryError(
+            f"the query needs more memory than memory_limit={limit[0] if limit else '?'} "
+            f"(saeflow sql --memory-limit SIZE): {str(e).splitlines()[0]}"
+        ) from None
+    finally:
+        timer.cancel()
 
 
 def render(table: pa.Table, fmt: str = "table", max_width: int = 60) -> str:

@@ -16,6 +16,7 @@ saeflow scaling [overrides]          a scaling-law study: scaling.d_sae × token
 saeflow steer [steer.feature=N steer.value=X eval.run_id=ID]   generate with a feature
 saeflow export [export.format=saelens export.dir=DIR eval.run_id=ID|eval.sae=PATH]   an SAE out
 saeflow sql "SELECT ..."|<dashboard>|list [--param V]... [--format table|csv|json]
+            [--tracking-uri URI] [--timeout S] [--memory-limit SIZE] [--threads N]
 saeflow serve [overrides]            Prefect deployments of the flows, for the Prefect UI
 saeflow deploy --pool NAME [overrides]   the same deployments on a work pool's workers"""
 
@@ -168,7 +169,7 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
     return 0
 
 
-def _sql(text: str, fmt: str, params: list[str]) -> int:
+def _sql(text: str, fmt: str, params: list[str], args: argparse.Namespace) -> int:
     from dashboards.sql import dashboards, render
     from tasks.support.sql import sql
 
@@ -176,7 +177,10 @@ def _sql(text: str, fmt: str, params: list[str]) -> int:
         for name, about in dashboards().items():
             print(f"{name:<28}{about}")
         return 0
-    print(render(sql(text, [_param(p) for p in params]), fmt).rstrip("\n"))
+    given = {"timeout": args.timeout, "memory_limit": args.memory_limit, "threads": args.threads}
+    limits = {k: v for k, v in given.items() if v is not None}  # else dashboards/sql.py's
+    table = sql(text, [_param(p) for p in params], args.tracking_uri, **limits)
+    print(render(table, fmt).rstrip("\n"))
     return 0
 
 
@@ -208,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("query", help="SQL, a dashboards/*.sql name, a .sql file, or 'list'")
     s.add_argument("--param", action="append", default=[], help="$1, $2, … in order")
     s.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    s.add_argument(
+        "--tracking-uri", default=None, help="an MLflow server or store (default: local)"
+    )
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds before the query stops")
+    s.add_argument("--memory-limit", default="4GB", help="DuckDB's memory_limit, e.g. 8GB")
+    s.add_argument("--threads", type=int, default=2, help="DuckDB's worker threads")
     s = sub.add_parser("deploy")
     s.add_argument("--pool", required=True, help="a Prefect work pool (prefect work-pool create)")
     s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "sql":
-            return _sql(args.query, args.format, args.param)
+            return _sql(args.query, args.format, args.param, args)
         if args.command == "deploy":
             from flows.config import load
 

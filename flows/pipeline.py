@@ -26,7 +26,7 @@ from tasks.export import export_sae, export_targets
 from tasks.model import prepare_model
 from tasks.report import compare_sweep, report
 from tasks.scaling import feature_splits, fit_study, scaling_report
-from tasks.steer import steer
+from tasks.steer import check_feature, steer
 from tasks.study import close_study, find_sae, link_runs, open_study
 from tasks.support.log import with_progress
 from tasks.support.stage import forced
@@ -123,8 +123,9 @@ def evaluate_flow(
 def steer_flow(overrides: list[str] | None = None, experiment: str | None = None) -> dict[str, Any]:
     """Generate with and without one feature of a trained SAE (`steer.*`, `eval.run_id`)."""
     cfg, _ = load(with_experiment(overrides, experiment))
-    model = prepare_model(cfg)
     trained = find_sae(cfg)
+    check_feature(cfg, trained)  # before the model is built or loaded
+    model = prepare_model(cfg)
     return steer(cfg, model, trained) | {"run_id": trained["run_id"]}
 
 

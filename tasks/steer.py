@@ -14,11 +14,23 @@ from conf.schema import Config
 from sae.analysis.steer import generate, intervention, next_token_probs
 from sae.files import write_text
 from sae.lm.hooks import load_lm, parse_hook
+from sae.models.base import CONFIG
 from sae.models.registry import load_sae
 from tasks.model import lm_device
 from tasks.support import tracking
 from tasks.support.home import inside
 from tasks.support.log import logger
+
+
+def check_feature(cfg: Config, trained: dict[str, Any]) -> None:
+    """`steer.feature` against the SAE's d_sae, from its cfg.json: before the model is loaded."""
+    path = Path(trained["checkpoint"]) / CONFIG
+    d_sae = int(json.loads(path.read_text())["d_sae"])
+    if not 0 <= cfg.steer.feature < d_sae:
+        raise ValueError(
+            f"steer.feature={cfg.steer.feature} is not a latent of the SAE of run "
+            f"{trained['run_id']}: valid 0..{d_sae - 1} (d_sae={d_sae})"
+        )
 
 
 @task(name="generate_steered", cache_policy=NO_CACHE)

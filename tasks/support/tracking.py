@@ -204,14 +204,41 @@ def _column(name: str) -> str:
     return re.sub(r"[/.\-]", "_", name)
 
 
+PAGE = 1000
+"""Runs (and experiments) per MLflow search call; every page is read."""
+
+
+def all_experiments(c: MlflowClient) -> list[Any]:
+    """Every experiment, page by page (one search returns at most PAGE)."""
+    out, token = [], None
+    while True:
+        page = c.search_experiments(max_results=PAGE, page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def all_runs(c: MlflowClient, experiment_ids: list[str]) -> list[Any]:
+    """Every run of these experiments, page by page (one search returns at most PAGE)."""
+    out, token = [], None
+    while experiment_ids:
+        page = c.search_runs(experiment_ids, max_results=PAGE, page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            break
+    return out
+
+
 def runs_table(uri: str | None = None) -> pa.Table:
     """One row per run: run_id, run_name, experiment, status, parent_run_id, start_time, tags
     used for lineage, then a column per param (numeric where every value parses) and per final
     metric."""
     c = client(uri)
-    exps = {e.experiment_id: e.name for e in c.search_experiments()}
+    exps = {e.experiment_id: e.name for e in all_experiments(c)}
     rows: list[dict[str, Any]] = []
-    for run in c.search_runs(list(exps), max_results=50_000):
+    for run in all_runs(c, list(exps)):
         info, data = run.info, run.data
         row: dict[str, Any] = {
             "run_id": info.run_id,
@@ -235,7 +262,7 @@ def metrics_table(uri: str | None = None) -> pa.Table:
     """Step history of every metric of every run: run_id, key, step, value, timestamp."""
     c = client(uri)
     rows = []
-    for run in c.search_runs([e.experiment_id for e in c.search_experiments()]):
+    for run in all_runs(c, [e.experiment_id for e in all_experiments(c)]):
         for key in run.data.metrics:
             for m in c.get_metric_history(run.info.run_id, key):
                 rows.append(

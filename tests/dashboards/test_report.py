@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -104,3 +105,18 @@ def test_scaling_page_shows_fits_recommendation_and_families() -> None:
     assert "recommend d_sae ≈ 10,000" in page and "<mark>main</mark>" in page
     assert "feature 3 of d_sae=2 → 2 features of d_sae=4" in page
     assert "child 2 (cos 0.70)" in page
+
+
+def test_comparison_data_parses_as_json_whatever_the_text() -> None:
+    """The page's data block is JSON a script can read (it was HTML-escaped: &quot; did not
+    parse), and no value can close the element."""
+    import re
+
+    from dashboards.report import comparison
+
+    runs = [{"run_id": "a", "run_name": 'x "y" </script><!-- & z', "eval_l0": 3.0}]
+    page = comparison(runs, extra=("run_name",))
+    block = re.search(r"<script type='application/json' id='data'>(.*?)</script>", page, re.S)
+    assert block is not None and "</script>" not in block.group(1)
+    data = json.loads(block.group(1))
+    assert data[0]["run_name"] == 'x "y" </script><!-- & z' and data[0]["eval_l0"] == 3.0

@@ -86,3 +86,54 @@ def test_render_formats() -> None:
     assert json.loads(render(t, "json"))[1] == {"a": 2, "b": None}
     with pytest.raises(ValueError, match="not one of table, csv, json"):
         render(t, "xml")
+
+
+def test_runs_and_metrics_views_read_every_page(store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow answers a search a page at a time: every page is read (3 runs in pages of 1)."""
+    from tasks.support.sql import sql
+
+    whole = sql("select run_id from runs order by run_id").column("run_id").to_pylist()
+    monkeypatch.setattr(tracking, "PAGE", 1)
+    assert sql("select run_id from runs order by run_id").column("run_id").to_pylist() == whole
+    assert len(whole) == 3
+    steps = sql("select count(*) as n from metrics where key = 'train/loss'").column("n")
+    assert steps.to_pylist() == [6]  # 3 steps of each of the 2 SAE runs
+
+
+def test_a_query_past_its_time_or_memory_bound_stops_naming_it(store) -> None:
+    from tasks.support.sql import sql
+
+    endless = "select count(*) from range(1000000000) a, range(1000000000) b"
+    with pytest.raises(TimeoutError, match=r"ran past 1 s and was stopped \(saeflow sql --timeout"):
+        sql(endless, timeout=1.0)
+    hungry = "select list(range) from range(100000000)"
+    with pytest.raises(MemoryError, match=r"memory_limit=.*\(saeflow sql --memory-limit SIZE\)"):
+        sql(hungry, memory_limit="20MB")
+    with pytest.raises(ValueError, match="bad SQL limits"):
+        sql("select 1", memory_limit="lots")
+
+
+def test_saeflow_sql_points_at_a_tracking_uri(store, capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import main
+
+    home, _ = store
+    other = tracking.ensure_experiment("elsewhere", uri=f"sqlite:///{home}/other.db")
+    tracking.start_run(other, "far-run", uri=f"sqlite:///{home}/other.db")
+    code = main(
+        ["sql", "select run_name from runs", "--tracking-uri", f"sqlite:///{home}/other.db"]
+    )
+    assert code == 0 and "far-run" in capsys.readouterr().out
+    assert (
+        main(["sql", endless := "select count(*) from range(100000000000)", "--timeout", "0.5"])
+        == 1
+    )
+    assert "ran past 0.5 s" in capsys.readouterr().err and endless
+
+
+def test_a_long_query_is_sql_not_a_dashboard_file_name(store) -> None:
+    """Any text that is not a ready query's name is SQL: a query longer than a file name could
+    be was taken for one (OSError: File name too long)."""
+    from tasks.support.sql import sql
+
+    long = "select 1 as one" + " " * 300 + "-- " + "x" * 300
+    assert sql(long).column("one").to_pylist() == [1]

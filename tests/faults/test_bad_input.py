@@ -285,6 +285,15 @@ def test_cache_without_the_configured_hook(cli, external: Path) -> None:
     assert "it holds ['blocks.0.resid_post']" in said(err)
 
 
+def test_external_cache_at_a_hook_the_default_model_lacks_trains(cli, tmp_path: Path) -> None:
+    """An external cache needs no model: its hook is checked against the cache, not against
+    the builtin model's depth (tiny has 2 blocks; this cache is at block 6)."""
+    acts = torch.randn(64, 16, 32, generator=torch.Generator().manual_seed(0))
+    cache = write_cache(tmp_path / "c6", acts, "blocks.6.resid_post", 16)
+    code, err = cli("train", *TINY, "hook=blocks.6.resid_post", f"cache.dir={cache}", EXPERIMENT)
+    assert code == 0, err[-3000:]
+
+
 def _damage(shard: Path, how: str) -> None:
     if how == "bit-flip":
         data = bytearray(shard.read_bytes())

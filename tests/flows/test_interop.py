@@ -160,3 +160,20 @@ def test_neuronpedia_export_has_every_field_and_the_examples_activations(
         assert a["maxValue"] == max(a["values"]) and a["dataIndex"] == str(ex["seq_id"])
         marked = ex["text"].split("«")[1].split("»")[0]
         assert a["tokens"][a["qualifyingTokenIndex"]] == marked
+
+
+def test_a_sweeps_parent_exports_each_of_its_saes(study, tmp_path: Path) -> None:
+    from sae_lens import SAE as LensSAE
+
+    from flows.pipeline import export_flow, sweep
+
+    out = sweep([*TINY, "sae=topk", "sae.k=2,4"], experiment="export-sweep")
+    parent = out["study"]["parent_run_id"]
+    exported = export_flow([*TINY, f"eval.run_id={parent}", f"export.dir={tmp_path}"])["exports"]
+    children = {j["trained"]["run_id"] for j in out["jobs"]}
+    assert {e["run_id"] for e in exported} == children
+    for e in exported:
+        assert e["dir"] == str(tmp_path / e["run_id"])
+        lens = LensSAE.load_from_disk(e["dir"])
+        assert lens.cfg.architecture() == "topk"
+    assert sorted(LensSAE.load_from_disk(e["dir"]).cfg.k for e in exported) == [2, 4]

@@ -177,3 +177,15 @@ def test_steer_generates_side_by_side_and_logs_to_the_run(study, capsys) -> None
     assert arts == {"steering/feature-5-add-40.json"}
     assert main(["steer", *TINY, "steer.mode=push"]) == 2
     assert "steer.mode='push' is not one of add, clamp" in capsys.readouterr().err
+
+
+def test_steer_feature_past_d_sae_fails_before_the_model_is_loaded(study) -> None:
+    from flows.pipeline import steer_flow
+    from tests.flows.test_stages import task_states
+
+    run = study["trained"]["run_id"]
+    state = steer_flow([*TINY, f"eval.run_id={run}", "steer.feature=64"], return_state=True)
+    assert state.is_failed()
+    assert f"steer.feature=64 is not a latent of the SAE of run {run}: valid 0..63" in state.message
+    states = task_states(state.state_details.flow_run_id, {"find_sae"})
+    assert "prepare_model" not in states and "generate_steered" not in states

@@ -161,7 +161,9 @@ def test_hook_names_translate_both_ways() -> None:
 def test_a_hub_id_that_cannot_be_fetched_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real huggingface_hub download path, offline here: the error names the SAE."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"cannot download the SAE 'no-one/no-saes:l6/w16k'"):
+    with pytest.raises(
+        FileNotFoundError, match=r"cannot download the SAE 'no-one/no-saes:l6/w16k'"
+    ):
         load_any("no-one/no-saes:l6/w16k")
     with pytest.raises(FileNotFoundError, match=r"neither a directory nor a Hub id"):
         load_any("not a path or id")
