@@ -27,7 +27,7 @@ from tasks.model import prepare_model
 from tasks.report import compare_sweep, report
 from tasks.scaling import feature_splits, fit_study, scaling_report
 from tasks.steer import check_feature, steer
-from tasks.study import close_study, find_sae, link_runs, open_study
+from tasks.study import close_study, find_sae, link_runs, open_study, study_name
 from tasks.support.log import with_progress
 from tasks.support.stage import forced
 from tasks.train import stream_key, train_saes
@@ -87,7 +87,7 @@ def train_flow(
     redo = forced(force)
     model = {} if cfg.cache.dir else prepare_model(cfg)
     cache = cache_activations(cfg, model, "train", "cache" in redo)
-    study = open_study(cfg, "train")
+    study = open_study(cfg, "train", study_name("train", [cfg], []))
     try:
         args = ([cfg], cache, study["experiment_id"], study["parent_run_id"], "train" in redo)
         (trained,), cached = _run(train_saes, *args, force="train" in redo)
@@ -228,7 +228,7 @@ def study(
     cfgs = place([c for _, c in jobs])  # all validated before any work
     redo = forced(force)
     models, caches = _caches(cfgs, "cache" in redo)
-    opened = open_study(cfgs[0], kind)
+    opened = open_study(cfgs[0], kind, study_name(kind, cfgs, labels_of))
     try:
         trained = _train(cfgs, caches, opened, "train" in redo)
         metrics = _evaluate(cfgs, models, caches, trained, "evaluate" in redo)

@@ -100,6 +100,11 @@ def evaluate_many(
             t["run_id"], {f"{prefix}/{k}": v for k, v in metrics.items()}, uri=c.tracking.uri
         )
         tracking.set_tags(t["run_id"], {"eval_cache_key": eval_cache["key"]}, c.tracking.uri)
+        manifest = str(eval_dir / "manifest.json")
+        name = f"activations {c.hook} (held out)"
+        tracking.log_dataset(
+            t["run_id"], name, eval_cache["key"], manifest, "evaluation", c.tracking.uri
+        )
         log.info(f"eval {t['run_id']}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return results
 

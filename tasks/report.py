@@ -13,6 +13,7 @@ from conf.schema import Config
 from dashboards.report import COMPARED, comparison, run_report
 from sae.files import write_text
 from tasks.support import tracking
+from tasks.support.figures import close, front_figures, run_figures
 from tasks.support.home import inside
 from tasks.support.log import logger
 
@@ -44,7 +45,12 @@ def report(
     }
     shown = {"run_id": run.info.run_id, "run_name": run.info.run_name}
     shown |= {k: run.data.params[k] for k in SHOWN if k in run.data.params}
-    page = run_report(shown, metrics, history, pq.read_table(features["path"]))
+    table = pq.read_table(features["path"])
+    page = run_report(shown, metrics, history, table)
+    columns = ["feature_id", "freq", "max_act", "decoder_norm"]
+    figures = run_figures(table.select(columns).to_pydict())
+    tracking.log_figures(run.info.run_id, figures, "figures", uri)
+    close(figures)
     path = inside("reports", f"{run.info.run_id}.html")
     _write(path, page)
     tracking.log_artifact(run.info.run_id, path, "report", uri)
@@ -80,5 +86,8 @@ def compare_sweep(cfg: Config, parent_run_id: str, jobs: list[dict[str, Any]]) -
     tracking.log_artifact(parent_run_id, path, "comparison", uri)
     table = {c: [r.get(c) for r in rows] for c in ("overrides", *COMPARED)}
     tracking.log_table(parent_run_id, table, "comparison/table.json", uri)
+    figures = front_figures(rows)
+    tracking.log_figures(parent_run_id, figures, "figures", uri)
+    close(figures)
     logger().info(f"sweep comparison of {len(rows)} runs -> {path}")
     return {"comparison": str(path)}

@@ -49,14 +49,33 @@ def check_server(uri: str | None, timeout: float = 10.0) -> None:
         ) from None
 
 
+def study_name(kind: str, cfgs: list[Config], labels: list[list[str]]) -> str:
+    """The parent run's name, saying what it holds: `pipeline relu-1024`, `sweep sae.k=16,32,64`
+    (the overrides that differ between its SAEs), `scaling 12 SAEs`."""
+    if kind == "sweep":
+        values: dict[str, list[str]] = {}
+        for job in labels:
+            for item in job:
+                key, _, value = item.partition("=")
+                if value not in values.setdefault(key, []):
+                    values[key].append(value)
+        varied = [f"{k}={','.join(v)}" for k, v in values.items() if len(v) > 1]
+        return f"sweep {' '.join(varied) or f'{len(cfgs)} SAEs'}"[:250]
+    if kind == "scaling":
+        return f"scaling {len(cfgs)} SAEs {cfgs[0].sae.arch}"
+    c = cfgs[0]
+    return f"{kind} {c.run_name or f'{c.sae.arch}-{c.sae.d_sae}'}"
+
+
 @task(name="open_study", cache_policy=NO_CACHE, **_RETRY)
-def open_study(cfg: Config, kind: str = "pipeline") -> dict[str, str]:
-    """Create (once) the experiment and start the parent run; returns their ids. Runs that
-    killed processes left RUNNING in the experiment are marked KILLED on the way."""
+def open_study(cfg: Config, kind: str = "pipeline", name: str | None = None) -> dict[str, str]:
+    """Create (once) the experiment and start the parent run (named `name`, default `kind`);
+    returns their ids. Runs that killed processes left RUNNING in the experiment are marked
+    KILLED on the way."""
     uri = cfg.tracking.uri
     check_server(uri)  # seconds, not MLflow's minutes of retries per attempt
     exp_id = tracking.ensure_experiment(experiment_name(cfg), uri)
-    parent = tracking.start_run(exp_id, kind, uri=uri, tags={"saeflow.stage": kind})
+    parent = tracking.start_run(exp_id, name or kind, uri=uri, tags={"saeflow.stage": kind})
     if orphans := tracking.close_orphans(exp_id, f"{kind} run {parent}", uri):
         logger().info(
             f"{len(orphans)} run(s) left RUNNING by killed processes marked KILLED: "
@@ -68,6 +87,7 @@ def open_study(cfg: Config, kind: str = "pipeline") -> dict[str, str]:
                      if "prefect.flow_run_id" in t and "mlflow.parentRunId" not in t}  # fmt: skip
         crash_flow_runs(sorted(flow_runs), f"its process was killed; found by {kind} run {parent}")
     tracking.log_params(parent, tracking.flatten(asdict(cfg)), uri)
+    tracking.log_config(parent, asdict(cfg), uri)
     return {
         "experiment_id": exp_id,
         "parent_run_id": parent,

@@ -285,6 +285,10 @@ def _start_runs(
         )
         params = tracking.flatten(asdict(t)) | {"sae.d_in": d_in, "cache.key": cache["key"]}
         tracking.log_params(r, params, uri)
+        tracking.log_config(r, asdict(t), uri)
+        manifest = str(Path(cache["dir"]) / "manifest.json")
+        name = f"activations {t.hook}"
+        tracking.log_dataset(r, name, cache["key"], manifest, "training", uri)
         run_ids.append(r)
     return run_ids
 

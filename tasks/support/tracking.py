@@ -6,6 +6,7 @@ stack, so tasks in different threads or processes can log to the same runs safel
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import subprocess
@@ -72,7 +73,16 @@ def start_run(
     tags: dict[str, str] | None = None,
 ) -> str:
     """Create a run (nested under `parent_run_id` when given) and return its id."""
-    all_tags = {"git_commit": git_commit(), OWNER: owner.this_process(), **(tags or {})}
+    commit = git_commit()
+    all_tags = {
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.name": "saeflow",
+        "mlflow.source.type": "JOB",
+        "mlflow.user": _user(),
+        OWNER: owner.this_process(),
+        **(tags or {}),
+    }
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID") or _prefect_flow_run_id()
     if flow_run:
         all_tags["prefect.flow_run_id"] = flow_run
@@ -81,6 +91,13 @@ def start_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     return client(uri).create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "unknown"
 
 
 def task_run_id() -> str | None:
@@ -161,6 +178,37 @@ def log_artifact(
         c.log_artifacts(run_id, str(path), artifact_path)
     else:
         c.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_figures(run_id: str, figures: dict[str, Any], folder: str, uri: str | None = None) -> None:
+    """Matplotlib figures as `folder/<name>`, shown on the run page (MLflow's `log_figure`)."""
+    for name, fig in figures.items():
+        client(uri).log_figure(run_id, fig, f"{folder}/{name}")
+
+
+def log_dataset(
+    run_id: str, name: str, digest: str, source: str, context: str, uri: str | None = None
+) -> None:
+    """An input dataset of the run (MLflow's Datasets panel): an activation cache, its content
+    key as digest, its manifest as source; `context` is training or evaluation."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # "resolving a local path without a scheme"
+        warnings.simplefilter("ignore")
+        dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:36])
+    tags = [InputTag("mlflow.data.context", context)]
+    client(uri).log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+
+def log_config(run_id: str, config: dict[str, Any], uri: str | None = None) -> None:
+    """The resolved config as `config/config.yaml` (what `saeflow run` with it would redo)."""
+    from omegaconf import OmegaConf
+
+    client(uri).log_text(run_id, OmegaConf.to_yaml(config), "config/config.yaml")
 
 
 def log_table(
