@@ -30,6 +30,7 @@ from tasks.steer import check_feature, steer
 from tasks.study import close_study, find_sae, link_runs, open_study, study_name
 from tasks.support.log import with_progress
 from tasks.support.stage import forced
+from tasks.support.ui import name_flow_run, publish_results
 from tasks.train import stream_key, train_saes
 
 
@@ -60,7 +61,7 @@ def cache_activations(
     return finish_cache(plan)
 
 
-@flow(name="cache_activations")
+@flow(name="cache")
 def cache_flow(
     overrides: list[str] | None = None,
     experiment: str | None = None,
@@ -68,6 +69,7 @@ def cache_flow(
 ) -> dict[str, Any]:
     """Cache the train and eval activations for the configured model, data and hook."""
     cfg, _ = load(with_experiment(overrides, experiment))
+    name_flow_run("cache", cfg, overrides or [])
     redo = "cache" in forced(force)
     model = prepare_model(cfg)
     return {
@@ -76,7 +78,7 @@ def cache_flow(
     }
 
 
-@flow(name="train_sae")
+@flow(name="train")
 def train_flow(
     overrides: list[str] | None = None,
     experiment: str | None = None,
@@ -84,6 +86,7 @@ def train_flow(
 ) -> dict[str, Any]:
     """Train one SAE (caching first if needed); `cache.dir=PATH` trains on any §4 cache."""
     cfg, _ = load(with_experiment(overrides, experiment))
+    name_flow_run("train", cfg, overrides or [])
     redo = forced(force)
     model = {} if cfg.cache.dir else prepare_model(cfg)
     cache = cache_activations(cfg, model, "train", "cache" in redo)
@@ -99,7 +102,7 @@ def train_flow(
     return trained | {"cache": cache} | ({"status": "cached"} if cached else {})
 
 
-@flow(name="evaluate_sae")
+@flow(name="evaluate")
 def evaluate_flow(
     overrides: list[str] | None = None,
     experiment: str | None = None,
@@ -107,6 +110,7 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     """Evaluate a trained SAE (`eval.run_id`, default the latest) and write its feature table."""
     cfg, _ = load(with_experiment(overrides, experiment))
+    name_flow_run("evaluate", cfg, overrides or [])
     redo = forced(force)
     trained = find_sae(cfg)  # a bad eval.run_id or hook fails before any caching
     model = prepare_model(cfg)
@@ -123,19 +127,21 @@ def evaluate_flow(
 def steer_flow(overrides: list[str] | None = None, experiment: str | None = None) -> dict[str, Any]:
     """Generate with and without one feature of a trained SAE (`steer.*`, `eval.run_id`)."""
     cfg, _ = load(with_experiment(overrides, experiment))
+    name_flow_run("steer", cfg, overrides or [])
     trained = find_sae(cfg)
     check_feature(cfg, trained)  # before the model is built or loaded
     model = prepare_model(cfg)
     return steer(cfg, model, trained) | {"run_id": trained["run_id"]}
 
 
-@flow(name="export_sae")
+@flow(name="export")
 def export_flow(
     overrides: list[str] | None = None, experiment: str | None = None
 ) -> dict[str, Any]:
     """Write an SAE in another tool's format (`export.format`, `export.dir`): `eval.run_id`'s
     (a sweep's or scaling study's parent: each of its SAEs), `eval.sae`'s, or the latest."""
     cfg, _ = load(with_experiment(overrides, experiment))
+    name_flow_run("export", cfg, overrides or [])
     targets = export_targets(cfg) or [(find_sae(cfg), None)]
     model = prepare_model(cfg) if cfg.export.format == "neuronpedia" else {}
     return {"exports": [export_sae(cfg, trained, model, dir) for trained, dir in targets]}
@@ -226,6 +232,8 @@ def study(
         raise ValueError("a sweep needs at least one job")
     labels_of = [overrides for overrides, _ in jobs]
     cfgs = place([c for _, c in jobs])  # all validated before any work
+    shown = labels_of[0] if len(jobs) == 1 else [study_name(kind, cfgs, labels_of).split(" ", 1)[1]]
+    name_flow_run(kind, cfgs[0], shown)
     redo = forced(force)
     models, caches = _caches(cfgs, "cache" in redo)
     opened = open_study(cfgs[0], kind, study_name(kind, cfgs, labels_of))
@@ -246,6 +254,7 @@ def study(
             runs = [{"run_id": j["trained"]["run_id"], "overrides": j["overrides"]} for j in out]
             compare_sweep(cfgs[0], opened["parent_run_id"], runs)
         extra = analyse(cfgs, out, opened) if analyse else {}
+        publish_results(cfgs[0], kind, opened, out)
         labels = {"study": opened["parent_run_id"]}
         labels |= {f"sae-{i}": t["run_id"] for i, t in enumerate(trained)}
         link_runs(cfgs[0], opened["experiment_id"], labels)

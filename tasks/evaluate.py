@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from sae.models.registry import load_sae
 from tasks.model import lm_device
 from tasks.support import tracking
 from tasks.support.home import inside
-from tasks.support.log import logger
+from tasks.support.log import logger, with_progress
 from tasks.support.stage import CACHED, Stage
 
 
@@ -90,8 +91,9 @@ def evaluate_many(
     protocol = c.eval.protocol
     contexts = _contexts(eval_dir, c.hook, c.eval.batch_size, protocol)
     baselines = _baselines(lm, hp, eval_dir, contexts, protocol)
+    batches = with_progress(contexts, len(contexts), f"evaluating {len(saes)} SAE(s)", "batch")
     results = evaluate_saes(
-        lm, hp, saes, contexts, baselines, c.eval.dense_threshold, protocol=protocol
+        lm, hp, saes, batches, baselines, c.eval.dense_threshold, protocol=protocol
     )
     prefix = "eval" if protocol == "saeflow" else f"eval_{protocol}"
     for t, metrics in zip(trained, results, strict=True):
@@ -122,7 +124,12 @@ def features(
     unembed = lm.get_output_embeddings()
     table = feature_stats(
         sae,
-        sequences(Path(eval_cache["dir"]), c.hook, c.eval.batch_size),
+        with_progress(
+            sequences(Path(eval_cache["dir"]), c.hook, c.eval.batch_size),
+            math.ceil(Manifest.load(Path(eval_cache["dir"])).n_sequences / c.eval.batch_size),
+            "feature stats",
+            "batch",
+        ),
         decode=lambda ids: tok.decode(ids),
         vocab=lambda i: tok.decode([i]),
         unembed=None if unembed is None else unembed.weight.detach(),

@@ -16,7 +16,7 @@ from sae.hardware import resolve_device
 from sae.lm.builtin import build_stdlib_lm
 from sae.lm.config import check_hook
 from tasks.support.home import inside
-from tasks.support.log import logger
+from tasks.support.log import Progress, logger
 
 
 def lm_device(c: ModelConfig) -> torch.device:
@@ -84,7 +84,9 @@ def prepare_model(cfg: Config) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(c.recipe(), sort_keys=True).encode())
     out = inside("models", f"{c.name}-{digest.hexdigest()[:10]}")
     log = logger()
-    build = build_stdlib_lm(out, c, log=log.info)
+    progress = Progress("building the LM", "step")
+    build = build_stdlib_lm(out, c, log=log.info, progress=progress)
+    progress.close()
     log.info(
         f"model {c.name} at {out}: held-out CE {build['heldout_ce']:.3f} nats vs unigram "
         f"{build['unigram_ce']:.3f}"

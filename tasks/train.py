@@ -236,7 +236,7 @@ def _train_group(
         if ranks == 1:
             saes = fit_group(cfgs, run_ids, Path(cache["dir"]), d_in, resume, on_steps)
             for log in on_steps:
-                log.flush()
+                log.close()
         else:
             saes = ddp.fit(cfgs, run_ids, cache, d_in, step)
         status = "resumed" if found else "trained"

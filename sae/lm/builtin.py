@@ -63,8 +63,14 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_stdlib_lm(out_dir: Path, spec: LMSpec, log: Callable[[str], None] = print) -> dict:
+def build_stdlib_lm(
+    out_dir: Path,
+    spec: LMSpec,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Build (or reuse) the stdlib LM in `out_dir`; return its `build.json` record.
+    `progress(step, steps)` follows its training.
 
     Record: `spec`, `heldout_ce` and `unigram_ce` (nats/token on the eval split's targets, EOS
     targets excluded), `train_tokens`, `eval_tokens`, `seconds`, `weights_sha256`.
@@ -93,7 +99,7 @@ def build_stdlib_lm(out_dir: Path, spec: LMSpec, log: Callable[[str], None] = pr
                 "stdlib LM: no native bf16 on this CPU "
                 f"({torch.backends.cpu.get_cpu_capability()}): training in fp32"
             )
-        train_tokens = _train(model, train, spec, bf16, log)
+        train_tokens = _train(model, train, spec, bf16, log, progress)
         eos = tokenizer.eos_token_id
         heldout_ce, eval_tokens = heldout_cross_entropy(model, held_out, eos)
         record = {
@@ -172,9 +178,15 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _train(
-    model: GPT2LMHeadModel, train: torch.Tensor, spec: LMSpec, bf16: bool, log: Callable
+    model: GPT2LMHeadModel,
+    train: torch.Tensor,
+    spec: LMSpec,
+    bf16: bool,
+    log: Callable,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Train on random rows of `train` (N, n_ctx); return the number of tokens trained on."""
+    """Train on random rows of `train` (N, n_ctx); return the number of tokens trained on.
+    `progress(step, steps)` is called after each step."""
     steps = spec.train_tokens // (spec.batch_size * spec.n_ctx)
     every = max(1, steps // 10)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -192,6 +204,8 @@ def _train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         running += loss.item()
+        if progress is not None:
+            progress(step + 1, steps)
         if (step + 1) % every == 0 or step + 1 == steps:
             n_logged = (step % every) + 1
             tokens = (step + 1) * spec.batch_size * spec.n_ctx

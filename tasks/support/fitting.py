@@ -17,7 +17,7 @@ from sae.training.checkpoint import TrainState
 from sae.training.fit import OnStep, fit_many
 from tasks.support import tracking
 from tasks.support.home import sae_dir
-from tasks.support.log import logger, progress_bar
+from tasks.support.log import Progress, logger
 
 
 def state_dir(run_id: str) -> Path:
@@ -34,7 +34,7 @@ class _Logger:
         self.checkpoint_every = checkpoint_every
         self.buf: list[tuple[int, dict[str, float]]] = []
         self.last_print = 0.0
-        self.bar = progress_bar(tokens, bar, "tok") if bar else None
+        self.bar = Progress(bar, "tok", tokens) if bar else None
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.buf.append((step, {f"train/{k}": v for k, v in metrics.items()}))
@@ -42,7 +42,7 @@ class _Logger:
         if len(self.buf) >= 20 or (every and step % every == 0):
             self.flush()
         if self.bar is not None:
-            self.bar.update(int(metrics.get("tokens", 0)) - self.bar.n)
+            self.bar(int(metrics.get("tokens", 0)))
         if time.monotonic() - self.last_print > 10:
             self.last_print = time.monotonic()
             seen, rate = metrics.get("tokens", 0), metrics.get("tokens_per_s", 0) or 1
@@ -56,6 +56,12 @@ class _Logger:
         if self.buf:
             tracking.log_history(self.run_id, self.buf, self.uri)
             self.buf = []
+
+    def close(self) -> None:
+        """Flush, and finish the progress (bar, Prefect artifact)."""
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def load_states(run_ids: list[str], step: int) -> list[TrainState]:

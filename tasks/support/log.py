@@ -1,13 +1,15 @@
 """What every task shares: a logger that works inside and outside a Prefect run, and progress
-bars for a terminal."""
+for a terminal (a bar) and for the Prefect UI (a progress artifact)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from tqdm import tqdm
@@ -33,11 +35,63 @@ def progress_bar(total: int, desc: str, unit: str) -> tqdm | None:
 
 
 def with_progress(items: Iterable[T], total: int, desc: str, unit: str) -> Iterator[T]:
-    """`items`, advancing a terminal progress bar (if any) by one per item."""
-    bar = progress_bar(total, desc, unit)
-    for item in items:
+    """`items`, advancing a `Progress` (terminal bar, Prefect artifact) by one per item."""
+    progress = Progress(desc, unit, total)
+    for done, item in enumerate(items, 1):
         yield item
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        progress(done)
+    progress.close()
+
+
+class Progress:
+    """Progress of a long stage: a terminal bar (when stderr is a terminal) and, inside a
+    Prefect flow or task run, a progress artifact the Prefect UI shows on the run (updated at
+    most every PROGRESS_STEP percent). `progress(done, total)` sets it; `close()` finishes."""
+
+    def __init__(self, desc: str, unit: str, total: int | None = None):
+        self.desc, self.unit, self.total = desc, unit, total
+        self.bar: tqdm | None = None
+        self.artifact: Any = None
+        self.shown = -PROGRESS_STEP
+        self.started = False
+
+    def _start(self) -> None:
+        self.started = True
+        self.bar = progress_bar(self.total or 0, self.desc, self.unit)
+        if _in_run():
+            try:
+                self.artifact = create_progress_artifact(0.0, description=self.desc)
+            except Exception:  # the UI's progress must never fail the work
+                self.artifact = None
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        self.total = total or self.total
+        if not self.started:
+            self._start()
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.update(done - self.bar.n)
+        pct = 100.0 * done / max(self.total or 1, 1)
+        if self.artifact is not None and pct - self.shown >= PROGRESS_STEP:
+            self.shown = pct
+            try:
+                update_progress_artifact(self.artifact, min(pct, 100.0))
+            except Exception:
+                self.artifact = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.artifact is not None:
+            with contextlib.suppress(Exception):
+                update_progress_artifact(self.artifact, 100.0)
+
+
+PROGRESS_STEP = 2.0
+"""Percent between two updates of a Prefect progress artifact (each is an API call)."""
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None

@@ -17,8 +17,7 @@ def test_deployments_take_overrides_experiment_and_force(served: str) -> None:
         deployments = client.read_deployments()
         flows = {client.read_flow(d.flow_id).name for d in deployments}
     assert flows == {
-        "pipeline", "sweep", "scaling", "cache_activations", "train_sae", "evaluate_sae", "steer",
-        "export_sae",
+        "pipeline", "sweep", "scaling", "cache", "train", "evaluate", "steer", "export",
     }  # fmt: skip
     pipeline = next(d for d in deployments if d.parameter_openapi_schema["title"] == "Parameters"
                     and "force" in d.parameter_openapi_schema["properties"]
