@@ -20,6 +20,7 @@ from prefect.futures import as_completed
 from conf.schema import Config
 from flows.config import jobs as compose_jobs
 from flows.config import load, place, scaling_jobs
+from flows.runner import runs_on, task_runner
 from tasks.cache import cache_shard, finish_cache, plan_cache
 from tasks.evaluate import evaluate_many, features
 from tasks.export import export_sae, export_targets
@@ -61,6 +62,15 @@ def cache_activations(
     return finish_cache(plan)
 
 
+def _elsewhere(flow_: Any, c: Config, **params: Any) -> dict[str, Any] | None:
+    """None where this flow run already maps tasks on `runner.*`'s runner; else the flow run
+    again, as a subflow on that runner (a deployment's form, or `saeflow deploy`'s workers,
+    asking for runner=dask while the server runs threads), and its result."""
+    if runs_on(c.runner):
+        return None
+    return flow_.with_options(task_runner=task_runner(c.runner))(**params)
+
+
 @flow(name="cache")
 def cache_flow(
     overrides: list[str] | None = None,
@@ -69,6 +79,9 @@ def cache_flow(
 ) -> dict[str, Any]:
     """Cache the train and eval activations for the configured model, data and hook."""
     cfg, _ = load(with_experiment(overrides, experiment))
+    params = {"overrides": overrides, "experiment": experiment, "force": force}
+    if (done := _elsewhere(cache_flow, cfg, **params)) is not None:
+        return done
     name_flow_run("cache", cfg, overrides or [])
     redo = "cache" in forced(force)
     model = prepare_model(cfg)
@@ -86,6 +99,9 @@ def train_flow(
 ) -> dict[str, Any]:
     """Train one SAE (caching first if needed); `cache.dir=PATH` trains on any §4 cache."""
     cfg, _ = load(with_experiment(overrides, experiment))
+    params = {"overrides": overrides, "experiment": experiment, "force": force}
+    if (done := _elsewhere(train_flow, cfg, **params)) is not None:
+        return done
     name_flow_run("train", cfg, overrides or [])
     redo = forced(force)
     model = {} if cfg.cache.dir else prepare_model(cfg)
@@ -110,6 +126,9 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     """Evaluate a trained SAE (`eval.run_id`, default the latest) and write its feature table."""
     cfg, _ = load(with_experiment(overrides, experiment))
+    params = {"overrides": overrides, "experiment": experiment, "force": force}
+    if (done := _elsewhere(evaluate_flow, cfg, **params)) is not None:
+        return done
     name_flow_run("evaluate", cfg, overrides or [])
     redo = forced(force)
     trained = find_sae(cfg)  # a bad eval.run_id or hook fails before any caching
@@ -159,7 +178,11 @@ def pipeline(
     (default `<model>/<hook>`); `force`: stages to redo rather than reuse (cache, train,
     evaluate, features, or all).
     """
-    result = study(compose_jobs(with_experiment(overrides, experiment)), "pipeline", force)
+    jobs = compose_jobs(with_experiment(overrides, experiment))
+    params = {"overrides": overrides, "experiment": experiment, "force": force}
+    if (done := _elsewhere(pipeline, jobs[0][1], **params)) is not None:
+        return done
+    result = study(jobs, "pipeline", force)
     return {k: v for k, v in result.items() if k != "jobs"} | result["jobs"][0]
 
 
@@ -179,7 +202,11 @@ def sweep(
     """
     todo = compose_jobs(with_experiment(overrides, experiment), multirun=True) if overrides else []
     todo += [one for job in jobs or [] for one in compose_jobs(with_experiment(job, experiment))]
-    return study(todo or compose_jobs(with_experiment([], experiment)), "sweep", force)
+    todo = todo or compose_jobs(with_experiment([], experiment))
+    params = {"overrides": overrides, "experiment": experiment, "force": force, "jobs": jobs}
+    if (done := _elsewhere(sweep, todo[0][1], **params)) is not None:
+        return done
+    return study(todo, "sweep", force)
 
 
 @flow(name="scaling")
@@ -198,6 +225,9 @@ def scaling(
     """
     base = with_experiment(overrides, experiment)
     jobs = scaling_jobs(base, load(base)[0])  # the grid from one compose, all validated first
+    params = {"overrides": overrides, "experiment": experiment, "force": force}
+    if (done := _elsewhere(scaling, jobs[0][1], **params)) is not None:
+        return done
     return study(jobs, "scaling", force, analyse=_scaling)
 
 

@@ -15,6 +15,21 @@ reserved in /dev/shm; our tasks pass paths and small dicts (never tensors), so t
 next to nothing and the RAM belongs to torch in the workers."""
 
 
+RUNNER_CLASSES = {"local": "ThreadPoolTaskRunner", "dask": "DaskTaskRunner", "ray": "RayTaskRunner"}
+"""runner.kind -> the class name of its Prefect task runner."""
+
+
+def runs_on(c: RunnerConfig) -> bool:
+    """Whether the flow run in progress maps its tasks on `c`'s kind of runner (True outside a
+    flow run). A served or deployed flow runs on the runner its server was started with; a
+    `runner=` override in its form asks for another, which `flows.pipeline` honours by running
+    the flow again as a subflow on it."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx is None or type(ctx.task_runner).__name__ == RUNNER_CLASSES[c.kind]
+
+
 def task_runner(c: RunnerConfig) -> TaskRunner:
     """`runner=local`: Prefect's thread pool. `runner=dask`: prefect-dask's runner on a
     LocalCluster of `runner.workers` single-threaded processes, or the cluster at

@@ -65,3 +65,35 @@ def _tags(api: str, flow_run_id) -> bool:
 
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         return any(t.startswith("mlflow:") for t in client.read_flow_run(flow_run_id).tags)
+
+
+def test_a_runner_override_in_a_deployments_form_is_honoured(study) -> None:
+    """A served flow runs on its server's runner (threads); `runner=dask` among its overrides
+    re-runs it as a subflow on a Dask cluster, which maps its tasks (it used to be ignored)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.pipeline import cache_flow
+
+    state = cache_flow([*TINY, "runner=dask", "runner.workers=1"], return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["train"]["key"] == study["train_cache"]["key"]
+    parent = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])
+            )
+        )
+    assert [c.state.name for c in children] == ["Completed"]
+    assert children[0].name.startswith("cache · tiny-gpt2")  # the subflow did the work
+    local = cache_flow([*TINY], return_state=True)  # threads, as served: no subflow
+    with get_client(sync_client=True) as client:
+        none = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                    any_=[local.state_details.flow_run_id]
+                )
+            )
+        )
+    assert none == []
