@@ -234,7 +234,8 @@ def _train_group(
     on_steps = step_loggers(cfgs, run_ids) if ranks == 1 else []  # torchrun: rank 0 logs
     try:
         if ranks == 1:
-            saes = fit_group(cfgs, run_ids, Path(cache["dir"]), d_in, resume, on_steps)
+            with tracking.system_metrics(run_ids[0], uri):  # the group shares the machine
+                saes = fit_group(cfgs, run_ids, Path(cache["dir"]), d_in, resume, on_steps)
             for log in on_steps:
                 log.close()
         else:

@@ -6,11 +6,13 @@ stack, so tasks in different threads or processes can log to the same runs safel
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,31 @@ def log_artifact(
         c.log_artifacts(run_id, str(path), artifact_path)
     else:
         c.log_artifact(run_id, str(path), artifact_path)
+
+
+SYSTEM_EVERY_S = 10.0
+"""Seconds between two samples of system metrics (CPU, memory, GPU) during training."""
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, uri: str | None = None) -> Iterator[None]:
+    """MLflow's system metrics (`system/cpu_utilization_percentage`, `system/system_memory_*`,
+    `system/gpu_*` where a GPU is seen) on `run_id` while the block runs, every SYSTEM_EVERY_S
+    seconds from a background thread; never fails the block."""
+    monitor = None
+    with contextlib.suppress(Exception):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=SYSTEM_EVERY_S, tracking_uri=tracking_uri(uri)
+        )
+        monitor.start()
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
 
 
 def log_figures(run_id: str, figures: dict[str, Any], folder: str, uri: str | None = None) -> None:

@@ -46,3 +46,18 @@ def test_a_sweep_parent_is_named_by_what_varies_and_shows_the_fronts(study) -> N
     assert c.get_run(parent).info.run_name == "sweep sae.k=2,4"
     figures = {a.path for a in c.list_artifacts(parent, "figures")}
     assert figures == {"figures/front_ev.png", "figures/front_loss_recovered.png"}
+
+
+def test_system_metrics_are_sampled_while_training(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    from tasks.support import tracking
+
+    monkeypatch.setattr(tracking, "SYSTEM_EVERY_S", 0.5)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run = tracking.start_run(tracking.ensure_experiment("sys", uri), "sys", uri=uri)
+    with tracking.system_metrics(run, uri):
+        time.sleep(2.5)
+    metrics = tracking.client(uri).get_run(run).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    assert metrics["system/system_memory_usage_megabytes"] > 0
