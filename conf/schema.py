@@ -222,7 +222,7 @@ class RunnerConfig:
     kind: str = "local"
     """Where mapped tasks (cache shards, sweep training groups) run: `local` (threads in the
     flow's process), `dask` (Dask workers through prefect-dask) or `ray` (Ray workers through
-    prefect-ray, an optional extra: `pip install 'saeflow[ray]'`)."""
+    prefect-ray, an optional extra: `.venv/bin/pip install -e '.[ray]'` in the checkout)."""
     address: str | None = None
     """dask: the scheduler of an existing cluster (`tcp://host:8786`); None = a LocalCluster.
     ray: an existing cluster (`ray://host:10001`, or `auto`: the one this machine belongs to);
@@ -246,7 +246,8 @@ class RunnerConfig:
         if self.kind == "ray" and find_spec("prefect_ray") is None:
             raise ValueError(
                 "runner.kind='ray' needs prefect-ray, which is not installed: "
-                "pip install 'saeflow[ray]' (or use runner=local or runner=dask)"
+                ".venv/bin/pip install -e '.[ray]' in the saeflow checkout (or use runner=local "
+                "or runner=dask)"
             )
 
 

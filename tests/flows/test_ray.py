@@ -1,7 +1,7 @@
 """`runner=ray`: the same flows with shards on Ray workers (an instance of the run's own with 2
 CPUs) give the same cache, byte for byte, and the same sweep SAEs as the local runner, and leave
 no Ray process behind.
-prefect-ray is an optional extra (`saeflow[ray]`); without it `runner=ray` fails at load."""
+prefect-ray is an optional extra (`.[ray]`); without it `runner=ray` fails at load."""
 
 from __future__ import annotations
 
