@@ -44,7 +44,7 @@ def _ray_processes(tmpdir: str) -> dict[int, str]:
 
 def test_runner_ray_without_prefect_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prefect_ray", None)  # find_spec then reports it missing
-    with pytest.raises(ConfigError, match=r"pip install 'saeflow\[ray\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]' in the saeflow checkout"):
         load(["runner=ray"])
 
 
