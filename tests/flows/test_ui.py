@@ -190,3 +190,55 @@ def test_mlflow_ui_compares_two_runs_of_a_sweep(browser, served: str, mlflow_ui:
     )
     shot(browser, "06_mlflow_compare_metrics")
     assert {"eval/explained_variance", "eval/l0", "eval/loss_recovered"} <= metrics(), metrics()
+
+
+def test_run_pages_show_figures_datasets_names_and_artifacts(
+    browser, served: str, mlflow_ui: str
+) -> None:
+    """What a researcher looks at, on the pages themselves: an SAE run's dataset and figures
+    and a sweep parent's name and fronts in MLflow; a flow run's name and its table, summary and
+    progress artifacts in Prefect."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from selenium.webdriver.common.by import By
+
+    from tasks.support import tracking
+
+    params = {"overrides": [*TINY, "sae=topk", "sae.k=2,4"], "experiment": "ui-pages"}
+    with temporary_settings({PREFECT_API_URL: served}):
+        flow_run = run_deployment("sweep/saeflow", parameters=params, timeout=600)
+    assert flow_run.state.is_completed(), flow_run.state.message
+    c = tracking.client()
+    exp = c.get_experiment_by_name("ui-pages")
+    (parent,) = c.search_runs([exp.experiment_id], "tags.`saeflow.stage` = 'sweep'")
+    child = c.search_runs([exp.experiment_id], "tags.`saeflow.stage` = 'train'")[0]
+
+    def body() -> str:
+        return browser.find_element(By.TAG_NAME, "body").text
+
+    browser.get("about:blank")
+    browser.get(f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
+    wait(browser, lambda d: "activations blocks.0.resid_post" in body(), 60)
+    shot(browser, "07_mlflow_sae_run_datasets")
+    browser.get("about:blank")
+    browser.get(
+        f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/artifacts/"
+        "figures/feature_density.png"
+    )
+    wait(browser, lambda d: "feature_density.png" in body(), 60)
+    time.sleep(2)  # the image preview loads after the tree
+    shot(browser, "08_mlflow_sae_run_figure")
+    browser.get("about:blank")
+    browser.get(
+        f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/"
+        "figures/front_ev.png"
+    )
+    wait(browser, lambda d: "sweep sae.k=2,4" in body() and "front_ev.png" in body(), 60)
+    time.sleep(2)
+    shot(browser, "09_mlflow_sweep_front")
+
+    ui = served.removesuffix("/api")
+    browser.get(f"{ui}/v2/runs/flow-run/{flow_run.id}?tab=Artifacts")
+    wait(browser, lambda d: "sae-metrics" in body() and "summary" in body(), 60)
+    assert "sweep · tiny-gpt2 blocks.0.resid_post topk-64 · sae.k=2,4" in body()
+    shot(browser, "10_prefect_flow_run_artifacts")
