@@ -16,6 +16,7 @@ ranks carry; `from_dict` rebuilds it from its `asdict` where a plain dict had to
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -85,6 +86,16 @@ class DataConfig:
     """The column holding the text (jsonl, parquet, hf)."""
     holdout: float = 0.03
     """Fraction of documents held out (by a stable hash) for evaluation."""
+    chunk_chars: int = 100_000
+    """files/hf sources: documents longer than this many characters are cut into chunks (at
+    line ends) and `holdout` of each one's chunks go to eval, so a corpus of a few huge
+    documents still gets both splits (`sae/lm/text.py`); 0 keeps documents whole."""
+    encoding: str = "utf-8"
+    """source=files: the text files' encoding (any Python codec name)."""
+    errors: str = "strict"
+    """source=files, a byte that does not decode or a binary file: `strict` fails naming the
+    file and byte offset, `replace` reads bad bytes as U+FFFD, `skip` leaves such files out
+    (logged)."""
     context_length: int | None = None
     """Tokens per packed context (None = the model's n_ctx, filled in by `Config`)."""
     prepend_bos: bool = True
@@ -102,6 +113,12 @@ class DataConfig:
             raise ValueError(f"data.holdout must be in (0, 1), got {self.holdout}")
         if self.source == "files" and not self.paths:
             raise ValueError("data.paths is required when data.source=files")
+        non_negative("data", chunk_chars=self.chunk_chars)
+        choice("data", "errors", self.errors, ("strict", "replace", "skip"))
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"data.encoding={self.encoding!r} is not a known codec") from None
 
 
 @dataclass

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoTokenizer
 from conf.schema import Config
 from sae.activations.cache import FORMAT_VERSION, CacheError, Manifest, cache_key, verify
 from sae.activations.extract import (
+    EmptyData,
     claimed,
     compute_shard,
     disk_needed,
@@ -113,6 +114,16 @@ def key_inputs(
             "text_column": c.data.text_column,
             "holdout": c.data.holdout,
             "max_bytes": c.data.max_bytes,
+            # how file/hf text is split and decoded (the stdlib source reads neither setting)
+            **(
+                {}
+                if c.data.source == "stdlib"
+                else {
+                    "chunk_chars": c.data.chunk_chars,
+                    "encoding": c.data.encoding,
+                    "errors": c.data.errors,
+                }
+            ),
             "split": split,
         },
         "n_contexts": math.ceil(n_tokens / c.data.context_length),
@@ -257,9 +268,21 @@ def plan_cache(
         hf_config=d.hf_config,
         hf_split=d.hf_split,
         text_column=d.text_column,
+        chunk_chars=d.chunk_chars,
+        encoding=d.encoding,
+        errors=d.errors,
     )
     contexts = token_contexts(tok, docs, m.context_length, prepend_bos=c.data.prepend_bos)
-    tokens = write_tokens(out, contexts, m.n_planned, m.context_length, shuffle_seed(m))
+    try:
+        tokens = write_tokens(out, contexts, m.n_planned, m.context_length, shuffle_seed(m))
+    except EmptyData as e:
+        raise EmptyData(f"{e}: {docs.why_empty(d.holdout, d.chunk_chars)}") from None
+    if docs.skipped:
+        log.warning(
+            f"data.errors=skip left out {len(docs.skipped)} file(s): "
+            + "; ".join(docs.skipped[:5])
+            + (" …" if len(docs.skipped) > 5 else "")
+        )
     m = shrink_plan(out, len(tokens))
     left = todo(out, m, c.cache.repair)
     log.info(

@@ -60,6 +60,10 @@ def open_cache(dir: Path, plan: Manifest) -> Manifest:
         return plan
 
 
+class EmptyData(ValueError):
+    """The text gave not one full context."""
+
+
 def write_tokens(
     dir: Path, contexts: Iterator[list[int]], n: int, t: int, shuffle_seed: int | None = None
 ) -> np.ndarray:
@@ -74,7 +78,7 @@ def write_tokens(
     if not path.is_file():
         flat = np.fromiter(itertools.chain.from_iterable(itertools.islice(contexts, n)), np.int32)
         if flat.size < t:
-            raise ValueError(
+            raise EmptyData(
                 f"the data source produced no full context of {t} tokens; "
                 "give more text or a smaller data.context_length"
             )

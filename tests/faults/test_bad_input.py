@@ -520,6 +520,46 @@ def test_jsonl_without_a_text_field(cli, tmp_path: Path) -> None:
     assert "expected a JSON object with a string 'text' field" in said(err)
 
 
+def test_one_big_single_line_file_caches_both_splits(cli, tmp_path: Path) -> None:
+    """A corpus of one 3 MB line used to end in "no full context" (its one document went to
+    train, the eval split got nothing): long documents are now chunked and ~3% held out."""
+    text = "".join(f"x{i} = f(x{i - 1}) + {i}; " for i in range(1, 150_000))  # one line
+    (tmp_path / "one.txt").write_text(text)
+    code, err = cli("cache", *TINY, *_data(tmp_path / "one.txt"))
+    assert code == 0, err[-3000:]
+
+
+def test_a_split_left_empty_says_which_and_why(cli, tmp_path: Path) -> None:
+    (tmp_path / "small.txt").write_text("def f(x):\n    return x\n" * 400)
+    code, err = cli("cache", *TINY, *_data(tmp_path / "small.txt"), "data.chunk_chars=0")
+    assert code == 1
+    msg = said(err)
+    assert "the data source produced no full context of 64 tokens" in msg
+    assert "split got 0 characters from 0 of the 1 documents read" in msg
+    assert "data.chunk_chars=0 characters are held out whole" in msg
+
+
+def test_bad_bytes_and_binary_files_are_named_with_the_way_out(cli, tmp_path: Path) -> None:
+    (tmp_path / "latin.txt").write_bytes("caf\u00e9\n".encode("latin-1") * 30_000)  # chunked
+    code, err = cli("cache", *TINY, *_data(tmp_path / "latin.txt"))
+    assert code == 1
+    assert f"'{tmp_path}/latin.txt' is not valid utf-8 at byte 3" in said(err)
+    assert "data.errors=replace" in said(err) and "data.encoding" in said(err)
+    code, err = cli("cache", *TINY, *_data(tmp_path / "latin.txt"), "data.encoding=latin-1")
+    assert code == 0, err[-3000:]
+    (tmp_path / "weights.txt").write_bytes(b"\x00\x01" * 100)
+    code, err = cli("cache", *TINY, *_data(tmp_path / "weights.txt"))
+    assert code == 1 and "is a binary file, not text (a NUL byte at byte 0)" in said(err)
+    code, err = cli("cache", *TINY, *_data(tmp_path / "weights.txt"), "data.encoding=klingon")
+    assert code == 2 and "data.encoding='klingon' is not a known codec" in err
+
+
+def test_a_symlink_loop_is_named_as_one(cli, tmp_path: Path) -> None:
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    code, err = cli("cache", *TINY, *_data(tmp_path / "loop.txt"))
+    assert code == 1 and f"'{tmp_path}/loop.txt' is a symlink loop" in said(err)
+
+
 # --- (7) the disk --------------------------------------------------------------------------
 def test_disk_too_small_for_the_cache(cli, saeflow_home: Path) -> None:
     caches = sorted((saeflow_home / "activations").iterdir())

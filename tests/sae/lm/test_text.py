@@ -172,3 +172,63 @@ def test_hf_datasets_source_streams_a_local_builder(tmp_path: Path):
     assert held_out == [f"doc {i}" for i in range(20) if split_of(f"json:{i}", 0.3) == "eval"]
     with pytest.raises(ValueError, match=r"no column 'text'.*\['body'\]"):
         list(documents("hf", "train", **(kw | {"text_column": "text"})))
+
+
+# --- corpora as users bring them -------------------------------------------------------------
+def test_one_huge_document_is_chunked_so_both_splits_get_text(tmp_path: Path):
+    """A corpus of one 3 MB line (and one 2 MB multi-line file): cut into chunks, ~holdout of
+    them held out, at least one; nothing lost or duplicated."""
+    line = "".join(f"token{i} " for i in range(400_000))  # ~3.1 MB, no line end
+    lines = "".join(f"def f{i}(x):\n    return {i}\n" for i in range(80_000))
+    for name, text in [("line.txt", line), ("lines.txt", lines)]:
+        (tmp_path / name).write_text(text)
+        path = [str(tmp_path / name)]
+        train = documents("files", "train", paths=path)
+        held = documents("files", "eval", paths=path)
+        train_text, held_text = "".join(train), "".join(held)
+        assert held_text and train_text, name
+        assert len(train_text) + len(held_text) == len(text)
+        assert 0.01 < len(held_text) / len(text) < 0.08, name
+        assert held.read == train.read >= 34 and held.kept >= 1
+    with_lines = list(documents("files", "eval", paths=[str(tmp_path / "lines.txt")]))
+    assert all(chunk.endswith("\n") for chunk in with_lines)  # cut at line ends
+    whole = documents("files", "train", paths=[str(tmp_path / "line.txt")], chunk_chars=0)
+    assert whole.read == 0 or len(list(whole)) <= 1  # chunk_chars=0 keeps it one document
+
+
+def test_bad_bytes_binary_files_and_links_are_named(tmp_path: Path):
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes("déjà vu\n".encode("latin-1"))
+    with pytest.raises(
+        ValueError, match=r"latin\.txt' is not valid utf-8 at byte 1 .*data\.errors=replace"
+    ):
+        list(documents("files", "train", paths=[str(bad)], holdout=0.0))
+    assert list(documents("files", "train", paths=[str(bad)], holdout=0.0, encoding="latin-1")) == [
+        "déjà vu\n"
+    ]
+    replaced = list(documents("files", "train", paths=[str(bad)], holdout=0.0, errors="replace"))
+    assert replaced == ["d\ufffdj\ufffd vu\n"]
+    binary = tmp_path / "model.txt"
+    binary.write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(
+        ValueError, match=r"model\.txt' is a binary file, not text \(a NUL byte at byte 4\)"
+    ):
+        list(documents("files", "train", paths=[str(binary)], holdout=0.0))
+    good = tmp_path / "good.txt"
+    good.write_text("fine\n")
+    docs = documents("files", "train", paths=[str(tmp_path)], holdout=0.0, errors="skip")
+    assert list(docs) == ["fine\n"]
+    assert [s.split(": ", 1)[1] for s in docs.skipped] == [
+        "not utf-8 at byte 1",
+        "binary (a NUL byte at 4)",
+    ]
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to(loop)
+    with pytest.raises(FileNotFoundError, match=r"loop\.txt' is a symlink loop"):
+        documents("files", "train", paths=[str(loop)])
+    dangling = tmp_path / "gone.txt"
+    dangling.symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(
+        FileNotFoundError, match=r"gone\.txt' links to .*nowhere\.txt', which is missing"
+    ):
+        documents("files", "train", paths=[str(dangling)])
