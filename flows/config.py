@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import re
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -80,6 +81,11 @@ def _clean(e: Exception) -> str:
         for ln in lines
         if not ln.lstrip().startswith(("full_key", "object_type", "reference_type"))
     ]
+    if (i := next((j for j, ln in enumerate(keep) if "Available options" in ln), None)) is not None:
+        # Hydra lists one option per line: all of them, on the one line, whatever their number
+        listed = list(itertools.takewhile(lambda ln: ln[:1] in ("\t", " "), keep[i + 1 :]))
+        options = " ".join(ln.strip() for ln in listed)
+        keep = [*keep[:i], f"{keep[i].strip()} {options}"]  # then only Hydra's search path
     return "\n".join(keep[:6]) or type(e).__name__
 
 

@@ -27,6 +27,7 @@ from sae.analysis.scaling import (
 )
 from sae.analysis.splitting import decoder_directions, families, match_features
 from sae.files import atomic_write, write_text
+from sae.models.config import K_ARCHS
 from sae.models.registry import load_sae
 from tasks.support import tracking
 from tasks.support.home import inside
@@ -87,7 +88,7 @@ def fit_study(cfgs: list[Config], jobs: list[dict[str, Any]], parent_run_id: str
         | {"best_lr": p.run_id in best_lr}
         for p in points
     ]
-    fixed_l0 = c.sae.arch in ("topk", "batchtopk") or c.sae.target_l0 is not None
+    fixed_l0 = c.sae.arch in K_ARCHS or c.sae.target_l0 is not None
     # A cell whose best lr is the grid's least or greatest only bounds its optimum.
     cells = best_lr_per_cell(points)
     edge = sum(p.lr in (min(s.lr), max(s.lr)) for p in cells) / len(cells) if len(s.lr) > 1 else 1

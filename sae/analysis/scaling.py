@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from sae.checks import positive
+from sae.models.config import K_ARCHS
 
 
 def training_flops(arch: str, d_in: int, d_sae: int, tokens: int, k: int = 0) -> float:
     """FLOPs to train one SAE on `tokens` tokens (see the module doc)."""
-    if arch in ("topk", "batchtopk"):
+    if arch in K_ARCHS:  # topk, batchtopk, matryoshka: the sparse backward
         return float(2 * d_in * d_sae + 8 * d_in * k) * tokens
     return 10.0 * d_in * d_sae * tokens
 

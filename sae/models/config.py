@@ -28,7 +28,8 @@ DEFAULT_LR = {"relu": 1e-3, "topk": 3e-3, "batchtopk": 3e-3, "jumprelu": 1e-3, "
 class SAEConfig:
     arch: str = "relu"
     """`relu` (Anthropic April 2024: ReLU, decoder-norm-weighted L1), `topk` (Gao et al. 2024),
-    `batchtopk` (Bussmann et al. 2024) or `jumprelu` (Rajamanoharan et al. 2024)."""
+    `batchtopk` (Bussmann et al. 2024), `jumprelu` (Rajamanoharan et al. 2024) or `matryoshka`
+    (Matryoshka BatchTopK, Bussmann et al. 2025)."""
     d_sae: int = 1024
     """Number of latents."""
     l1_coeff: float = 2.0
@@ -38,17 +39,20 @@ class SAEConfig:
     """relu, jumprelu: encode x − c for c the data's geometric median, fixed (folded into b_enc
     when saved). Keeps relu alive on data with a large offset (synthetic, offset 10: every latent
     dead without it), but on the default study the encoder's bias then learns too slowly in a
-    short run (relu λ 3: EV 0.858 at L0 69 centred vs 0.874 at L0 38), hence off by default."""
+    short run (steered to L0 33: EV 0.806 centred vs 0.916), hence off by default."""
     init_norm: float = 0.1
     """relu: norm of the decoder rows at initialisation (W_enc starts as W_decᵀ)."""
     k: int = 16
-    """topk, batchtopk: active latents per token (batchtopk: on average over the batch)."""
+    """topk, batchtopk, matryoshka: active latents per token (the batch ones: on average over
+    the batch)."""
     aux_k: int | None = None
-    """topk, batchtopk: dead latents the AuxK loss may use per token (None = d_in // 2)."""
+    """topk, batchtopk, matryoshka: dead latents the AuxK loss may use per token (None =
+    d_in // 2)."""
     aux_coeff: float = 1 / 32
-    """topk, batchtopk: weight of the AuxK loss on dead latents."""
+    """topk, batchtopk, matryoshka: weight of the AuxK loss on dead latents."""
     dead_tokens: int = 200_000
-    """topk, batchtopk: training tokens without firing after which a latent counts as dead for
+    """topk, batchtopk, matryoshka: training tokens without firing after which a latent counts
+    as dead for
     AuxK (AuxK starts once this many tokens have been trained)."""
     threshold_beta: float = 0.9
     """batchtopk: β of the running average that sets the inference threshold θ (a horizon of
