@@ -71,7 +71,7 @@ def report(
 @task(name="compare_sweep", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def compare_sweep(cfg: Config, parent_run_id: str, jobs: list[dict[str, Any]]) -> dict[str, str]:
     """The sweep's own runs side by side, on its parent run: `comparison/table.json` (an MLflow
-    table: one row per SAE with its overrides and eval metrics) and `comparison/sweep.html`
+    table: one row per SAE with its overrides and eval metrics) and `comparison/sweep-<parent>.html`
     (L0 vs explained variance and vs loss recovered). `jobs`: [{run_id, overrides}]."""
     uri = cfg.tracking.uri
     overrides = {j["run_id"]: " ".join(j["overrides"]) for j in jobs}
