@@ -43,7 +43,7 @@ def run(repeats: int) -> str:
         big = Path(tmp) / "big.txt"
         big.write_text("".join(f"x{i} = f(x{i - 1}) + {i}; " for i in range(1, 1_000_000)))
         for name, paths in [
-            ("5,000 files of ~0.8 KB (a directory)", [str(small)]),
+            ("5,000 files of ~1 KB (a directory)", [str(small)]),
             (f"one {big.stat().st_size / 1e6:.0f} MB file in one line", [str(big)]),
         ]:
             best = min((rate(paths) for _ in range(repeats)), key=lambda r: r[0])
