@@ -146,10 +146,11 @@ def test_prefect_ui_starts_a_pipeline_run_with_an_override(browser, served: str)
     assert len(runs) == 1 and runs[0].data.params["sae.d_sae"] == "48"
 
 
-def test_mlflow_ui_compares_two_runs_of_a_sweep(browser, served: str, mlflow_ui: str) -> None:
+@pytest.fixture(scope="module")
+def ui_sweep(served: str):
+    """A sweep of two topk SAEs run from its deployment: (its flow run, its MLflow experiment)."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from selenium.webdriver.common.by import By
 
     from tasks.support import tracking
 
@@ -157,8 +158,16 @@ def test_mlflow_ui_compares_two_runs_of_a_sweep(browser, served: str, mlflow_ui:
     with temporary_settings({PREFECT_API_URL: served}):
         flow_run = run_deployment("sweep/saeflow", parameters=params, timeout=600)
     assert flow_run.state.is_completed(), flow_run.state.message
+    return flow_run, tracking.client().get_experiment_by_name("ui-sweep")
+
+
+def test_mlflow_ui_compares_two_runs_of_a_sweep(browser, ui_sweep, mlflow_ui: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    from tasks.support import tracking
+
+    _, exp = ui_sweep
     c = tracking.client()
-    exp = c.get_experiment_by_name("ui-sweep")
     children = c.search_runs([exp.experiment_id], "tags.`saeflow.stage` = 'train'")
     assert len(children) == 2
     ids = json.dumps([r.info.run_id for r in children], separators=(",", ":"))
@@ -193,23 +202,17 @@ def test_mlflow_ui_compares_two_runs_of_a_sweep(browser, served: str, mlflow_ui:
 
 
 def test_run_pages_show_figures_datasets_names_and_artifacts(
-    browser, served: str, mlflow_ui: str
+    browser, served: str, ui_sweep, mlflow_ui: str
 ) -> None:
     """What a researcher looks at, on the pages themselves: an SAE run's dataset and figures
     and a sweep parent's name and fronts in MLflow; a flow run's name and its table, summary and
     progress artifacts in Prefect."""
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from selenium.webdriver.common.by import By
 
     from tasks.support import tracking
 
-    params = {"overrides": [*TINY, "sae=topk", "sae.k=2,4"], "experiment": "ui-pages"}
-    with temporary_settings({PREFECT_API_URL: served}):
-        flow_run = run_deployment("sweep/saeflow", parameters=params, timeout=600)
-    assert flow_run.state.is_completed(), flow_run.state.message
+    flow_run, exp = ui_sweep
     c = tracking.client()
-    exp = c.get_experiment_by_name("ui-pages")
     (parent,) = c.search_runs([exp.experiment_id], "tags.`saeflow.stage` = 'sweep'")
     child = c.search_runs([exp.experiment_id], "tags.`saeflow.stage` = 'train'")[0]
 
