@@ -238,7 +238,7 @@ def report(results: dict[str, dict[str, float]], samples: int, threads: int) -> 
     v = versions()
     lines = [
         START,
-        "## Peers (`python benchmarks/bench_peers.py`, in the peers venv)",
+        "## Peers (`python benchmarks/bench_peers.py --write`, in the peers venv)",
         "",
         f"{datetime.date.today()} · {cpu()}; torch {v['torch']}, {threads} threads; "
         f"sae-lens {v['sae-lens']}, eai-sparsify {v['eai-sparsify']}, saeflow (this tree).",
