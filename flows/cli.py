@@ -179,19 +179,11 @@ def _sql(text: str, fmt: str, params: list[str], args: argparse.Namespace) -> in
         return 0
     given = {"timeout": args.timeout, "memory_limit": args.memory_limit, "threads": args.threads}
     limits = {k: v for k, v in given.items() if v is not None}  # else dashboards/sql.py's
-    table = sql(text, [_param(p) for p in params], args.tracking_uri, **limits)
+    # Parameters go to DuckDB as the strings typed (' 8' and '007' stay themselves); compared
+    # with a number column, DuckDB casts them, and `$1::INTEGER` says so where it cannot tell.
+    table = sql(text, list(params), args.tracking_uri, **limits)
     print(render(table, fmt).rstrip("\n"))
     return 0
-
-
-def _param(value: str) -> Any:
-    """--param values: numbers as numbers (DuckDB will not compare '3' with an int column)."""
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,3 +137,16 @@ def test_a_long_query_is_sql_not_a_dashboard_file_name(store) -> None:
 
     long = "select 1 as one" + " " * 300 + "-- " + "x" * 300
     assert sql(long).column("one").to_pylist() == [1]
+
+
+def test_cli_parameters_stay_the_strings_typed(store, capsys: pytest.CaptureFixture) -> None:
+    """`--param ' 8'` is the token " 8" (it was turned into the integer 8, and '007' into 7);
+    compared with a number column DuckDB casts it."""
+    from flows.cli import main
+
+    for typed in (" 8", "007", "1_0"):
+        assert main(["sql", "select $1 as v", "--param", typed, "--format", "json"]) == 0
+        assert json.loads(capsys.readouterr().out) == [{"v": typed}]
+    assert main(["sql", "select count(*) as n from runs where sae_d_sae = $1", "--param", "8",
+                 "--format", "json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == [{"n": 1}]
