@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from tasks.support.home import home
+from tasks.support.home import check_home, home
 
 USAGE = """saeflow run [-m] [--force STAGE] [overrides]   the pipeline: cache -> train -> evaluate
 saeflow cache|train|evaluate [overrides]   one stage
@@ -217,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
+    try:
+        check_home()  # writable, its MLflow store readable: before anything is made there
+    except (PermissionError, ValueError) as e:
+        print(f"saeflow: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     _environment()  # before anything imports Prefect: it reads its settings once, at import
     from flows.config import ConfigError
 

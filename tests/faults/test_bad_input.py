@@ -561,6 +561,33 @@ def test_a_symlink_loop_is_named_as_one(cli, tmp_path: Path) -> None:
     assert code == 1 and f"'{tmp_path}/loop.txt' is a symlink loop" in said(err)
 
 
+def test_a_data_directory_that_cannot_be_written_is_named_first(
+    cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: 2 min of "attempt to write a readonly database" and a Prefect time-out. (Root
+    writes through permission bits, so the test uses a place no one can create.)"""
+    monkeypatch.setenv("SAEFLOW_HOME", "/proc/saeflow-home")
+    code, err = cli("train", *TINY)
+    assert code == 1
+    assert "the data directory SAEFLOW_HOME=/proc/saeflow-home is not writable" in said(err)
+    assert "point SAEFLOW_HOME at a writable directory" in said(err)
+
+
+def test_a_damaged_mlflow_store_is_named_with_the_way_out(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "mlflow").mkdir()
+    (tmp_path / "mlflow" / "mlflow.db").write_bytes(b"not a database\n" * 100)
+    monkeypatch.setenv("SAEFLOW_HOME", str(tmp_path))
+    for args in (["sql", "select 1"], ["train", *TINY]):
+        code, err = cli(*args)
+        assert code == 1
+        assert f"the MLflow store {tmp_path}/mlflow/mlflow.db is not an SQLite database" in said(
+            err
+        )
+        assert "move it aside to start a new store" in said(err)
+
+
 # --- (7) the disk --------------------------------------------------------------------------
 def test_disk_too_small_for_the_cache(cli, saeflow_home: Path) -> None:
     caches = sorted((saeflow_home / "activations").iterdir())
