@@ -20,10 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import task
 
 from conf.schema import Config
 from sae.activations.cache import Manifest
+from sae.hardware import resolve_device
 from sae.models.base import CONFIG, SAE, WEIGHTS
 from sae.models.config import SAEConfig
 from sae.training.checkpoint import steps as steps_in
@@ -203,6 +205,45 @@ def _check_cache(c: Config, dir: Path, manifest: Manifest) -> None:
         )
 
 
+DENSE_BATCH_COPIES = 3
+"""(batch, d_sae) fp32 tensors a training step of a dense SAE (relu, jumprelu) holds at once:
+pre-activations, latents and their gradient (the top-k family holds its pre-activations)."""
+
+
+def memory_needed(cfgs: list[Config], d_in: int) -> int:
+    """Bytes a training group needs, estimated: per SAE its parameters four times over (weights,
+    gradients, Adam's two moments, fp32) and its step's (batch, d_sae) tensors; plus the
+    loader's shuffle buffer (fp32 rows)."""
+    total = cfgs[0].train.shuffle_rows * d_in * 4
+    for t in cfgs:
+        params = 2 * d_in * t.sae.d_sae + t.sae.d_sae + d_in
+        copies = DENSE_BATCH_COPIES if t.sae.arch in ("relu", "jumprelu") else 1
+        total += 16 * params + 4 * copies * t.train.batch_size * t.sae.d_sae
+    return total
+
+
+def _check_memory(cfgs: list[Config], d_in: int) -> None:
+    """Before any MLflow run starts: refuse, with the numbers, a group that cannot fit in the
+    memory of its device (the allocator would grow until it fails or the kernel kills it)."""
+    c = cfgs[0]
+    device = resolve_device(c.train.device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    need = memory_needed(cfgs, d_in)
+    if need > free:
+        sizes = ", ".join(f"{t.sae.arch}-{t.sae.d_sae}" for t in cfgs)
+        raise MemoryError(
+            f"training {sizes} at d_in={d_in} needs ~{need / 1e9:,.1f} GB (weights, gradients, "
+            f"Adam's moments, a batch of {c.train.batch_size:,}, the shuffle buffer); "
+            f"{free / 1e9:,.1f} GB is free on {device}: lower sae.d_sae or train.batch_size, "
+            "or train on a larger machine"
+        )
+
+
 def _train_group(
     cfgs: list[Config],
     keys: list[str],
@@ -215,6 +256,8 @@ def _train_group(
     manifest = Manifest.load(Path(cache["dir"]))
     d_in = manifest.d_in(c.hook)
     _check_cache(c, Path(cache["dir"]), manifest)
+    if ranks == 1:
+        _check_memory(cfgs, d_in)
     found = _resumable(candidates)
     # Read before the runs reopen: a bad state fails with the runs as they were. torchrun's
     # ranks read their own.

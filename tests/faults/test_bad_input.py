@@ -668,3 +668,16 @@ def test_unreachable_prefect_server_fails_fast() -> None:
     assert child.returncode == 1, child.stderr[-3000:]
     assert f"Failed to reach API at {url}" in said(child.stderr)
     assert time.monotonic() - t0 < 90  # mostly imports (~15 s here); no retries for minutes
+
+
+def test_an_sae_too_large_for_memory_is_refused_with_the_numbers(cli, saeflow_home: Path) -> None:
+    """`sae.d_sae` past the machine's memory used to allocate until the kernel killed it."""
+    from tasks.support import tracking
+
+    code, err = cli("train", *TINY, "sae.d_sae=400000000", EXPERIMENT)
+    assert code == 1
+    msg = said(err)
+    assert "training relu-400000000 at d_in=32 needs ~" in msg and "GB is free on cpu" in msg
+    assert "lower sae.d_sae or train.batch_size" in msg
+    names = [r["run_name"] for r in tracking.runs_table().to_pylist()]
+    assert "relu-400000000" not in names  # no SAE run started (its study's parent: FAILED)
