@@ -10,12 +10,14 @@ runs, their locks and the final save stay here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from sae.training.config import FitConfig
 from sae.training.fit import FREE_ON_RESUME, SHARED_FIELDS
 from tasks.support import ddp, tracking
 from tasks.support.fitting import fit_group, load_states, state_dir, step_loggers
-from tasks.support.home import sae_dir
+from tasks.support.home import inside, sae_dir
 from tasks.support.log import logger
 from tasks.support.stage import CACHED, Stage
 
@@ -130,6 +132,42 @@ def train_saes(
     keys = [run_key(c, cache["key"]) for c in cfgs]
     if len({stream_key(c, cache["key"]) for c in cfgs}) != 1:
         raise ValueError(f"train_saes: the configs differ in train.{STREAM} or the cache")
+    with _training(keys):  # one process at a time per run key: a second waits, then reuses
+        return _train_or_reuse(cfgs, keys, cache, experiment_id, parent_run_id, force)
+
+
+@contextlib.contextmanager
+def _training(keys: list[str]) -> Iterator[None]:
+    """Hold an exclusive lock per run key (sorted: two groups sharing keys cannot deadlock) for
+    the whole training, so the same SAE asked twice at once is trained once: the second
+    process waits here, then finds the first's finished run and reuses it. A killed holder's
+    locks go with its process."""
+    files = []
+    try:
+        for key in sorted(set(keys)):
+            path = inside("locks", f"train-{key}.lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a")  # noqa: SIM115 (held until the training ends)
+            files.append(f)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger().info(f"another process is training SAE {key}; waiting for it")
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+    finally:
+        for f in files:
+            f.close()
+
+
+def _train_or_reuse(
+    cfgs: list[Config],
+    keys: list[str],
+    cache: dict[str, Any],
+    experiment_id: str,
+    parent_run_id: str | None,
+    force: bool,
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any] | None] = [None] * len(cfgs)
     todo, states = [], []
     for i, (c, key) in enumerate(zip(cfgs, keys, strict=True)):

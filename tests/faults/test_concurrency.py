@@ -81,3 +81,28 @@ def test_two_pipelines_asking_for_one_cache_build_it_once(
     # each shard computed by exactly one of the two: progress lines count computed shards
     computed = [len(re.findall(r"cache \w+: shard \d+/\d+", out + err)) for out, err in logs]
     assert sum(computed) == shards, computed
+
+
+def test_two_identical_trainings_at_once_train_once(
+    tmp_path: Path, prefect_api: str, tiny_model: dict
+) -> None:
+    """Two `saeflow train` of one config at once: the second waits for the first (a lock per
+    run key) and reuses its SAE; one FINISHED SAE run (there used to be two)."""
+    from mlflow.tracking import MlflowClient
+
+    home = fresh_home(tmp_path / "home", Path(tiny_model["path"]))
+    env = child_env(home, prefect_api)
+    subprocess.run([sys.executable, "-m", "flows.cli", "cache", *TINY], env=env, check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    cmd = [sys.executable, "-m", "flows.cli", "train", *TINY, "train.tokens=1048576"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]  # fmt: skip
+    logs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for _, e in logs)
+    statuses = sorted(re.search(r"'status': '(\w+)'", out).group(1) for out, _ in logs)
+    assert statuses == ["reused", "trained"], statuses  # not "cached": they overlapped
+    assert sum("another process is training SAE" in err for _, err in logs) == 1
+    c = MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    saes = [r for r in runs if "saeflow.run_key" in r.data.tags]  # not the two flows' parents
+    assert [r.info.status for r in saes] == ["FINISHED"]
