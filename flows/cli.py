@@ -133,8 +133,9 @@ def _stage(name: str, overrides: list[str], multirun: bool, force: list[str]) ->
     except ValueError as e:
         raise ConfigError(str(e)) from None
     from flows import pipeline as p
-    from tasks.study import check_server
+    from tasks.study import check_prefect, check_server
 
+    check_prefect(os.environ.get("PREFECT_API_URL"))  # a silent server hung here for minutes
     for uri in dict.fromkeys(t.tracking.uri for t in typed):
         check_server(uri)  # now, in seconds: not after hours of caching, nor minutes of retries
 

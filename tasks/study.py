@@ -67,6 +67,25 @@ def study_name(kind: str, cfgs: list[Config], labels: list[list[str]]) -> str:
     return f"{kind} {c.run_name or f'{c.sae.arch}-{c.sae.d_sae}'}"
 
 
+def check_prefect(url: str | None, timeout: float = 10.0) -> None:
+    """Raise ConnectionError, naming `url`, if the Prefect API there does not answer /health
+    within `timeout` s: refused, or (worse) accepted and never answered, where Prefect's client
+    waits silently for minutes. None = a temporary local server: nothing to check."""
+    if not url:
+        return
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except OSError as e:  # refused, unknown host, or no answer in time
+        why = "no answer" if isinstance(e, TimeoutError) or "timed out" in str(e) else e
+        raise ConnectionError(
+            f"Failed to reach API at {url}: {getattr(why, 'reason', why)} within {timeout:g} s "
+            "(PREFECT_API_URL); start the server (prefect server start) or unset "
+            "PREFECT_API_URL to run on a temporary local one"
+        ) from None
+
+
 @task(name="open_study", cache_policy=NO_CACHE, **_RETRY)
 def open_study(cfg: Config, kind: str = "pipeline", name: str | None = None) -> dict[str, str]:
     """Create (once) the experiment and start the parent run (named `name`, default `kind`);

@@ -670,6 +670,27 @@ def test_unreachable_prefect_server_fails_fast() -> None:
     assert time.monotonic() - t0 < 90  # mostly imports (~15 s here); no retries for minutes
 
 
+def test_a_prefect_server_that_never_answers_fails_fast() -> None:
+    """A socket that accepts and never replies: Prefect's client waited silently (> 400 s)."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
+        t0 = time.monotonic()
+        child = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", *TINY, EXPERIMENT],
+            env=_child_env(PREFECT_API_URL=url),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert child.returncode == 1, child.stderr[-3000:]
+    assert f"Failed to reach API at {url}: no answer within 10 s" in said(child.stderr)
+    assert time.monotonic() - t0 < 90  # imports and the 10 s wait
+
+
 def test_an_sae_too_large_for_memory_is_refused_with_the_numbers(cli, saeflow_home: Path) -> None:
     """`sae.d_sae` past the machine's memory used to allocate until the kernel killed it."""
     from tasks.support import tracking
