@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from tasks.support.home import check_home, home
@@ -224,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saeflow: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     _environment()  # before anything imports Prefect: it reads its settings once, at import
+    from tasks.support.owner import end_orphan_servers
+
+    if ended := end_orphan_servers(Path(os.environ["PREFECT_HOME"])):
+        print(f"saeflow: stopped {len(ended)} temporary Prefect server(s) left by a killed run "
+              f"(pids {', '.join(map(str, ended))})", file=sys.stderr)  # fmt: skip
     from flows.config import ConfigError
 
     try:

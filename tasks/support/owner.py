@@ -13,6 +13,7 @@ can see its processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -68,3 +69,50 @@ def is_gone(owner: str) -> bool:
         return True  # this machine rebooted since
     now = _start_time(pid_int)
     return now is None or (bool(start) and bool(now) and now != start)
+
+
+EPHEMERAL_APP = "prefect.server.api.server:create_app"
+"""The uvicorn app of the temporary Prefect server a run without PREFECT_API_URL starts."""
+
+
+def orphan_servers(prefect_home: Path) -> list[int]:
+    """Pids of temporary Prefect servers of this data directory whose saeflow process is gone
+    (SIGKILL or the OOM killer leaves them re-parented and listening): their command line runs
+    EPHEMERAL_APP, their environment says PREFECT__SERVER_EPHEMERAL=1 with this PREFECT_HOME,
+    and their parent is init or no longer exists. Never a server someone started by hand."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        try:
+            if EPHEMERAL_APP not in (p.info["cmdline"] or []):
+                continue
+            env = p.environ()
+            if env.get("PREFECT__SERVER_EPHEMERAL") != "1":
+                continue
+            if Path(env.get("PREFECT_HOME", "/nonexistent")).resolve() != prefect_home.resolve():
+                continue
+            if p.info["ppid"] == 1 or not psutil.pid_exists(p.info["ppid"]):
+                found.append(p.info["pid"])
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def end_orphan_servers(prefect_home: Path, grace: float = 5.0) -> list[int]:
+    """Stop `orphan_servers` (SIGTERM, then SIGKILL after `grace` s); their pids."""
+    import psutil
+
+    procs = []
+    for pid in orphan_servers(prefect_home):
+        try:
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [p.pid for p in procs]

@@ -46,3 +46,38 @@ def test_sigterm_stops_saeflow_and_its_temporary_server(tiny_model: dict, tmp_pa
     assert "interrupted; finished work is kept" in out
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [c.cmdline() for c in alive]
+
+
+def test_a_temporary_server_left_by_sigkill_is_ended_by_the_next_run(
+    tiny_model: dict, tmp_path: Path
+) -> None:
+    """SIGKILL (or the OOM killer) gives saeflow no chance to stop its temporary Prefect server,
+    which stayed listening, re-parented (17 minutes and more). The next saeflow command on the
+    data directory ends it; a server of another data directory is left alone."""
+    home = fresh_home(tmp_path / "home", Path(tiny_model["path"]))
+    env = child_env(home, "")
+    env.pop("PREFECT_API_URL")
+    cmd = [sys.executable, "-m", "flows.cli", "run", *TINY, "tracking.experiment=orphan"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, server = time.monotonic() + 180, None
+    while time.monotonic() < deadline and proc.poll() is None and server is None:
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            if "uvicorn" in _cmdline(c):
+                server = c
+        time.sleep(0.5)
+    assert server is not None, "no temporary server seen"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(1)
+    assert server.is_running() and server.ppid() != proc.pid  # orphaned, still there
+    other = child_env(tmp_path / "elsewhere", "")  # another data directory: not its server
+    other.pop("PREFECT_API_URL")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "sql", "select 1"], env=other,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and server.is_running()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "sql", "select 1"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped 1 temporary Prefect server(s) left by a killed run" in done.stderr
+    psutil.wait_procs([server], timeout=10)
+    assert not server.is_running()
