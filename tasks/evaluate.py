@@ -141,6 +141,6 @@ def features(
     out.mkdir(parents=True, exist_ok=True)
     path = out / "feature_stats.parquet"
     atomic_write(path, lambda tmp: pq.write_table(table, tmp), point="features.write")
-    tracking.log_artifact(trained["run_id"], path, None, c.tracking.uri)
+    tracking.log_artifact(trained["run_id"], path, "features", c.tracking.uri)
     logger().info(f"feature stats of {table.num_rows} latents -> {path}")
     return {"path": str(path), "n_features": table.num_rows}

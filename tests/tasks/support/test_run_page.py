@@ -61,3 +61,11 @@ def test_system_metrics_are_sampled_while_training(tmp_path: Path, monkeypatch) 
     metrics = tracking.client(uri).get_run(run).data.metrics
     assert "system/cpu_utilization_percentage" in metrics
     assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_an_sae_runs_artifacts_are_in_folders(study) -> None:
+    from tasks.support import tracking
+
+    c = tracking.client()
+    top = {a.path for a in c.list_artifacts(study["trained"]["run_id"])}
+    assert top == {"checkpoint", "config", "features", "figures", "report"}, top
