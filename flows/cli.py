@@ -34,8 +34,12 @@ def _environment() -> None:
 
 
 def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM (`kill`, a scheduler's stop) unwinds like Ctrl-C: without it Python dies at once
-    and the temporary Prefect server saeflow started outlives it (measured)."""
+    """SIGTERM (`kill`, a scheduler's stop) and Ctrl-C: queued tasks will not start
+    (`tasks.support.stop`), then unwind. Without the handler SIGTERM kills Python at once and the
+    temporary Prefect server saeflow started outlives it (measured)."""
+    from tasks.support.stop import STOP
+
+    STOP.set()
     raise KeyboardInterrupt
 
 
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)
     try:
         check_home()  # writable, its MLflow store readable: before anything is made there
     except (PermissionError, ValueError) as e:

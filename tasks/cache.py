@@ -44,6 +44,7 @@ from sae.files import file_sha256
 from sae.lm.hooks import load_lm, parse_hook
 from sae.lm.text import documents, token_contexts
 from tasks.model import lm_device
+from tasks.support import stop
 from tasks.support.home import home
 from tasks.support.log import logger
 from tasks.support.store import fetch, publish, shown
@@ -176,7 +177,7 @@ def _transient(task: Any, run: Any, state: Any) -> bool:
     shard, a full disk (each would only wait before failing the same way)."""
     try:
         state.result()
-    except (CacheError, ValueError, FileNotFoundError):
+    except (CacheError, ValueError, FileNotFoundError, stop.Stopped):
         return False
     except OSError as e:
         return e.errno not in (errno.ENOSPC, errno.EFBIG)
@@ -336,6 +337,7 @@ def cache_shard(
     """Compute and record shard `index` of the planned cache, unless another run (holding
     its claim) has: {file, rows, computed}."""
     c = cfg
+    stop.check(f"shard {index}")  # queued shards do not start after a Ctrl-C / SIGTERM
     out = Path(plan["dir"])
     with claimed(out, index) as mine:
         m = Manifest.load(out)
