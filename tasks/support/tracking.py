@@ -29,12 +29,31 @@ OWNER = "saeflow.owner"  # the process that runs a RUNNING run (tasks/support/ow
 
 
 def tracking_uri(uri: str | None = None) -> str:
-    """The configured URI, else the embedded SQLite store under the data directory."""
+    """The configured URI, else the embedded SQLite store under the data directory (created,
+    once, under a file lock: see `_create_store`)."""
     if uri:
         return uri
     root = home() / "mlflow"
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    local = f"sqlite:///{root / 'mlflow.db'}"
+    if local not in _CREATED:
+        _create_store(local, root / ".create.lock")
+    return local
+
+
+_CREATED: set[str] = set()
+
+
+def _create_store(uri: str, lock: Path) -> None:
+    """Create (or open) the embedded store holding an exclusive file lock: two saeflow
+    processes starting at once on a fresh data directory both ran MLflow's schema migrations
+    and one failed ("table _alembic_tmp_tags already exists", measured)."""
+    import fcntl
+
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _CREATED.add(uri)
 
 
 def client(uri: str | None = None) -> MlflowClient:
