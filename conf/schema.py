@@ -25,10 +25,13 @@ from urllib.parse import urlparse
 
 from hydra.core.config_store import ConfigStore
 
+from sae.analysis.protocol import PROTOCOLS
 from sae.analysis.scaling import ScalingConfig
 from sae.checks import choice, finite, fraction, non_negative, positive
 from sae.devices import LM_DEVICES, LM_DTYPES, check_device
 from sae.lm.config import LMSpec, check_hook
+from sae.lm.text import CHUNK_CHARS
+from sae.lm.text import ERRORS as TEXT_ERRORS
 from sae.models.config import DEFAULT_LR, SAEConfig
 from sae.training.config import FitConfig
 
@@ -86,7 +89,7 @@ class DataConfig:
     """The column holding the text (jsonl, parquet, hf)."""
     holdout: float = 0.03
     """Fraction of documents held out (by a stable hash) for evaluation."""
-    chunk_chars: int = 100_000
+    chunk_chars: int = CHUNK_CHARS
     """files/hf sources: documents longer than this many characters are cut into chunks (at
     line ends) and `holdout` of each one's chunks go to eval, so a corpus of a few huge
     documents still gets both splits (`sae/lm/text.py`); 0 keeps documents whole."""
@@ -114,7 +117,7 @@ class DataConfig:
         if self.source == "files" and not self.paths:
             raise ValueError("data.paths is required when data.source=files")
         non_negative("data", chunk_chars=self.chunk_chars)
-        choice("data", "errors", self.errors, ("strict", "replace", "skip"))
+        choice("data", "errors", self.errors, TEXT_ERRORS)
         try:
             codecs.lookup(self.encoding)
         except LookupError:
@@ -221,7 +224,7 @@ class EvalConfig:
         )
         non_negative("eval", context_before=self.context_before, context_after=self.context_after)
         fraction("eval", dense_threshold=self.dense_threshold)
-        choice("eval", "protocol", self.protocol, ("saeflow", "saebench"))
+        choice("eval", "protocol", self.protocol, PROTOCOLS)
         # A run id names directories (saes/<id>, features/run_id=<id>): no path may hide in it.
         if self.run_id is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", self.run_id):
             raise ValueError(

@@ -213,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument(
         "--tracking-uri", default=None, help="an MLflow server or store (default: local)"
     )
-    s.add_argument("--timeout", type=float, default=300.0, help="seconds before the query stops")
-    s.add_argument("--memory-limit", default="4GB", help="DuckDB's memory_limit, e.g. 8GB")
-    s.add_argument("--threads", type=int, default=2, help="DuckDB's worker threads")
+    # no defaults here: dashboards/sql.py owns them (TIMEOUT_S, MEMORY_LIMIT, THREADS)
+    s.add_argument("--timeout", type=float, help="seconds before the query stops")
+    s.add_argument("--memory-limit", help="DuckDB's memory_limit, e.g. 8GB")
+    s.add_argument("--threads", type=int, help="DuckDB's worker threads")
     s = sub.add_parser("deploy")
     s.add_argument("--pool", required=True, help="a Prefect work pool (prefect work-pool create)")
     s.add_argument("overrides", nargs="*", help="defaults for every deployment's overrides")

@@ -262,11 +262,11 @@ def study(
         raise ValueError("a sweep needs at least one job")
     labels_of = [overrides for overrides, _ in jobs]
     cfgs = place([c for _, c in jobs])  # all validated before any work
-    shown = labels_of[0] if len(jobs) == 1 else [study_name(kind, cfgs, labels_of).split(" ", 1)[1]]
-    name_flow_run(kind, cfgs[0], shown)
+    name = study_name(kind, cfgs, labels_of)  # the parent run's, and the flow run's
+    name_flow_run(kind, cfgs[0], labels_of[0] if len(jobs) == 1 else [name.split(" ", 1)[1]])
     redo = forced(force)
     models, caches = _caches(cfgs, "cache" in redo)
-    opened = open_study(cfgs[0], kind, study_name(kind, cfgs, labels_of))
+    opened = open_study(cfgs[0], kind, name)
     try:
         trained = _train(cfgs, caches, opened, "train" in redo)
         metrics = _evaluate(cfgs, models, caches, trained, "evaluate" in redo)

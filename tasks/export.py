@@ -60,7 +60,7 @@ def export_sae(
         table = pq.read_table(stats, columns=["feature_id", "freq"]).to_pydict()
         freq = torch.zeros(sae.d_sae, dtype=torch.float64)
         freq[torch.tensor(table["feature_id"])] = torch.tensor(table["freq"], dtype=torch.float64)
-        freq = freq.clamp_min(1e-10).log10().float()
+        freq = saelens.log10_frequency(freq)
     model_name = c.model.path if c.model.source == "hub" else c.model.name
     written = saelens.export(
         sae,

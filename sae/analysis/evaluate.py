@@ -30,13 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from sae.analysis.metrics import KLToClean, ReconstructionStats, loss_recovered
+from sae.analysis.protocol import PROTOCOLS
 from sae.failpoint import failpoint
 from sae.lm.hooks import HookPoint, activations_at, logits_from
 from sae.models.base import SAE
 
 Contexts = Iterable[tuple[Tensor, Tensor]]  # (token_ids (B, T), special (B, T))
-PROTOCOLS = ("saeflow", "saebench")
-"""Metric definitions: saeflow's (DESIGN §6) or SAELens/SAEBench's (see above)."""
 
 
 def _ce(logp: Tensor, ids: Tensor) -> Tensor:

@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -206,10 +205,10 @@ def hook_of(cfg: dict[str, Any]) -> str | None:
     return None if name is None else from_transformer_lens(name)
 
 
-def log10_frequency(fired: Tensor, tokens: int) -> Tensor:
-    """SAELens's `sparsity` tensor: log10 of each latent's firing frequency (−inf never → −10)."""
-    freq = fired.double() / max(tokens, 1)
-    return freq.clamp_min(1e-10).log10().float() if tokens else torch.full_like(freq, -10.0).float()
+def log10_frequency(freq: Tensor) -> Tensor:
+    """SAELens's `sparsity` tensor from firing frequencies (d_sae,): log10, a latent that never
+    fired at −10."""
+    return freq.double().clamp_min(1e-10).log10().float()
 
 
 __all__ = ["ARCHITECTURE", "IMPORTED", "export", "hook_of", "is_saelens", "load", "log10_frequency"]
