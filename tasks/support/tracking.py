@@ -53,7 +53,53 @@ def _create_store(uri: str, lock: Path) -> None:
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        relocate(lock.parent / "mlflow.db", lock.parent / "artifacts")
     _CREATED.add(uri)
+
+
+_SAEFLOW_ARTIFACTS = re.compile(r"^(file://.*/mlflow/artifacts)(/.*)?$")
+
+
+def relocate(db: Path, artifacts: Path) -> int:
+    """Point the embedded store's artifact locations at `artifacts`, the data directory's own.
+
+    MLflow stores absolute locations (an experiment's, each run's, each logged model's), so a
+    moved or copied $SAEFLOW_HOME went on writing checkpoints and reports into the old one
+    (measured: after `mv home home2` a run in home2 wrote under home/mlflow/artifacts). Every
+    location of the form `file://<elsewhere>/mlflow/artifacts/...` is re-derived from the
+    current directory, as is MLflow's Default experiment (created at ./mlruns/0 relative to the
+    working directory). Runs under the lock of `_create_store`; returns the rows changed."""
+    import sqlite3
+
+    new = artifacts.as_uri()
+    changed = 0
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        old = {
+            m.group(1)
+            for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+            if loc and (m := _SAEFLOW_ARTIFACTS.match(loc)) and m.group(1) != new
+        }
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master")}
+        for prefix in old:
+            for table, column in (
+                ("experiments", "artifact_location"),
+                ("runs", "artifact_uri"),
+                ("logged_models", "artifact_location"),  # MLflow ≥ 3
+            ):
+                if table not in tables:
+                    continue
+                changed += con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE substr({column}, 1, ?) = ? "
+                    f"AND (length({column}) = ? OR substr({column}, ? , 1) = '/')",
+                    (new, len(prefix) + 1, len(prefix), prefix, len(prefix), len(prefix) + 1),
+                ).rowcount
+        changed += con.execute(
+            "UPDATE experiments SET artifact_location = ? "
+            "WHERE experiment_id = 0 AND substr(artifact_location, 1, ?) != ?",
+            (f"{new}/0", len(new), new),
+        ).rowcount
+    return changed
 
 
 def client(uri: str | None = None) -> MlflowClient:

@@ -588,6 +588,41 @@ def test_a_damaged_mlflow_store_is_named_with_the_way_out(
         assert "move it aside to start a new store" in said(err)
 
 
+def test_a_moved_data_directory_writes_only_inside_itself(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: MLflow keeps absolute artifact locations, so after `mv home home2` a run in home2
+    wrote its feature table and report under home/mlflow/artifacts. (The evaluation runs in a
+    process of its own, as after a move: MLflow keeps a run's artifact store per process.)"""
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.support import tracking
+
+    old, new = tmp_path / "home", tmp_path / "home2"
+    monkeypatch.setenv("SAEFLOW_HOME", str(old))
+    code, err = cli("train", *TINY)
+    assert code == 0, err[-2000:]
+    shutil.move(old, new)
+    monkeypatch.setenv("SAEFLOW_HOME", str(new))
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "evaluate", *TINY],
+        env=_child_env(PREFECT_API_URL=str(PREFECT_API_URL.value())),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not old.exists()  # nothing written where the directory used to be
+    c = tracking.client()
+    exps = [e.experiment_id for e in c.search_experiments()]
+    (run,) = [r for r in c.search_runs(exps) if "saeflow.run_key" in r.data.tags]
+    assert run.info.artifact_uri == (new / "mlflow/artifacts").as_uri() + (
+        f"/{run.info.run_id}/artifacts"
+    )
+    logged = new / "mlflow/artifacts" / run.info.run_id / "artifacts"
+    assert (logged / "checkpoint").is_dir() and (logged / "features").is_dir()
+
+
 # --- (7) the disk --------------------------------------------------------------------------
 def test_disk_too_small_for_the_cache(cli, saeflow_home: Path) -> None:
     caches = sorted((saeflow_home / "activations").iterdir())
