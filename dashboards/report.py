@@ -1,8 +1,11 @@
 """Static HTML pages: one report per SAE run, and a comparison across runs (no server, no CDN).
 
-The run report holds the summary metrics, training curves, the feature-density histogram and one
+The run report holds the summary metrics, training curves, the feature-density histogram and a
 card per feature (top examples with the activating token highlighted, top logits, cluster and
-nearest feature), with a search box that filters the cards (also from the URL: `#q=word`). The
+nearest feature), most frequent first, `PAGE` cards a page, with a search box over every
+feature (also from the URL: `#q=word&page=2`). The features travel as compact JSON rendered by
+the page's script, so a dictionary of 262,144 features stays one file that opens offline: every
+feature keeps `INDEX_EXAMPLES` examples, the `RICH` most frequent all of theirs. The
 comparison page plots L0 against explained variance and against loss recovered, one point per
 run. Plots are inline SVG: the pages open anywhere, offline, and are logged to MLflow as is.
 """
@@ -16,9 +19,15 @@ import re
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-MAX_CARDS = 2000
-"""Cards beyond this many (most frequent first) are left out; the SQL views have them all."""
+PAGE = 200
+"""Feature cards a page of the report shows."""
+RICH = 2000
+"""The most frequent features keep all their top examples in the report; the others keep
+`INDEX_EXAMPLES` (every example is in the SQL views)."""
+INDEX_EXAMPLES = 2
+"""Top examples the report keeps of each feature beyond the `RICH` most frequent."""
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -30,20 +39,44 @@ font-size:12px;margin:2px 0}mark{background:#fd6;font-weight:bold}.meta{color:#6
 svg text{font-size:10px;fill:#444}#q{width:320px;padding:4px}
 """
 
-_SEARCH = """
-const q = document.getElementById('q'), cards = [...document.querySelectorAll('.card')];
-const count = document.getElementById('shown');
+_SEARCH = r"""
+const rows = JSON.parse(document.getElementById('features').textContent);
+const PAGE = PAGE_SIZE, q = document.getElementById('q'), box = document.getElementById('cards');
+const count = document.getElementById('shown'), where = document.getElementById('page');
+const hay = rows.map(r => ('feature ' + r[0] + ' ' + r[6].join(' ') + ' ' +
+  r[7].map(e => e[1]).join(' ')).toLowerCase());
+let hits = rows, page = 0;
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;',
+  '"': '&quot;', "'": '&#39;'})[c]);
+const mark = s => esc(s).replace(/\u00ab([\s\S]*?)\u00bb/g, '<mark>$1</mark>');
+const g = v => String(Number(Number(v).toPrecision(3)));
+function card(r) {
+  const ex = r[7].map(e => `<div class="ex">${g(e[0])}  ${mark(e[1])}</div>`).join('');
+  return `<div class="card" id="f${r[0]}"><h3>feature ${r[0]}</h3><div class="meta">freq ` +
+    `${g(r[1])} · max ${g(r[2])} · cluster ${r[3] ?? '–'} · nearest ${r[4]} (cos ` +
+    `${Number(r[5]).toFixed(2)})</div><div class="meta">top logits: ${r[6].map(esc).join(', ')}` +
+    `</div>${ex || '<div class="meta">never active on the evaluation tokens</div>'}</div>`;
+}
+function render() {
+  const pages = Math.max(1, Math.ceil(hits.length / PAGE));
+  page = Math.min(Math.max(page, 0), pages - 1);
+  box.innerHTML = hits.slice(page * PAGE, (page + 1) * PAGE).map(card).join('');
+  count.textContent = hits.length;
+  where.textContent = `page ${page + 1} of ${pages}`;
+}
 function filter() {
-  const s = q.value.toLowerCase(); let n = 0;
-  for (const c of cards) { const on = !s || c.textContent.toLowerCase().includes(s);
-    c.style.display = on ? '' : 'none'; n += on; }
-  count.textContent = n;
+  const s = q.value.toLowerCase();
+  hits = s ? rows.filter((r, i) => hay[i].includes(s)) : rows;
+  page = 0; render();
 }
 q.addEventListener('input', filter);
-const m = location.hash.match(/^#q=(.*)$/);
-if (m) { q.value = decodeURIComponent(m[1]); }
+document.getElementById('prev').onclick = () => { page -= 1; render(); };
+document.getElementById('next').onclick = () => { page += 1; render(); };
+const h = new URLSearchParams(location.hash.slice(1));
+q.value = h.get('q') || '';
 filter();
-"""
+page = (parseInt(h.get('page')) || 1) - 1; render();
+""".replace("PAGE_SIZE", str(PAGE))
 
 
 def _e(value: Any) -> str:
@@ -132,19 +165,33 @@ def _highlight(text: str) -> str:
     return re.sub(r"«(.*?)»", r"<mark>\1</mark>", _e(text), flags=re.S)
 
 
-def feature_card(f: dict[str, Any]) -> str:
-    examples = "".join(
-        f"<div class='ex'>{e['activation']:.3g}  {_highlight(e['text'])}</div>"
-        for e in f.get("top_examples") or []
-    )
-    logits = ", ".join(_e(t) for t in f.get("top_logits") or [])
-    return (
-        f"<div class='card' id='f{f['feature_id']}'><h3>feature {f['feature_id']}</h3>"
-        f"<div class='meta'>freq {f['freq']:.3g} · max {f['max_act']:.3g} · cluster "
-        f"{f.get('cluster_id', '–')} · nearest {f['nearest_feature']} "
-        f"(cos {f['nearest_cos']:.2f})</div><div class='meta'>top logits: {logits}</div>"
-        f"{examples or '<div class=meta>never active on the evaluation tokens</div>'}</div>"
-    )
+def feature_rows(features: pa.Table) -> list[list[Any]]:
+    """The report's compact rows, most frequent first: [id, freq, max_act, cluster, nearest,
+    nearest_cos, top logits, [[activation, example text], ...]]."""
+    n = features.num_rows
+    if n == 0:
+        return []
+    order = pc.sort_indices(features, [("freq", "descending"), ("feature_id", "ascending")])
+    t = features.take(order)
+
+    def col(name: str, default: Any) -> list[Any]:
+        return t.column(name).to_pylist() if name in t.column_names else [default] * n
+
+    ids, freq, top = col("feature_id", None), col("freq", 0.0), col("max_act", 0.0)
+    cluster, near, cos = col("cluster_id", None), col("nearest_feature", -1), col("nearest_cos", 0)
+    logits, examples = col("top_logits", []), col("top_examples", [])
+    return [
+        [ids[i], freq[i], top[i], cluster[i], near[i], cos[i], logits[i] or [],
+         [[e["activation"], e["text"]] for e in (examples[i] or [])[: None if i < RICH else
+                                                                    INDEX_EXAMPLES]]]
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def _json(value: Any) -> str:
+    """JSON for a script element's text, which is not HTML-decoded: only "<" is escaped
+    (\\u003c is the same character to a JSON parser), so no "</script>" or "<!--" ends it."""
+    return json.dumps(value, default=str, separators=(",", ":")).replace("<", "\\u003c")
 
 
 def run_report(
@@ -155,8 +202,7 @@ def run_report(
 ) -> str:
     """The HTML report of one SAE run: `run` holds id, name and params to show; `history` maps a
     metric name to its (step, value) points."""
-    rows = features.to_pylist()
-    cards = sorted(rows, key=lambda f: (-f["freq"], f["feature_id"]))[:MAX_CARDS]
+    freqs = features.column("freq").to_pylist() if features.num_rows else []
     summary = "".join(
         f"<tr><td>{_e(k)}</td><td>{_num(v)}</td></tr>" for k, v in sorted(metrics.items())
     )
@@ -170,11 +216,13 @@ def run_report(
         f"<h2>Summary</h2><div class='plots'><table class='m'>{params}</table>"
         f"<table class='m' id='metrics'>{summary}</table></div>"
         f"<h2>Training</h2><div class='plots'>{curves}</div>"
-        f"<h2>Feature density</h2>{density_histogram([f['freq'] for f in rows])}"
-        f"<h2>Features (<span id='shown'>{len(cards)}</span> of {len(rows)} shown)</h2>"
-        "<input id='q' placeholder='search examples, logits, feature ids'>"
-        f"<div id='cards'>{''.join(feature_card(f) for f in cards)}</div>"
-        f"<script>{_SEARCH}</script></body></html>"
+        f"<h2>Feature density</h2>{density_histogram(freqs)}"
+        f"<h2>Features (<span id='shown'>{len(freqs)}</span> of {len(freqs)} match)</h2>"
+        "<input id='q' placeholder='search examples, logits, feature ids'> "
+        "<button id='prev'>‹ previous</button> <span id='page'></span> "
+        "<button id='next'>next ›</button><div id='cards'></div>"
+        "<script type='application/json' id='features'>"
+        f"{_json(feature_rows(features))}</script><script>{_SEARCH}</script></body></html>"
     )
 
 
@@ -198,10 +246,7 @@ def comparison(runs: list[dict[str, Any]], title: str = "Runs compared", extra: 
     body = "".join(
         "<tr>" + "".join(f"<td>{_num(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in runs
     )
-    # Raw JSON, as a script element's text is not HTML-decoded; only "<" is escaped (\u003c is
-    # the same character to a JSON parser), so no "</script>" or "<!--" can end the element.
-    data = json.dumps([{c: r.get(c) for c in cols} for r in runs], default=str)
-    data = data.replace("<", "\\u003c")
+    data = _json([{c: r.get(c) for c in cols} for r in runs])
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>saeflow · runs</title>"
         f"<style>{_STYLE}</style></head><body><h1>{_e(title)} ({len(runs)})</h1>"

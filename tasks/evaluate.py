@@ -117,9 +117,9 @@ def features(
 ) -> dict[str, Any]:
     """One row per latent (DESIGN §6) as Parquet under features/run_id=<id>/, and as an artifact."""
     c = cfg
-    sae = _load_sae(trained, Path(eval_cache["dir"]), c.hook)
+    sae = _load_sae(trained, Path(eval_cache["dir"]), c.hook).to(lm_device(c.model))
     # No forward pass here (the activations come from the eval cache): only the tokenizer and
-    # the unembedding are read, on the CPU with the SAE, whatever model.device is.
+    # the unembedding are read, on the CPU; the statistics are computed on the SAE's device.
     lm, tok = load_lm(model["path"], model["revision"], c.model.dtype, "cpu")
     unembed = lm.get_output_embeddings()
     table = feature_stats(

@@ -248,21 +248,30 @@ DENSE_BATCH_COPIES = 3
 pre-activations, latents and their gradient (the top-k family holds its pre-activations)."""
 
 
-def memory_needed(cfgs: list[Config], d_in: int) -> int:
-    """Bytes a training group needs, estimated: per SAE its parameters four times over (weights,
-    gradients, Adam's two moments, fp32) and its step's (batch, d_sae) tensors; plus the
+def memory_needed(cfgs: list[Config], d_in: int) -> dict[str, int]:
+    """Bytes a training group needs, estimated, by part: the SAEs' fp32 weights, their
+    gradients and Adam's two moments (as much again each), the step's (batch, d_sae) tensors
+    (`DENSE_BATCH_COPIES` of them for the dense architectures, one for the sparse), and the
     loader's shuffle buffer (fp32 rows)."""
-    total = cfgs[0].train.shuffle_rows * d_in * 4
-    for t in cfgs:
-        params = 2 * d_in * t.sae.d_sae + t.sae.d_sae + d_in
-        copies = DENSE_BATCH_COPIES if t.sae.arch in ("relu", "jumprelu") else 1
-        total += 16 * params + 4 * copies * t.train.batch_size * t.sae.d_sae
-    return total
+    params = sum(2 * d_in * t.sae.d_sae + t.sae.d_sae + d_in for t in cfgs)
+    batch = sum(
+        4 * t.train.batch_size * t.sae.d_sae
+        * (DENSE_BATCH_COPIES if t.sae.arch in ("relu", "jumprelu") else 1)
+        for t in cfgs
+    )  # fmt: skip
+    return {
+        "weights": 4 * params,
+        "gradients": 4 * params,
+        "Adam's moments": 8 * params,
+        "batch activations": batch,
+        "shuffle buffer": cfgs[0].train.shuffle_rows * d_in * 4,
+    }
 
 
 def _check_memory(cfgs: list[Config], d_in: int) -> None:
-    """Before any MLflow run starts: refuse, with the numbers, a group that cannot fit in the
-    memory of its device (the allocator would grow until it fails or the kernel kills it)."""
+    """Before any MLflow run starts: log what training needs against what the device has, and
+    refuse, with the numbers, a group that cannot fit (the allocator would grow until it fails
+    or the kernel kills it)."""
     c = cfgs[0]
     device = resolve_device(c.train.device)
     if device.type == "cuda":
@@ -271,9 +280,15 @@ def _check_memory(cfgs: list[Config], d_in: int) -> None:
         import psutil
 
         free = psutil.virtual_memory().available
-    need = memory_needed(cfgs, d_in)
+    parts = memory_needed(cfgs, d_in)
+    need = sum(parts.values())
+    sizes = ", ".join(f"{t.sae.arch}-{t.sae.d_sae}" for t in cfgs)
+    itemised = ", ".join(f"{name} {b / 1e9:,.2f}" for name, b in parts.items())
+    logger().info(
+        f"memory for {sizes} at d_in={d_in}, batch {c.train.batch_size:,}: {itemised} "
+        f"= {need / 1e9:,.2f} GB; {free / 1e9:,.1f} GB free on {device}"
+    )
     if need > free:
-        sizes = ", ".join(f"{t.sae.arch}-{t.sae.d_sae}" for t in cfgs)
         raise MemoryError(
             f"training {sizes} at d_in={d_in} needs ~{need / 1e9:,.1f} GB (weights, gradients, "
             f"Adam's moments, a batch of {c.train.batch_size:,}, the shuffle buffer); "

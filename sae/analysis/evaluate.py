@@ -126,9 +126,10 @@ def evaluate_saes(
         del clean
         for sae, st, ce_i, kl_i in zip(saes, stats, ce, kl, strict=True):
             x = acts[keep].to(sae.W_enc.dtype)  # (N, d_in): the kept positions
-            f = sae.encode(x)
-            x_hat = sae.decode(f)
-            st.update(x, x_hat, f)
+            x_hat = torch.empty_like(x)
+            for rows, f in sae.encode_blocks(x):  # never (N, d_sae) at once
+                x_hat[rows] = sae.decode(f)
+                st.update(x[rows], x_hat[rows], f)
             spliced = acts.clone()
             spliced[keep] = x_hat.to(acts.dtype)
             logp = logits_from(model, hp, ids, spliced).log_softmax(-1)  # (B, T, vocab)

@@ -33,7 +33,8 @@ def intervention(sae: SAE, feature: int, mode: str, value: float) -> Callable[[T
     if mode == "clamp":
 
         def clamp(acts: Tensor) -> Tensor:
-            f = sae.encode(acts.reshape(-1, sae.d_in).to(w.dtype))[:, feature]  # (N,)
+            x = acts.reshape(-1, sae.d_in).to(w.dtype)
+            f = torch.cat([f[:, feature] for _, f in sae.encode_blocks(x)])  # (N,)
             delta = (value - f).unsqueeze(-1) * w  # (N, d_in)
             return acts + delta.view_as(acts).to(acts.dtype)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -31,6 +32,16 @@ WEIGHTS = "sae.safetensors"
 HEADER = "saeflow"
 """The weights' metadata key: JSON of the arch and the tensors' sha256 (older files: `arch`)."""
 CONFIG = "cfg.json"
+BLOCK_ELEMENTS = 1 << 24
+"""How many latent values (rows × d_sae) analysis code holds at once: 64 MB in float32, so a
+dictionary of millions of latents is encoded a few rows at a time (`SAE.encode_blocks`)."""
+
+
+def row_blocks(n_rows: int, width: int, elements: int | None = None) -> list[slice]:
+    """Slices covering n_rows rows in blocks of at most max(1, elements // width) rows
+    (elements: default `BLOCK_ELEMENTS`)."""
+    step = max(1, (elements or BLOCK_ELEMENTS) // max(width, 1))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
 class SAEOutput(NamedTuple):
@@ -92,6 +103,12 @@ class SAE(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         """x̂ = f @ W_dec + b_dec: (N, d_sae) -> (N, d_in)."""
         return torch.addmm(self.b_dec, f, self.W_dec)
+
+    def encode_blocks(self, x: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        """(rows, f) for blocks of x (N, d_in): never more than `BLOCK_ELEMENTS` latent values
+        at once, whatever d_sae (a dense (N, d_sae) f is 64 GB at 16k tokens and 1M latents)."""
+        for rows in row_blocks(x.shape[0], self.d_sae):
+            yield rows, self.encode(x[rows])
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
         """x (N, d_in) -> SAEOutput; `sparsity_scale` multiplies the sparsity penalty (warm-up)."""

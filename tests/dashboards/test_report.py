@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from dashboards.report import comparison, feature_card, run_report
+from dashboards.report import PAGE, RICH, comparison, run_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -29,12 +29,57 @@ def _dom(path: Path, fragment: str = "") -> str:
     return out.stdout
 
 
-def test_card_escapes_and_highlights() -> None:
-    example = {"text": "a<script>«x&y»z", "activation": 1.5}
-    card = feature_card({"feature_id": 3, "freq": 0.1, "max_act": 2.0, "nearest_feature": 1,
-                         "nearest_cos": 0.5, "cluster_id": 0, "top_logits": ["<b>"],
-                         "top_examples": [example]})  # fmt: skip
-    assert "<mark>x&amp;y</mark>" in card and "&lt;script&gt;" in card and "&lt;b&gt;" in card
+def _cards(dom: str) -> str:
+    """The rendered cards of a report's DOM (not its script or data)."""
+    return dom.split('id="cards"')[1].split("<script")[0]
+
+
+def _table(n: int, text=lambda i: f"tok{i} «hit{i}» after") -> pa.Table:
+    """n features whose frequency falls with the id; each with 3 examples and 2 logits."""
+    ex = pa.struct([("text", pa.string()), ("activation", pa.float32()),
+                    ("seq_id", pa.int64()), ("pos", pa.int32())])  # fmt: skip
+    return pa.table({
+        "feature_id": pa.array(range(n), pa.int32()),
+        "freq": [1.0 / (i + 1) for i in range(n)],
+        "max_act": [2.0] * n,
+        "top_examples": pa.array([[{"text": text(i), "activation": 2.0 - j / 10, "seq_id": 0,
+                                    "pos": j} for j in range(3)] for i in range(n)],
+                                  pa.list_(ex)),
+        "top_logits": [[f"lg{i}", "<b>"] for i in range(n)],
+        "nearest_feature": [(i + 1) % n for i in range(n)],
+        "nearest_cos": [0.5] * n,
+        "cluster_id": [i % 7 for i in range(n)],
+    })  # fmt: skip
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_cards_escape_and_highlight_in_chromium(tmp_path: Path) -> None:
+    table = _table(1, text=lambda i: "a<script>«x&y»z</script><!--")
+    page = tmp_path / "r.html"
+    page.write_text(run_report({"run_id": "r", "run_name": "n"}, {}, {}, table))
+    dom = _dom(page)
+    assert "<mark>x&amp;y</mark>" in dom and "a&lt;script&gt;" in dom and "&lt;b&gt;" in dom
+    assert "<b>" not in dom.split('id="cards"')[1]  # a logit's markup stays text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_every_feature_is_searchable_and_paged(tmp_path: Path) -> None:
+    """5,000 features: pages of PAGE cards, most frequent first; the search covers features far
+    beyond the RICH most frequent, which keep all their examples (the others keep 2)."""
+    n = 5000
+    page = tmp_path / "r.html"
+    page.write_text(run_report({"run_id": "r", "run_name": "n"}, {}, {}, _table(n)))
+    dom = _dom(page)
+    ids = [int(i) for i in re.findall(r'<div class="card" id="f(\d+)"', dom)]
+    assert ids == list(range(PAGE)) and f'id="shown">{n}<' in dom
+    assert f"page 1 of {n // PAGE}" in dom and _cards(dom).count('class="ex"') == 3 * PAGE
+    third = _dom(page, "#page=3")
+    ids = [int(i) for i in re.findall(r'<div class="card" id="f(\d+)"', third)]
+    assert ids == list(range(2 * PAGE, 3 * PAGE)) and f"page 3 of {n // PAGE}" in third
+    found = _dom(page, "#q=hit4321%C2%BB")  # the 4,322nd most frequent, by its example
+    assert re.findall(r'<div class="card" id="f(\d+)"', found) == ["4321"]
+    assert 'id="shown">1<' in found and _cards(found).count('class="ex"') == 2  # beyond RICH
+    assert RICH < 4321
 
 
 def test_report_without_history_or_features_still_renders() -> None:
@@ -54,11 +99,10 @@ def test_pipeline_report_renders_cards_and_searches_in_chromium(study) -> None:
     cards = re.findall(r"<div class=\"card\" id=\"f(\d+)\"", dom)
     assert len(cards) == 64
     assert 'id="shown">64<' in dom and "<mark>" in dom and "<polyline" in dom
-    # the search box, filled from the URL: only the cards containing the text stay visible
+    # the search box, filled from the URL: only the cards containing the text are shown
     filtered = _dom(page, "#q=feature%207")  # ids 0..63: "feature 7" is in one card only
     assert re.search(r'id="shown">1<', filtered)
-    assert filtered.count('style="display: none;"') == 63
-    assert re.search(r'<div class="card" id="f7"( style="")?>', filtered)
+    assert re.findall(r"<div class=\"card\" id=\"f(\d+)\"", filtered) == ["7"]
     arts = {a.path for a in tracking.client().list_artifacts(run, "report")}
     assert arts == {f"report/{run}.html"}
     compare = _dom(Path(study["report"]["comparison"]))
