@@ -66,7 +66,16 @@ ADDED = {
         "centre",
         "matryoshka_fractions",
     ),
-    "train": ("lr_warmup_frac", "geometric_median_samples", "dead_window", "scale"),
+    "train": (
+        "lr_warmup_frac",
+        "geometric_median_samples",
+        "dead_window",
+        "scale",
+        "l0_smooth",
+        "l0_slow",
+        "l0_gain",
+        "l0_max_step",
+    ),
 }
 """Fields no config could set before (they were fixed in the code): at their defaults they are
 left out of the key, so earlier runs, which trained with those values, keep their keys."""

@@ -58,6 +58,18 @@ class FitConfig:
     """Run the SAE's forward through torch.compile."""
     shuffle_rows: int = 262_144
     """Rows in the loader's shuffle buffer: memory is bounded by this, not by the cache size."""
+    l0_smooth: float = 0.1
+    """`sae.target_l0`'s controller: weight of each step's log L0 in its running mean (~10
+    steps). The four l0_* values were chosen on the default study and the synthetic data
+    (target 38 → final L0 37.0; `sae.training.fit._L0Controller`)."""
+    l0_slow: float = 2.0
+    """`sae.target_l0`'s controller: the log-time averaging of the smoothed log L0 (2 = over the
+    last ~half of the steps so far), whose gap to the running mean is L0's trend."""
+    l0_gain: float = 0.05
+    """`sae.target_l0`'s controller: how much of the predicted final log-L0 error moves log λ
+    per step."""
+    l0_max_step: float = 0.05
+    """`sae.target_l0`'s controller: the most log λ moves in one step (±5%)."""
 
     def __post_init__(self) -> None:
         positive("train", tokens=self.tokens, batch_size=self.batch_size)
@@ -66,6 +78,9 @@ class FitConfig:
         positive("train", log_every=self.log_every, shuffle_rows=self.shuffle_rows)
         positive("train", geometric_median_samples=self.geometric_median_samples)
         positive("train", dead_window=self.dead_window)
+        positive("train", l0_slow=self.l0_slow, l0_gain=self.l0_gain)
+        positive("train", l0_smooth=self.l0_smooth, l0_max_step=self.l0_max_step)
+        fraction("train", l0_smooth=self.l0_smooth)
         fraction("train", l1_warmup_frac=self.l1_warmup_frac)
         fraction("train", lr_warmup_frac=self.lr_warmup_frac, lr_decay_frac=self.lr_decay_frac)
         if self.lr_warmup_frac + self.lr_decay_frac > 1:

@@ -144,23 +144,17 @@ def _average_gradients(sae: SAE, world: int) -> None:
         p.grad = g.div_(world)
 
 
-# target_l0 (see _L0Controller): smoothing of log L0, its log-time averaging, and the gain and
-# per-step bound of the λ update.
-L0_SMOOTH = 0.1
-L0_SLOW = 2.0
-L0_GAIN = 0.05
-L0_MAX_STEP = 0.05
-
-
 class _L0Controller:
     """Steers the SAE's sparsity coefficient λ (`l1_coeff`) so the run ends at the SAE's
     `target_l0` (`SAEConfig.target_l0`). Once per step t of T, from the previous batch's L0:
 
-        y ← y + L0_SMOOTH·(ln L0 − y)                 log L0, smoothed over ~10 steps
-        z ← z + (L0_SLOW / t)·(y − z)                 y averaged over the last ~half of the run
-        v  = L0_SLOW·(y − z)                          d y / d ln t: how fast L0 is still falling
+        y ← y + l0_smooth·(ln L0 − y)                 log L0, smoothed over ~10 steps
+        z ← z + (l0_slow / t)·(y − z)                 y averaged over the last ~half of the run
+        v  = l0_slow·(y − z)                          d y / d ln t: how fast L0 is still falling
         e  = y + v·ln(T / t) − ln target_l0           the final log L0 if λ stayed, minus the goal
-        λ ← λ·exp(clamp(L0_GAIN·e, ±L0_MAX_STEP))
+        λ ← λ·exp(clamp(l0_gain·e, ±l0_max_step))
+
+    with the `train.l0_*` values of `FitConfig`.
 
     An SAE's L0 keeps falling for the whole run at a fixed λ, roughly as a power of t, and
     answers a change of λ only after tens of steps; a controller on the present L0 raises λ
@@ -175,7 +169,7 @@ class _L0Controller:
         if not sae.l1_coeff > 0:  # SAEConfig lets target_l0 only where λ sets the L0
             raise ValueError(f"target_l0 scales l1_coeff, which must be > 0, got {sae.l1_coeff}")
         self.sae, self.goal = sae, math.log(float(sae.target_l0 or 1))
-        self.steps = cfg.steps
+        self.steps, self.cfg = cfg.steps, cfg
         self.start = round(cfg.l1_warmup_frac * cfg.steps)
         self.stop = cfg.steps - max(round(cfg.lr_decay_frac * cfg.steps), 1)
         self.last_l0: Tensor | None = None
@@ -203,12 +197,13 @@ class _L0Controller:
             y = math.log(max(self.last_l0.item(), 1e-3))
             if self.fast is None:
                 self.fast = self.slow = y
-            self.fast += L0_SMOOTH * (y - self.fast)
-            self.slow += min(L0_SLOW / step, 1.0) * (self.fast - self.slow)
+            c = self.cfg
+            self.fast += c.l0_smooth * (y - self.fast)
+            self.slow += min(c.l0_slow / step, 1.0) * (self.fast - self.slow)
             if self.start < step <= self.stop:
-                trend = L0_SLOW * (self.fast - self.slow)  # v
-                err = L0_GAIN * (self.fast + trend * math.log(self.steps / step) - self.goal)
-                self.sae.l1_coeff *= math.exp(min(max(err, -L0_MAX_STEP), L0_MAX_STEP))
+                trend = c.l0_slow * (self.fast - self.slow)  # v
+                err = c.l0_gain * (self.fast + trend * math.log(self.steps / step) - self.goal)
+                self.sae.l1_coeff *= math.exp(min(max(err, -c.l0_max_step), c.l0_max_step))
         self.last_l0 = (
             (out.f.detach() != 0).sum(-1).float().mean() if out.l0 is None else out.l0.detach()
         )
