@@ -10,8 +10,8 @@ Data sets (d_in 256, 1024 true features, ~16 on per sample, a_j ~ U(0, 1)):
 
 Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 2048, fp32) from
 their own defaults; k = 16 (the data's L0) for the top-k family, and relu/jumprelu both at their
-default λ and steered to L0 16 (`target_l0`), and relu with the offset recipe
-(`sae.centre`, `train.scale=spread`, lr 3e-3). Peers (`saelens`, `sparsify-k16`) come from
+default λ and steered to L0 16 (`target_l0`), and relu with its recipe before 2026-12-05 (no
+encoder centre, `train.scale=norm`, lr 1e-3). Peers (`saelens`, `sparsify-k16`) come from
 bench_peers.py and run only where that venv has them (see its docstring). Scores on 16,384
 held-out samples: FVU, L0, MMCS, and for each true feature matched to a distinct latent the
 firing precision/recall/F1 and the MCC (`ground_truth.score`); samples/s over the training call.
@@ -81,8 +81,8 @@ def saeflow(
 CONTENDERS: dict[str, Callable[[list[torch.Tensor]], Trained]] = {
     "saeflow-relu": saeflow("relu"),
     "saeflow-relu-l0=16": saeflow("relu", target_l0=16.0),
-    # the offset recipe (README): a fixed encoder centre and the scale by the data's spread
-    "saeflow-relu-centred": saeflow("relu", {"scale": "spread", "lr": 3e-3}, centre=True),
+    # relu's recipe before 2026-12-05: no encoder centre, the scale by the norm, lr 1e-3
+    "saeflow-relu-uncentred": saeflow("relu", {"scale": "norm", "lr": 1e-3}, centre=False),
     "saeflow-jumprelu-l0=16": saeflow("jumprelu", target_l0=16.0),
     "saeflow-topk": saeflow("topk", k=16),
     "saeflow-batchtopk": saeflow("batchtopk", k=16),
@@ -114,13 +114,14 @@ def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str
         f"{torch.get_num_threads()} threads. One pass over {samples:,} samples per data set "
         f"(batches of {BATCH}), d_sae {D_SAE}, fp32; scores on 16,384 held-out samples.",
         "",
-        "| data | contender | FVU | L0 | MMCS | precision | recall | F1 | MCC | samples/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| data | contender | FVU | L0 | MMCS | dead | precision | recall | F1 | MCC | samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for data, by in results.items():
         for name, r in by.items():
             lines.append(
                 f"| {data} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['mmcs']:.3f} | "
+                f"{r['dead']:.3f} | "
                 f"{r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['mcc']:.3f} | "
                 f"{r['samples/s']:,.0f} |"
             )

@@ -77,8 +77,11 @@ ADDED = {
         "l0_max_step",
     ),
 }
-"""Fields no config could set before (they were fixed in the code): at their defaults they are
-left out of the key, so earlier runs, which trained with those values, keep their keys."""
+"""Fields no config could set before (they were fixed in the code): at the value they had then
+(`FORMER`, else their default) they are left out of the key, so earlier runs, which trained
+with those values, keep their keys."""
+FORMER = {"centre": False, "scale": "norm"}
+"""Fields of `ADDED` whose default has changed since: the value they were added with."""
 
 
 def _unless_default(values: dict[str, Any], cls: type, names: tuple[str, ...]) -> dict[str, Any]:
@@ -88,7 +91,7 @@ def _unless_default(values: dict[str, Any], cls: type, names: tuple[str, ...]) -
         f = fields[k]
         return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
-    return {k: v for k, v in values.items() if k not in names or v != default(k)}
+    return {k: v for k, v in values.items() if k not in names or v != FORMER.get(k, default(k))}
 
 
 UNKEYED = (*FREE_ON_RESUME, "resume")

@@ -118,8 +118,9 @@ def score(
     n: int = 16384,
     seed: int = 99,
 ) -> dict[str, float]:
-    """FVU, L0, MMCS, and for matched latents the firing precision, recall, F1 and the MCC, on
-    n held-out samples (all averaged over true features that fired in them). `encode_decode`:
+    """FVU, L0, MMCS, the fraction of latents dead (never active on the held-out samples), and
+    for matched latents the firing precision, recall, F1 and the MCC, on n held-out samples
+    (all averaged over true features that fired in them). `encode_decode`:
     x (n, d_in) -> (f (n, d_sae), x̂ (n, d_in)), the SAE's own."""
     x, a = truth.sample(n, torch.Generator().manual_seed(seed))
     f, x_hat = encode_decode(x)
@@ -139,6 +140,7 @@ def score(
         "fvu": fvu,
         "l0": (f != 0).sum(-1).float().mean().item(),
         "mmcs": mean_max_cos(truth.features, W_dec),
+        "dead": ((f != 0).sum(0) == 0).float().mean().item(),
         "precision": precision.mean().item(),
         "recall": recall.mean().item(),
         "f1": f1.mean().item(),

@@ -41,11 +41,13 @@ class FitConfig:
     """Seeds the SAE's initialisation, the loader's shuffle and torch's RNG during fit."""
     log_every: int = 10
     """Report train/* metrics every this many steps, and at the last step."""
-    scale: str = "norm"
-    """The input scale s the trainer applies (folded into the saved weights): `norm`, s =
-    √d_in / E‖x‖ (Anthropic's; λ and lr in those units), or `spread`, s = √d_in / E‖x − m‖ with m
-    the data's geometric median, so a constant offset does not shrink the signal (measured,
-    default study relu λ 3: EV 0.870 at L0 36.7 by norm, 0.874 at L0 37.7 by spread)."""
+    scale: str = "spread"
+    """The input scale s the trainer applies (folded into the saved weights): `spread`, s =
+    √d_in / E‖x − m‖ with m the data's geometric median, so λ and lr mean the same on data with
+    and without a large constant offset (default since 2026-12-05), or `norm`, s = √d_in / E‖x‖
+    (Anthropic's; an offset 4× the signal shrinks the signal 4× in those units). Measured on
+    the default study: relu λ 3 EV 0.870 at L0 36.7 by norm, 0.874 at L0 37.7 by spread; topk
+    0.9635 by norm, 0.9634 by spread."""
     geometric_median_samples: int = 4096
     """Rows of the first batch used for the input scale and b_dec's geometric median."""
     threads: int = 0

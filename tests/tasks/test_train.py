@@ -89,3 +89,25 @@ def test_killed_training_resumes_in_the_same_run(
     history = {m.step: m.value for m in tracking.client().get_metric_history(run_id, "train/loss")}
     ref_history = tracking.client().get_metric_history(ref["run_id"], "train/loss")
     assert history == {m.step: m.value for m in ref_history}
+
+
+def test_runs_trained_before_a_default_changed_keep_their_keys() -> None:
+    """sae.centre (False → True) and train.scale (norm → spread) changed defaults after runs
+    were keyed without them: those runs' settings still hash as before (the fields left out),
+    and today's defaults get keys of their own, never an old run's SAE."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from flows.config import load
+    from tasks.train import ADDED, UNKEYED, run_key
+
+    old, _ = load([*TINY, "sae.centre=false", "train.scale=norm"])
+    new, _ = load(TINY)
+    sae = {k: v for k, v in dataclasses.asdict(old.sae).items() if k not in ADDED["sae"]}
+    train = {k: v for k, v in dataclasses.asdict(old.train).items()
+             if k not in (*ADDED["train"], *UNKEYED, "processes")}  # fmt: skip
+    spec = {"cache": "c", "hook": old.hook, "sae": sae, "train": train,
+            "exclude_special": old.cache.exclude_special}  # fmt: skip
+    then = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    assert run_key(old, "c") == then != run_key(new, "c")
