@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sae.files import atomic_write, write_text
-from sae.models.base import SAE
+from sae.models.base import SAE, row_blocks
 
 BATCH = 256
 """Features per `batch-<n>.jsonl.gz` file."""
@@ -75,18 +75,21 @@ def scan(
     latents, values = [], []
     seq = 0
     with torch.no_grad():
-        for ids, excluded, acts in contexts:
-            f = sae.encode(acts.flatten(0, 1).float()).view(*ids.shape, sae.d_sae)
-            f[excluded] = 0
-            nz = f.nonzero()  # (n, 3): sequence, position, latent
-            latents.append(nz[:, 2])
-            values.append(f[nz[:, 0], nz[:, 1], nz[:, 2]])
-            for b in range(ids.shape[0]):
-                for feature, rank, pos in wanted.get(seq + b, []):
-                    lo, hi = max(0, pos - before), min(ids.shape[1], pos + after + 1)
-                    window = (ids[b, lo:hi].tolist(), f[b, lo:hi, feature].tolist(), pos - lo)
-                    found[feature, rank] = window
-            seq += ids.shape[0]
+        for all_ids, all_excluded, all_acts in contexts:
+            # a few sequences at a time: never (tokens × d_sae) of a whole batch at once
+            for rows in row_blocks(all_ids.shape[0], all_ids.shape[1] * sae.d_sae):
+                ids, excluded = all_ids[rows], all_excluded[rows]
+                f = sae.encode(all_acts[rows].flatten(0, 1).float()).view(*ids.shape, sae.d_sae)
+                f[excluded] = 0
+                nz = f.nonzero()  # (n, 3): sequence, position, latent
+                latents.append(nz[:, 2])
+                values.append(f[nz[:, 0], nz[:, 1], nz[:, 2]])
+                for b in range(ids.shape[0]):
+                    for feature, rank, pos in wanted.get(seq + b, []):
+                        lo, hi = max(0, pos - before), min(ids.shape[1], pos + after + 1)
+                        window = (ids[b, lo:hi].tolist(), f[b, lo:hi, feature].tolist(), pos - lo)
+                        found[feature, rank] = window
+                seq += ids.shape[0]
     latent, value = torch.cat(latents), torch.cat(values)
     order = latent.argsort(stable=True)
     counts = torch.bincount(latent, minlength=sae.d_sae).tolist()
@@ -108,8 +111,9 @@ def feature_records(
     `nonzero(i)`: latent i's non-zero activations on the eval tokens)."""
     W_dec = sae.W_dec.detach().float()
     unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    for start in range(0, sae.d_sae, 1024):
-        rows = range(start, min(start + 1024, sae.d_sae))
+    for block in row_blocks(sae.d_sae, sae.d_sae):  # all pairs (time ∝ d_sae²), in blocks
+        start = block.start
+        rows = range(block.start, block.stop)
         sim = unit[start : rows.stop] @ unit.T  # (chunk, d_sae)
         sim[torch.arange(len(rows)), torch.tensor(rows)] = -2.0  # not itself
         near_v, near_i = sim.topk(min(NEIGHBOURS, sae.d_sae - 1), dim=1)
