@@ -45,6 +45,8 @@ def run_key(c: Config, cache_key: str) -> str:
     train = {k: v for k, v in asdict(c.train).items() if k not in UNKEYED}
     if train.get("processes") == 1:  # the keys of runs from before the field stay theirs
         del train["processes"]
+    if c.sae.target_l0 is None:  # the controller's gains change nothing without a target
+        train = {k: v for k, v in train.items() if not k.startswith("l0_")}
     spec = {
         "cache": cache_key,
         "hook": c.hook,
@@ -80,7 +82,7 @@ ADDED = {
 """Fields no config could set before (they were fixed in the code): at the value they had then
 (`FORMER`, else their default) they are left out of the key, so earlier runs, which trained
 with those values, keep their keys."""
-FORMER = {"centre": False, "scale": "norm"}
+FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05}
 """Fields of `ADDED` whose default has changed since: the value they were added with."""
 
 
