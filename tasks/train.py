@@ -29,7 +29,7 @@ from conf.schema import Config
 from sae.activations.cache import Manifest
 from sae.hardware import resolve_device
 from sae.models.base import CONFIG, SAE, WEIGHTS
-from sae.models.config import SAEConfig
+from sae.models.config import K_ARCHS, SAEConfig
 from sae.training.checkpoint import steps as steps_in
 from sae.training.config import FitConfig
 from sae.training.fit import FREE_ON_RESUME, SHARED_FIELDS
@@ -270,7 +270,7 @@ def memory_needed(cfgs: list[Config], d_in: int) -> dict[str, int]:
     params = sum(2 * d_in * t.sae.d_sae + t.sae.d_sae + d_in for t in cfgs)
     batch = sum(
         4 * t.train.batch_size * t.sae.d_sae
-        * (DENSE_BATCH_COPIES if t.sae.arch in ("relu", "jumprelu") else 1)
+        * (1 if t.sae.arch in K_ARCHS else DENSE_BATCH_COPIES)
         for t in cfgs
     )  # fmt: skip
     return {

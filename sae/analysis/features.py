@@ -9,8 +9,9 @@ top_logits    tokens whose unembedding has the largest dot product with W_dec,i
 nearest_feature, nearest_cos   the other latent with the highest decoder cosine: exact up to
               `EXACT_NEIGHBOURS` latents; beyond, searched among the members of the `PROBE`
               clusters whose centres are nearest (an inverted-file search: the cosine found is
-              a lower bound of the true one, and the neighbour is the exact one for ~99% of
-              latents on the benchmark's dictionaries: BENCHMARKS.md)
+              a lower bound of the true one; the neighbour is the exact one for ≥ 99% of
+              planted, clustered directions (tests), for 17.8% of the nearly random directions
+              of an SAE trained 4 steps (BENCHMARKS.md))
 act_p50, act_p90, act_p99   quantiles of f_i over the tokens where it is active: exact over the
               first tokens whose active values fit `quantile_values` (all of them at the usual
               sizes), bounded memory beyond
@@ -32,7 +33,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from sae.models.base import SAE, row_blocks
+from sae.models.base import SAE, row_blocks, unit_rows
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # token_ids, special (B,T); acts (B,T,d)
 
@@ -109,7 +110,7 @@ def feature_stats(
     norms = W_dec.norm(dim=1)
     freq = acc.fires / max(acc.n_tokens, 1)
     mean_act = torch.where(acc.fires > 0, acc.sums / acc.fires.clamp(min=1), 0.0)
-    label, probes = _kmeans(W_dec, probe=PROBE)
+    label, probes = _kmeans(W_dec, probe=PROBE if sae.d_sae > EXACT_NEIGHBOURS else 1)
     nearest, cos = _nearest(W_dec, probes)
     return pa.table(
         {
@@ -152,11 +153,6 @@ def _quantiles(
     return out
 
 
-def _unit(W: Tensor) -> Tensor:
-    W = W.float()
-    return W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)
-
-
 def clusters(W_dec: torch.Tensor, k: int | None = None, iters: int = 10, seed: int = 0):
     """(d_sae,) cluster of each decoder direction: spherical k-means (cosine), k = ⌈√d_sae⌉,
     started from farthest-point picks (a row drawn with `seed`, then each time the row least
@@ -171,7 +167,7 @@ def _kmeans(
 ) -> tuple[Tensor, Tensor]:
     """(label (n,), probes (n, probe)): each row's cluster and its `probe` nearest centres,
     nearest first (probes[:, 0] == label)."""
-    unit = _unit(W_dec)
+    unit = unit_rows(W_dec.float())
     n = unit.shape[0]
     k = min(n, k or math.ceil(math.sqrt(n)))
     g = torch.Generator().manual_seed(seed)
@@ -259,7 +255,7 @@ def _nearest(W_dec: Tensor, probes: Tensor) -> tuple[Tensor, Tensor]:
     """For each decoder row, the most similar other row by cosine: exact (all pairs, in
     blocks) up to `EXACT_NEIGHBOURS` rows; beyond, among the members of each row's `probes`
     clusters (n, p), nearest centre first."""
-    unit = _unit(W_dec)
+    unit = unit_rows(W_dec.float())
     n = unit.shape[0]
     best = torch.full((n,), -2.0, device=unit.device)
     idx = torch.zeros(n, dtype=torch.long, device=unit.device)

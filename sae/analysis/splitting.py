@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from sae.models.base import SAE
+from sae.models.base import SAE, unit_rows
 
 SCHEMA = pa.schema(
     [
@@ -37,7 +37,7 @@ SCHEMA = pa.schema(
 
 def decoder_directions(sae: SAE) -> Tensor:
     """(d_sae, d_in) unit-norm rows of `sae.W_dec`: fp32, CPU, detached."""
-    return _unit(sae.W_dec.detach().float().cpu())
+    return unit_rows(sae.W_dec.detach().float().cpu())
 
 
 def match_features(
@@ -58,7 +58,7 @@ def match_features(
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk}")
-    small, large = _unit(small.float()), _unit(large.float())
+    small, large = unit_rows(small.float()), unit_rows(large.float())
     best = torch.full((large.shape[0],), -torch.inf, device=large.device)  # (n_large,)
     parent = torch.zeros(large.shape[0], dtype=torch.long, device=large.device)
     for j in range(0, large.shape[0], chunk):
@@ -94,8 +94,3 @@ def families(table: pa.Table, min_children: int = 2) -> dict[int, list[tuple[int
         if row["n_children"] >= min_children:
             out.setdefault(row["parent"], []).append((row["child"], row["cos"]))
     return out
-
-
-def _unit(w: Tensor) -> Tensor:
-    """Rows of w scaled to norm 1; zero rows stay zero."""
-    return w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)

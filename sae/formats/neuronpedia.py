@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sae.files import atomic_write, write_text
-from sae.models.base import SAE, row_blocks
+from sae.models.base import SAE, row_blocks, unit_rows
 
 BATCH = 256
 """Features per `batch-<n>.jsonl.gz` file."""
@@ -110,14 +110,13 @@ def feature_records(
     """One Neuronpedia feature object per latent (`table`: the feature table as columns;
     `nonzero(i)`: latent i's non-zero activations on the eval tokens)."""
     W_dec = sae.W_dec.detach().float()
-    unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = unit_rows(W_dec)
     for block in row_blocks(sae.d_sae, sae.d_sae):  # all pairs (time ∝ d_sae²), in blocks
-        start = block.start
         rows = range(block.start, block.stop)
-        sim = unit[start : rows.stop] @ unit.T  # (chunk, d_sae)
+        sim = unit[block] @ unit.T  # (chunk, d_sae)
         sim[torch.arange(len(rows)), torch.tensor(rows)] = -2.0  # not itself
         near_v, near_i = sim.topk(min(NEIGHBOURS, sae.d_sae - 1), dim=1)
-        lens = None if unembed is None else W_dec[start : rows.stop] @ unembed.float().T
+        lens = None if unembed is None else W_dec[block] @ unembed.float().T
         for j, i in enumerate(rows):
             record: dict[str, Any] = {
                 "modelId": model_id,

@@ -44,6 +44,11 @@ def row_blocks(n_rows: int, width: int, elements: int | None = None) -> list[sli
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
+def unit_rows(w: Tensor) -> Tensor:
+    """Rows of w scaled to norm 1; zero rows stay zero."""
+    return w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
 class SAEOutput(NamedTuple):
     """What `SAE.forward` returns. Scalars are 0-dim tensors in the units of the input x."""
 
