@@ -63,17 +63,19 @@ class FitConfig:
     l0_smooth: float = 0.1
     """`sae.target_l0`'s controller: weight of each step's log L0 in its running mean (~10
     steps). The four l0_* values were chosen on the default study and the synthetic data
-    (target 38 → final L0 35.9; `sae.training.fit._L0Controller`)."""
+    (default study target 38 → L0 37.5 on its training tokens; known-answer data target 16 →
+    16.0; `sae.training.fit._L0Controller`)."""
     l0_slow: float = 2.0
     """`sae.target_l0`'s controller: the log-time averaging of the smoothed log L0 (2 = over the
-    last ~half of the steps so far), whose gap to the running mean is L0's trend."""
+    last ~half of the optimiser time so far, the lr summed over the steps), whose gap to the
+    running mean is L0's trend."""
     l0_gain: float = 0.05
     """`sae.target_l0`'s controller: how much of the predicted final log-L0 error moves log λ
     per step."""
     l0_max_step: float = 0.02
     """`sae.target_l0`'s controller: the most log λ moves in one step (±2%; at ±5% L0 swung
     between 3 and 28 around a target of 8 in 300 steps of the small known-answer problem, at
-    ±2% it settles from above; default study target 38: 36.6 at ±5%, 35.9 at ±2%)."""
+    ±2% it settles from above)."""
 
     def __post_init__(self) -> None:
         positive("train", tokens=self.tokens, batch_size=self.batch_size)
