@@ -120,8 +120,9 @@ def score(
 ) -> dict[str, float]:
     """FVU, L0, MMCS, the fraction of latents dead (never active on the held-out samples), and
     for matched latents the firing precision, recall, F1 and the MCC, on n held-out samples
-    (all averaged over true features that fired in them). `encode_decode`:
-    x (n, d_in) -> (f (n, d_sae), x̂ (n, d_in)), the SAE's own."""
+    (all averaged over true features that fired in them), and the F1 of the parents alone
+    (NaN without a hierarchy): a parent absorbed into its children misses their firings.
+    `encode_decode`: x (n, d_in) -> (f (n, d_sae), x̂ (n, d_in)), the SAE's own."""
     x, a = truth.sample(n, torch.Generator().manual_seed(seed))
     f, x_hat = encode_decode(x)
     f, x_hat = f.float(), x_hat.float()
@@ -136,6 +137,7 @@ def score(
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     fc, ac = fm - fm.mean(0), am - am.mean(0)
     corr = (fc * ac).sum(0) / (fc.norm(dim=0) * ac.norm(dim=0)).clamp(min=1e-12)
+    parents = torch.nonzero(ok).squeeze(1) < truth.parents  # of the scored features
     return {
         "fvu": fvu,
         "l0": (f != 0).sum(-1).float().mean().item(),
@@ -145,4 +147,5 @@ def score(
         "recall": recall.mean().item(),
         "f1": f1.mean().item(),
         "mcc": corr.mean().item(),
+        "f1_parents": f1[parents].mean().item() if parents.any() else math.nan,
     }

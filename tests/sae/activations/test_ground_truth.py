@@ -3,6 +3,8 @@ scores that compare an SAE with it."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -41,3 +43,31 @@ def test_a_perfect_dictionary_scores_perfectly() -> None:
     assert s["l0"] == pytest.approx(t.p.sum().item(), rel=0.1)
     shuffled = t.features[torch.randperm(24, generator=torch.Generator().manual_seed(1))]
     assert torch.equal(shuffled[match(t.features, shuffled)], t.features)
+
+
+def test_the_parents_f1_sees_a_parent_absorbed_into_its_children() -> None:
+    """A parent latent that stays off whenever one of its children fires (feature absorption)
+    keeps its decoder direction, so MMCS cannot tell; the parents' F1 can."""
+    t = GroundTruth(d_in=32, n_features=24, active=4, parents=2, children=3)
+    q, _ = torch.linalg.qr(torch.randn(32, 24, generator=torch.Generator().manual_seed(0)))
+    t.features = q.T.contiguous()
+    kids = torch.stack([t.parent == p for p in range(2)])  # (2, 24): each parent's children
+
+    def encode(x: torch.Tensor, absorbed: bool) -> torch.Tensor:
+        a = x @ t.features.T
+        a = a * (a > 1e-5)
+        if absorbed:
+            a[:, :2] *= ((a > 0).float() @ kids.T.float()) == 0  # a child on: the parent off
+        return a
+
+    def scored(absorbed: bool) -> dict[str, float]:
+        def enc_dec(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return encode(x, absorbed), encode(x, absorbed) @ t.features
+
+        return score(t, enc_dec, t.features, n=4096)
+
+    perfect, absorbed = scored(False), scored(True)
+    assert perfect["f1_parents"] == pytest.approx(1.0)
+    assert absorbed["f1_parents"] < 0.9 and absorbed["mmcs"] == pytest.approx(1.0)
+    flat = GroundTruth(d_in=32, n_features=24, active=4)
+    assert math.isnan(score(flat, lambda x: (x @ flat.features.T, x), flat.features)["f1_parents"])
