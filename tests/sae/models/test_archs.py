@@ -4,6 +4,7 @@ controller (sae/batchtopk, sae/jumprelu, sae/train)."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -341,15 +342,20 @@ def test_target_l0_steers_relu_to_the_asked_l0(tmp_path) -> None:
     assert load_sae(tmp_path / "ckpt").l1_coeff == sae.l1_coeff
 
 
-@pytest.mark.skip(
-    reason="jumprelu's L0 answers λ too slowly in a short run (Adam moves θ by ~lr per step): "
-    "measured with the centred recipe (lr 1e-2, 300 steps) target 3 -> 3.47 and target 8 -> 4.55 "
-    "(this data's reconstruction-optimal L0 is ~4, which λ -> 0 cannot raise)"
-)
 def test_target_l0_steers_jumprelu_to_the_asked_l0() -> None:
-    sae, features, _ = train("jumprelu", target_l0=8.0)
-    x = held_out(features)
-    assert (sae.encode(x) != 0).sum(-1).double().mean().item() == pytest.approx(8, rel=0.1)
+    """Known-answer data (64 dims, 256 features, 8 on), 300 steps of 1024 at jumprelu's default
+    lr 1e-2: measured targets 4 / 8 / 16 -> L0 4.7 / 9.5 / 17.7 (here 16), MMCS 0.82-0.94. At
+    the old default lr 1e-3, Adam's ~lr steps on θ left the L0 deaf to λ (benchmark data,
+    target 16: L0 160); at the benchmark's size (488 steps of 4096) 16 -> 15.8. (This file's
+    own small problem has a reconstruction-optimal L0 of ~4 that λ -> 0 cannot raise.)"""
+    from sae.activations.ground_truth import GroundTruth, score
+
+    truth = GroundTruth(d_in=64, n_features=256, active=8)
+    batches = itertools.islice(truth.batches(1024, seed=1), 300)
+    sae = build_sae("jumprelu", 64, 512, seed=0, target_l0=16.0)
+    sae = fit(sae, batches, FitConfig(tokens=300 * 1024, batch_size=1024, dtype="fp32"))
+    s = score(truth, lambda x: (sae.encode(x), sae(x).x_hat), sae.W_dec, n=4096)
+    assert s["l0"] == pytest.approx(16, rel=0.2) and s["mmcs"] > 0.75
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
