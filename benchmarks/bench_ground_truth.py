@@ -9,8 +9,8 @@ Data sets (d_in 256, 1024 true features, ~16 on per sample, a_j ~ U(0, 1)):
                only with its parent), correlated firing (30% shared factors), offset 10, noise
 
 Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 2048, fp32) from
-their own defaults; k = 16 (the data's L0) for the top-k family, and relu/jumprelu both at their
-default λ and steered to L0 16 (`target_l0`), and relu with its recipe before 2026-12-05 (no
+their own defaults; k = 16 (the data's L0) for the top-k family, and relu at its default λ and
+relu and jumprelu steered to L0 16 (`target_l0`), and relu with its recipe before 2026-12-05 (no
 encoder centre, `train.scale=norm`, lr 1e-3). Peers (`saelens`, `sparsify-k16`) come from
 bench_peers.py and run only where that venv has them (see its docstring). Scores on 16,384
 held-out samples: FVU, L0, MMCS, and for each true feature matched to a distinct latent the
@@ -18,7 +18,7 @@ firing precision/recall/F1 and the MCC, and on hard data the F1 of the 64 parent
 (absorption into children shows there; `ground_truth.score`); samples/s over the training call.
 
     .venv/bin/python benchmarks/bench_ground_truth.py --samples 1000000 --data flat offset
-    /work/peers-venv/bin/python benchmarks/bench_ground_truth.py --write        # all, ~1 h
+    .venv/bin/python benchmarks/bench_ground_truth.py --write   # all, ~1 h (peers: dev extras)
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ of norm `offset` (a residual stream's mean); ε is isotropic noise of norm ≈ `
 
 `score` matches each true feature to a distinct latent (greedily by decoder cosine) and reports
 MMCS, the firing precision/recall/F1 of matched latents against the truth, and the MCC (mean
-Pearson correlation of a_j with its latent's activation), beside FVU and L0.
+Pearson correlation of a_j with its latent's activation), beside FVU and L0; with a hierarchy,
+also the F1 of the parents alone (a parent absorbed into its children misses their firings).
 """
 
 from __future__ import annotations

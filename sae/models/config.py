@@ -26,8 +26,9 @@ relu 1e-3 → 3e-3 on 2026-12-05: default study EV 0.922 at L0 33.0 → 0.929 at
 the centred encoder, and known-answer MMCS 0.869 → 0.994 in one pass of 1M samples; jumprelu
 1e-3 → 1e-2 on 2026-12-06: Adam moves θ by ~lr a step, so at 1e-3 the L0 penalty could not
 lower θ far enough in a run of hundreds of steps (known-answer data, target_l0 16: L0 160,
-MMCS 0.197; at 1e-2: L0 15.8, MMCS 0.982), and on the default study EV 0.954 at L0 22.8 →
-0.980 at L0 19.3 (λ 0.2))."""
+MMCS 0.197; at 1e-2: L0 15.8, MMCS 0.982), and on the default study (pipeline, 2-core AMD
+EPYC) EV 0.959 at L0 21.0 with 2% dead (lr 1e-3, λ 1) → 0.979 at L0 19.0 with 61% dead (lr
+1e-2, λ 0.2, `conf/sae/jumprelu.yaml`))."""
 
 
 @dataclass
@@ -40,13 +41,15 @@ class SAEConfig:
     """Number of latents."""
     l1_coeff: float = 2.0
     """relu, jumprelu: sparsity coefficient λ (L1 for relu, L0 for jumprelu), for inputs scaled
-    to E‖x‖ = √d_in."""
+    to E‖x‖ = √d_in. `sae=jumprelu` (`conf/sae/jumprelu.yaml`) sets 0.2: an L0 penalty wants a
+    ~10× smaller λ than relu's L1 (default study: L0 19 at 0.2, 4 at 2)."""
     centre: bool = True
     """relu, jumprelu: encode x − c for c the data's geometric median, fixed (folded into b_enc
     when saved). Keeps relu alive on data with a large offset (known-answer data, offset 10:
     every latent dead without it, MMCS 0.994 with it) and costs nothing on the default study
-    (relu at lr 3e-3: EV 0.929 at L0 34.3 centred, 0.928 at L0 21.5 not; jumprelu: EV 0.960 at
-    L0 20.5 centred, 0.962 at L0 19.7 not). Measured 2026-12-05; it was off before."""
+    (relu at lr 3e-3: EV 0.929 at L0 34.3 centred, 0.928 at L0 21.5 not; jumprelu at its then lr
+    1e-3 and λ 1: EV 0.960 at L0 20.5 centred, 0.962 at L0 19.7 not). Measured 2026-12-05; it
+    was off before."""
     init_norm: float = 0.1
     """relu: norm of the decoder rows at initialisation (W_enc starts as W_decᵀ)."""
     k: int = 16

@@ -166,7 +166,7 @@ class _L0Controller:
     off during the λ warm-up and on to the last step: in optimiser time the lr decay is just the
     last, shorter stretch of τ, so the prediction holds through it and the error it leaves is
     corrected while the lr still moves the SAE. Measured (2026-12-06): counting steps instead of
-    τ and freezing λ at the decay, as before, ended at L0 21.0 for a target of 16 on the
+    τ and freezing λ at the decay, as before, ended at L0 20.8 for a target of 16 on the
     known-answer data (λ still rising when frozen); with τ and no freeze, 16.0; on the default
     study targets 38 and 20 end at 37.5 and 19.8 on the training tokens.
     """
@@ -210,7 +210,7 @@ class _L0Controller:
             now, dt = self.time[i], self.time[i] - (self.time[i - 1] if i else 0.0)
             self.fast += c.l0_smooth * (y - self.fast)
             self.slow += min(c.l0_slow * dt / now, 1.0) * (self.fast - self.slow)
-            if step > self.start:
+            if self.start < step < self.steps:  # λ after the last step would train nothing
                 trend = c.l0_slow * (self.fast - self.slow)  # v
                 err = c.l0_gain * (self.fast + trend * math.log(self.time[-1] / now) - self.goal)
                 self.sae.l1_coeff *= math.exp(min(max(err, -c.l0_max_step), c.l0_max_step))

@@ -238,10 +238,12 @@ def drive_l0_controller(target: float, steps: int = 300, lag: float = 15.0) -> l
 def test_l0_controller_settles_on_the_target_without_swinging(target: float, within: float):
     """It acts on the L0 the run is heading for, so it comes down on the target from above and,
     after the first 20% of the run, never swings 30% below it. Measured here: final L0 19.9, 37.7,
-    59.3, each falling monotonically onto the target.
+    59.3, falling onto the target (upticks of at most 3.7% while λ eases).
     (On the default study: target 38 -> 37.5, target 20 -> 19.8 on its training tokens; on
     the known-answer data 16 -> 16.0. The integral controller on the present L0 that came
     first drove λ 3 -> 13 and ended at 31 with 10% of latents dead.)"""
     l0 = drive_l0_controller(target)
     assert l0[-1] == pytest.approx(target, rel=within)
+    low = list(itertools.accumulate(l0[60:], min))  # after 20% of the run: falling
+    assert all(x <= 1.05 * m for x, m in zip(l0[60:], low, strict=True))  # upticks < 4%
     assert min(l0[60:]) >= 0.7 * target
