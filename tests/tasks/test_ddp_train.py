@@ -73,8 +73,11 @@ def test_two_ranks_train_the_run_of_one_process(one_and_two, saeflow_home: Path)
     assert tokens == [32768, 32768]  # counted over the ranks, not rank 0's slice
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys()
-    for k in a:  # the same global batches: equal up to float summation order
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in a:  # the same global batches: equal up to float summation order, which Adam
+        # amplifies where a gradient is noise-sized (lr-sized steps of either sign): measured
+        # ‖b − a‖/‖a‖ ≤ 6.1e-5 (W_enc, 2-core AMD EPYC), while 29 of W_enc's 2,048 entries fall
+        # outside an elementwise rtol 1e-4
+        assert (b[k] - a[k]).norm() <= 2e-4 * a[k].norm() + 1e-6, k
     left = list((saeflow_home / "saes" / two["run_id"]).iterdir())
     assert sorted(p.name for p in left) == [".lock", "cfg.json", "sae.safetensors"]
 
