@@ -177,9 +177,9 @@ class _L0Controller:
         self.sae, self.goal = sae, math.log(float(sae.target_l0 or 1))
         self.steps, self.cfg = cfg.steps, cfg
         self.start = round(cfg.l1_warmup_frac * cfg.steps)
-        # τ after each step: the lr summed so far (the unit cancels in the ratios used)
+        # τ after each step t (time[0] = 0): the lr summed so far (the unit cancels in ratios)
         lrs = (schedule(s, cfg, sae.arch)[0] for s in range(cfg.steps))
-        self.time = list(itertools.accumulate(lrs))
+        self.time = list(itertools.accumulate(lrs, initial=0.0))
         self.last_l0: Tensor | None = None
         self.fast: float | None = None  # y
         self.slow = 0.0  # z
@@ -206,8 +206,8 @@ class _L0Controller:
             if self.fast is None:
                 self.fast = self.slow = y
             c = self.cfg
-            i = min(step, self.steps) - 1
-            now, dt = self.time[i], self.time[i] - (self.time[i - 1] if i else 0.0)
+            t = min(step, self.steps)
+            now, dt = self.time[t], self.time[t] - self.time[t - 1]
             self.fast += c.l0_smooth * (y - self.fast)
             self.slow += min(c.l0_slow * dt / now, 1.0) * (self.fast - self.slow)
             if self.start < step < self.steps:  # λ after the last step would train nothing
