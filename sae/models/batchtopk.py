@@ -51,8 +51,8 @@ class BatchTopKSAE(TopKSAE):
             fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
             return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
         z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
-        flat = z.flatten().topk(self.k * x.shape[0], sorted=False).indices  # (k·N,)
-        vals = encoder(flat // self.d_sae, flat % self.d_sae).relu()  # with gradients
+        top, flat = z.flatten().topk(self.k * x.shape[0], sorted=False)  # (k·N,)
+        vals = encoder(flat // self.d_sae, flat % self.d_sae, top).relu()  # with gradients
         x_hat, recon = self._reconstruct(x, vals, flat)  # (N, d_in), ()
         err = sq_err(x, x_hat)
         aux = self._auxk(x, x_hat, z, encoder)

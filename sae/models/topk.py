@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import threading
 from typing import Any
 
 import torch
@@ -11,6 +12,9 @@ from torch import Tensor
 
 from sae.models.base import SAE, SAEOutput, random_directions, sq_err
 from sae.models.config import SAEConfig
+
+AUX_DENSE = 8
+"""AuxK decodes the dead latents as one dense sub-dictionary while #dead <= AUX_DENSE·aux_k."""
 
 
 class TopKSAE(SAE):
@@ -61,9 +65,9 @@ class TopKSAE(SAE):
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
         z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
-        idx = z.topk(self.k, dim=-1, sorted=False).indices  # (N, k)
+        top, idx = z.topk(self.k, dim=-1, sorted=False)  # (N, k) values and latents
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k)
-        vals = encoder(rows, idx.flatten()).view_as(idx).relu()  # (N, k), with gradients
+        vals = encoder(rows, idx.flatten(), top.flatten()).view_as(idx).relu()  # with gradients
         x_hat = _decode_sparse(vals, idx, self.W_dec) + self.b_dec  # (N, d_in)
         err = sq_err(x, x_hat)  # (N,)
         fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
@@ -98,36 +102,48 @@ class TopKSAE(SAE):
         )
         return f, on.sum().float() / n
 
-    def pre_acts_sparse(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
-        """z = pre_acts(x) computed without autograd, and encoder(rows, cols) -> z[rows, cols]
-        with gradients to W_enc, b_enc, b_dec that cost O(len(rows)·d_in), not O(N·d_sae·d_in).
+    def pre_acts_sparse(self, x: Tensor) -> tuple[Tensor, Encoder]:
+        """z = pre_acts(x) computed without autograd, and an `Encoder` that hands out parts of
+        z with gradients to W_enc, b_enc, b_dec: encoder(rows, cols) -> z[rows, cols] at
+        O(len(rows)·d_in), encoder.columns(cols) -> z[:, cols] at O(N·len(cols)·d_in), never
+        the dense O(N·d_sae·d_in) backward.
 
         Only the k chosen pre-activations per token reach the loss, so ∂loss/∂z is sparse; the
         dense backward (N·d_sae·d_in for ∂W_enc) would cost as much as the forward product.
+        z lives in this thread's reused buffer (`_reused`): valid until the thread's next
+        pre_acts_sparse, i.e. through this forward and its backward.
         """
         x_c = x - self.b_dec.detach()
         bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc  # (d_sae,)
         with torch.no_grad():
-            z = torch.addmm(bias, x_c, self.W_enc)  # (N, d_sae)
+            z = _addmm_reused(bias, x_c, self.W_enc)  # (N, d_sae)
+        return z, Encoder(x_c, self.W_enc, bias, z)
 
-        def encoder(rows: Tensor, cols: Tensor) -> Tensor:
-            return SparseGather.apply(x_c, self.W_enc, bias, rows, cols, z)
+    def _auxk(self, x: Tensor, x_hat: Tensor, z: Tensor, encoder: Encoder) -> Tensor:
+        """AuxK: the dead latents' top-aux_k pre-activations reconstruct the residual e = x − x̂.
 
-        return z, encoder
-
-    def _auxk(
-        self, x: Tensor, x_hat: Tensor, z: Tensor, encoder: Callable[[Tensor, Tensor], Tensor]
-    ) -> Tensor:
-        """AuxK: the dead latents' top-aux_k pre-activations reconstruct the residual e = x − x̂."""
+        Only the dead latents' columns of z are read (N·#dead values, not N·d_sae). While
+        #dead <= `AUX_DENSE`·aux_k the dead latents are one dense sub-dictionary (their top
+        aux_k per token kept by a mask): two GEMMs of N·#dead·d_in each way beat gathering
+        N·aux_k scattered rows (measured 2026-12-06, d_in 256, N 4096: the gather path took a
+        step from 65 to 200 ms once aux_k reached 128); beyond that, the sparse gather."""
         dead, aux_k = self._dead()
         if not aux_k:
             return z.new_zeros((), dtype=torch.float32)
-        z_dead = z.masked_fill(~dead, float("-inf"))  # only dead latents can be picked
-        idx = z_dead.topk(aux_k, dim=-1, sorted=False).indices  # (N, aux_k)
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)
-        vals = encoder(rows, idx.flatten()).view_as(idx).relu()
+        cols = dead.nonzero().squeeze(1)  # (#dead,) the dead latents
         e = (x - x_hat).detach()  # (N, d_in)
-        e_hat = _decode_sparse(vals, idx, self.W_dec)
+        if cols.numel() <= AUX_DENSE * aux_k:
+            f = encoder.columns(cols).relu()  # (N, #dead), with gradients
+            if aux_k < cols.numel():  # keep each token's top aux_k dead latents
+                top = z.index_select(1, cols).topk(aux_k, dim=-1, sorted=False).indices
+                f = f * torch.zeros_like(f, dtype=torch.bool).scatter_(1, top, True)
+            e_hat = f.to(self.W_dec.dtype) @ self.W_dec.index_select(0, cols)  # (N, d_in)
+        else:
+            top, at = z.index_select(1, cols).topk(aux_k, dim=-1, sorted=False)
+            idx = cols[at]  # (N, aux_k) latent ids
+            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)
+            vals = encoder(rows, idx.flatten(), top.flatten()).view_as(idx).relu()
+            e_hat = _decode_sparse(vals, idx, self.W_dec)
         return sq_err(e, e_hat).sum() / sq_err(e, e.mean(0)).sum().clamp_min(1e-12)
 
     @torch.no_grad()
@@ -143,8 +159,25 @@ class TopKSAE(SAE):
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
+class Encoder:
+    """Parts of z = x_c @ W + b (given without autograd) with gradients to W and b, at the cost
+    of the part: `encoder(rows, cols)` -> z[rows, cols] (`SparseGather`; `values`, if the caller
+    has them from its top-k, spare the gather), `columns(cols)` -> z[:, cols] (a GEMM on those
+    columns)."""
+
+    def __init__(self, x_c: Tensor, W: Tensor, b: Tensor, z: Tensor):
+        self.x_c, self.W, self.b, self.z = x_c, W, b, z
+
+    def __call__(self, rows: Tensor, cols: Tensor, values: Tensor | None = None) -> Tensor:
+        values = self.z[rows, cols] if values is None else values
+        return SparseGather.apply(self.x_c, self.W, self.b, rows, cols, values)
+
+    def columns(self, cols: Tensor) -> Tensor:
+        return torch.addmm(self.b.index_select(0, cols), self.x_c, self.W.index_select(1, cols))
+
+
 class SparseGather(torch.autograd.Function):
-    """(x, W, b, rows, cols, z) -> z[rows, cols] for z = x @ W + b, given z; sparse backward.
+    """(x, W, b, rows, cols, values) -> values = z[rows, cols] of z = x @ W + b; sparse backward.
 
         ∂L/∂W = xᵀ·G,   ∂L/∂b = Σ_N G,   G (N, d_sae) zero but G[rows, cols] = ∂L/∂out
 
@@ -154,11 +187,11 @@ class SparseGather(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, W: Tensor, b: Tensor, rows: Tensor, cols: Tensor, z: Tensor
+        ctx: Any, x: Tensor, W: Tensor, b: Tensor, rows: Tensor, cols: Tensor, values: Tensor
     ) -> Tensor:
         ctx.save_for_backward(x, rows, cols)
         ctx.d_sae, ctx.dtype = W.shape[1], W.dtype
-        return z[rows, cols]
+        return values.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, None, None, None]:
@@ -179,6 +212,41 @@ def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     product's N·d_sae·d_in, with gradients to both the values and W_dec.
     """
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+
+
+class _Stores(threading.local):
+    """Per thread: dtype -> the flat storage `_reused` hands out."""
+
+    def __init__(self) -> None:
+        self.by_dtype: dict[torch.dtype, Tensor] = {}
+
+
+_STORES = _Stores()
+
+
+def _reused(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised CPU tensor of `shape` on storage this thread keeps between calls, grown
+    to the largest size asked. A fresh (N, d_sae) block of over 32 MiB comes from mmap and is
+    page-faulted in on every step (glibc; PyTorch's CPU allocator caches nothing): measured
+    2026-12-06 on a 2-core AMD EPYC VM, (4096, 256) @ (256, 2048) took 36 ms into fresh memory,
+    25 ms into reused. Whatever a previous call got from it is overwritten."""
+    n = math.prod(shape)
+    store = _STORES.by_dtype.get(dtype)
+    if store is None or store.numel() < n:
+        store = _STORES.by_dtype[dtype] = torch.empty(n, dtype=dtype)
+    return store[:n].view(shape)
+
+
+def _addmm_reused(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """torch.addmm(bias, a, b) without gradients, into `_reused` storage on CPU (autocast's
+    dtype where CPU autocast is on); elsewhere (CUDA's allocator caches; torch.compile traces)
+    a plain addmm."""
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.addmm(bias, a, b)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else a.dtype
+    out = _reused((a.shape[0], b.shape[1]), dtype)
+    with torch.autocast("cpu", enabled=False):
+        return torch.addmm(bias.to(dtype), a.to(dtype), b.to(dtype), out=out)
 
 
 def _dense(vals: Tensor, idx: Tensor, d_sae: int) -> Tensor:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 
+from sae.models import topk as topk_module
 from sae.models.base import SAE
 from sae.models.registry import ARCHS, build_sae, hparam_names, load_sae
 from sae.models.relu import ReluSAE
@@ -93,10 +95,19 @@ def test_topk_auxk_trains_dead_latents_only() -> None:
     assert (g[~dead] == 0).all()  # ...and only with them
 
 
-def test_topk_sparse_gradients_match_the_dense_formula() -> None:
+@pytest.mark.parametrize(
+    ("aux_k", "aux_dense"),
+    [(8, 0), (8, 8), (64, 8)],
+    ids=["auxk-gathered", "auxk-dense-top8", "auxk-dense-every-dead"],
+)
+def test_topk_sparse_gradients_match_the_dense_formula(
+    aux_k: int, aux_dense: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SparseGather's backward (only the picked latents, main and AuxK) equals autograd's dense
-    one, in float64, with AuxK on."""
-    sae = make("topk", dead_tokens=64, aux_k=8).double().train()
+    one, in float64, with AuxK on: ~32 dead latents taken by the sparse gather (AUX_DENSE 0), as
+    a dense sub-dictionary keeping each token's top 8, and with aux_k above #dead (all kept)."""
+    monkeypatch.setattr(topk_module, "AUX_DENSE", aux_dense)
+    sae = make("topk", dead_tokens=64, aux_k=aux_k).double().train()
     with torch.no_grad():
         sae.b_enc[32:] += 3.0  # latents 0..31 rarely picked: dead after the first batch
     x = data(64).double()
@@ -116,11 +127,34 @@ def test_topk_sparse_gradients_match_the_dense_formula() -> None:
     x_hat = decode(z, 4) + sae.b_dec
     fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     e = (x - x_hat).detach()
-    e_hat = decode(z.masked_fill(~dead, float("-inf")), min(8, int(dead.sum())))
+    assert 8 < int(dead.sum()) < 64
+    e_hat = decode(z.masked_fill(~dead, float("-inf")), min(aux_k, int(dead.sum())))
     aux = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
     (fvu + sae.aux_coeff * aux).backward()
     for name, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, fast[name], rtol=1e-9, atol=1e-12)
+
+
+def test_topk_pre_activations_reuse_one_buffer_per_thread() -> None:
+    """z of a training step lands in storage the thread keeps (no fresh (N, d_sae) block per
+    step), equals a plain addmm (under CPU bf16 autocast too), and another thread's is its own."""
+    sae = make("topk").train()
+    x = data(64)
+    want = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
+    z1, _ = sae.pre_acts_sparse(x)
+    torch.testing.assert_close(z1, want)
+    z2, _ = sae.pre_acts_sparse(x + 1)
+    assert z2.data_ptr() == z1.data_ptr()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zb, _ = sae.pre_acts_sparse(x)
+        wb = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
+    assert zb.dtype == wb.dtype == torch.bfloat16
+    torch.testing.assert_close(zb, wb)
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.append(sae.pre_acts_sparse(x)[0].data_ptr()))
+    thread.start()
+    thread.join()
+    assert other and other[0] != z1.data_ptr()
 
 
 def test_topk_loss_is_fvu_without_dead_latents() -> None:
