@@ -8,11 +8,13 @@ Data sets (d_in 256, 1024 true features, ~16 on per sample, a_j ~ U(0, 1)):
     hard       Zipf frequencies (exponent 1), 64 parents with 4 children each (a child fires
                only with its parent), correlated firing (30% shared factors), offset 10, noise
 
-Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 2048, fp32) from
-their own defaults; k = 16 (the data's L0) for the top-k family, and relu at its default λ and
-relu and jumprelu steered to L0 16 (`target_l0`), and relu with its recipe before 2026-12-05 (no
-encoder centre, `train.scale=norm`, lr 1e-3). Peers (`saelens`, `sparsify-k16`) come from
-bench_peers.py and run only where that venv has them (see its docstring). Scores on 16,384
+Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 2048, fp32; the
+`-auto` rows in saeflow's default dtype: bf16 autocast where the CPU has native bf16 matmuls;
+the peers' CPU defaults are fp32) from their own defaults; k = 16 (the data's L0) for the top-k
+family, and relu at its default λ and relu and jumprelu steered to L0 16 (`target_l0`), and
+relu with its recipe before 2026-12-05 (no encoder centre, `train.scale=norm`, lr 1e-3).
+Peers (`saelens`, `sparsify-k16`) come from bench_peers.py and run only where that venv has
+them (see its docstring). Scores on 16,384
 held-out samples: FVU, L0, MMCS, and for each true feature matched to a distinct latent the
 firing precision/recall/F1 and the MCC, and on hard data the F1 of the 64 parents alone
 (absorption into children shows there; `ground_truth.score`); samples/s over the training call.
@@ -42,6 +44,7 @@ sys.path.insert(0, str(ROOT))  # the peers venv does not install saeflow
 from bench_peers import BATCH, D_IN, D_SAE, Trained, train_saelens, train_sparsify  # noqa: E402
 
 from sae.activations.ground_truth import GroundTruth, score  # noqa: E402
+from sae.hardware import resolve_dtype  # noqa: E402
 from sae.models.registry import build_sae  # noqa: E402
 from sae.training.fit import FitConfig, fit  # noqa: E402
 
@@ -66,12 +69,13 @@ DATA = {
 def saeflow(
     arch: str, fit_kw: dict | None = None, **hparams: float
 ) -> Callable[[list[torch.Tensor]], Trained]:
-    """saeflow's fit() from its defaults (the arch's default lr) or `fit_kw`, fp32, the sizes."""
+    """saeflow's fit() from its defaults (the arch's default lr) or `fit_kw`, the sizes, fp32
+    unless `fit_kw` names a dtype."""
 
     def train(batches: list[torch.Tensor]) -> Trained:
         sae = build_sae(arch, D_IN, D_SAE, seed=0, **hparams)
         n = len(batches) * BATCH
-        cfg = FitConfig(tokens=n, batch_size=BATCH, dtype="fp32", **(fit_kw or {}))
+        cfg = FitConfig(tokens=n, batch_size=BATCH, **({"dtype": "fp32"} | (fit_kw or {})))
         t0 = time.perf_counter()
         sae = fit(sae, iter(batches), cfg)
         seconds = time.perf_counter() - t0
@@ -82,11 +86,13 @@ def saeflow(
 
 CONTENDERS: dict[str, Callable[[list[torch.Tensor]], Trained]] = {
     "saeflow-relu": saeflow("relu"),
+    "saeflow-relu-auto": saeflow("relu", {"dtype": "auto"}),  # saeflow's default dtype
     "saeflow-relu-l0=16": saeflow("relu", target_l0=16.0),
     # relu's recipe before 2026-12-05: no encoder centre, the scale by the norm, lr 1e-3
     "saeflow-relu-uncentred": saeflow("relu", {"scale": "norm", "lr": 1e-3}, centre=False),
     "saeflow-jumprelu-l0=16": saeflow("jumprelu", target_l0=16.0),
     "saeflow-topk": saeflow("topk", k=16),
+    "saeflow-topk-auto": saeflow("topk", {"dtype": "auto"}, k=16),
     "saeflow-batchtopk": saeflow("batchtopk", k=16),
     "saeflow-matryoshka": saeflow("matryoshka", k=16),
     "sparsify-k16": lambda b: train_sparsify(b, k=16),
@@ -114,7 +120,8 @@ def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str
         "`benchmarks/bench_ground_truth.py` (data sets and scores in its docstring). "
         f"{datetime.date.today()} · {cpu()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. One pass over {samples:,} samples per data set "
-        f"(batches of {BATCH}), d_sae {D_SAE}, fp32; scores on 16,384 held-out samples.",
+        f"(batches of {BATCH}), d_sae {D_SAE}, fp32 (`-auto`: saeflow's default `dtype=auto`, "
+        f"here {resolve_dtype('auto', torch.device('cpu'))}); scores on 16,384 held-out samples.",
         "",
         "| data | contender | FVU | L0 | MMCS | dead | precision | recall | F1 | F1 parents | MCC "
         "| samples/s |",
