@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.models.base import SAE
-from sae.models.batchtopk import BatchTopKSAE
+from sae.models.batchtopk import BatchTopKSAE, batch_topk
 from sae.models.jumprelu import JumpReLUSAE, JumpStep
 from sae.models.registry import ARCHS, build_sae, hparam_names, load_sae
 from sae.training.fit import FitConfig, fit, train_step
@@ -147,6 +147,32 @@ def test_batchtopk_keeps_the_top_k_times_batch_activations() -> None:
     kth = z.flatten().topk(4 * 32).values[-1]
     torch.testing.assert_close(out.f, torch.where(z >= kth, z, torch.zeros_like(z)))
     torch.testing.assert_close(out.x_hat, sae.decode(out.f), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("case", "margin"),
+    [("spread", 1.5), ("one-row-takes-most", 1.5), ("ties", 1.5), ("sample-too-tight", 0.5)],
+)
+def test_batch_topk_by_a_sampled_threshold_equals_the_whole_batch_topk(
+    case: str, margin: float
+) -> None:
+    """batch_topk (a threshold from a sample, then the top-k of what passes) picks the same
+    values as one top-k over the flattened batch: rows sharing the budget, one row holding most
+    of it, tied values, and a threshold that lets too few through (the whole top-k runs)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 256, generator=g)
+    if case == "one-row-takes-most":
+        z[3] += 10.0  # row 3 holds the 200 largest values
+    if case == "ties":
+        z = z.round()  # values in a handful of integers
+    n = 200
+    top, flat = batch_topk(z, n, margin)
+    want = z.flatten().topk(n, sorted=False).values
+    assert flat.unique().numel() == n  # n distinct entries...
+    torch.testing.assert_close(z.flatten()[flat], top)  # ...whose values are returned...
+    torch.testing.assert_close(top.sort().values, want.sort().values)  # ...the n largest
+    if case == "one-row-takes-most":
+        assert (flat // 256 == 3).sum() == n
 
 
 def test_batchtopk_token_with_no_latent_decodes_to_b_dec() -> None:
