@@ -32,7 +32,7 @@ from benchmd import cpu, write_section
 from torch import Tensor
 
 from sae.hardware import cpu_has_fast_bf16
-from sae.models.base import SAEOutput, sq_err
+from sae.models.base import SAEOutput, reusing_buffers, sq_err
 from sae.models.registry import build_sae
 from sae.models.topk import TopKSAE
 from sae.training.fit import train_step
@@ -70,16 +70,17 @@ def make(arch: str, d_sae: int) -> torch.nn.Module:
 
 
 def step_time(arch: str, d_sae: int, bf16: bool, steps: int) -> float:
-    """Median seconds per train_step after one warm-up step."""
+    """Median seconds per train_step after one warm-up step (buffers reused as in fit's loop)."""
     sae = make(arch, d_sae).train()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1)) * 0.7
     times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        train_step(sae, opt, x, 1.0, 1.0, bf16)
-        if i:
-            times.append(time.perf_counter() - t)
+    with reusing_buffers():
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            train_step(sae, opt, x, 1.0, 1.0, bf16)
+            if i:
+                times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 

@@ -14,8 +14,10 @@ checks the sha256. Never pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -239,6 +241,47 @@ class Centred(nn.Module):
         super().load_training_state(tensors, values)
         if "centre" in tensors:  # states saved before the centre existed: 0, as then
             self.c.copy_(tensors["centre"])
+
+
+class _Reuse(threading.local):
+    """This thread's storage for `reused`: dtype -> a flat tensor; None outside
+    `reusing_buffers`."""
+
+    def __init__(self) -> None:
+        self.stores: dict[torch.dtype, Tensor] | None = None
+
+
+_REUSE = _Reuse()
+
+
+@contextlib.contextmanager
+def reusing_buffers() -> Iterator[None]:
+    """Within the block, on this thread, `reused` hands out storage kept from call to call (freed
+    when the outermost block ends). The trainer's loop runs in one: a fresh (N, d_sae) block of
+    over 32 MiB comes from mmap and is page-faulted in on every step (glibc; PyTorch's CPU
+    allocator caches nothing): measured 2026-12-06 on a 2-core AMD EPYC VM, writing the
+    encoder's (4096, 2048) pre-activations cost 7.3 ms a step into fresh memory, 1.3 ms into
+    reused (of a ~65 ms topk step)."""
+    outer = _REUSE.stores
+    _REUSE.stores = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _REUSE.stores = outer
+
+
+def reused(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised CPU tensor of `shape`: inside `reusing_buffers`, on this thread's kept
+    storage for `dtype` (grown to the largest size asked; what an earlier call got from it is
+    overwritten), else fresh."""
+    stores = _REUSE.stores
+    if stores is None:
+        return torch.empty(shape, dtype=dtype)
+    n = math.prod(shape)
+    store = stores.get(dtype)
+    if store is None or store.numel() < n:
+        store = stores[dtype] = torch.empty(n, dtype=dtype)
+    return store[:n].view(shape)
 
 
 def random_directions(n: int, d: int, norm: float) -> Tensor:

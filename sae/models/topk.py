@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import threading
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+from sae.models.base import SAE, SAEOutput, random_directions, reused, sq_err
 from sae.models.config import SAEConfig
 
 AUX_DENSE = 8
@@ -110,8 +108,8 @@ class TopKSAE(SAE):
 
         Only the k chosen pre-activations per token reach the loss, so ∂loss/∂z is sparse; the
         dense backward (N·d_sae·d_in for ∂W_enc) would cost as much as the forward product.
-        z lives in this thread's reused buffer (`_reused`): valid until the thread's next
-        pre_acts_sparse, i.e. through this forward and its backward.
+        Inside `reusing_buffers` (the trainer's loop) z lives in storage the thread reuses: valid
+        until the thread's next pre_acts_sparse, i.e. through this forward and its backward.
         """
         x_c = x - self.b_dec.detach()
         bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc  # (d_sae,)
@@ -214,37 +212,14 @@ def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
 
 
-class _Stores(threading.local):
-    """Per thread: dtype -> the flat storage `_reused` hands out."""
-
-    def __init__(self) -> None:
-        self.by_dtype: dict[torch.dtype, Tensor] = {}
-
-
-_STORES = _Stores()
-
-
-def _reused(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """An uninitialised CPU tensor of `shape` on storage this thread keeps between calls, grown
-    to the largest size asked. A fresh (N, d_sae) block of over 32 MiB comes from mmap and is
-    page-faulted in on every step (glibc; PyTorch's CPU allocator caches nothing): measured
-    2026-12-06 on a 2-core AMD EPYC VM, (4096, 256) @ (256, 2048) took 36 ms into fresh memory,
-    25 ms into reused. Whatever a previous call got from it is overwritten."""
-    n = math.prod(shape)
-    store = _STORES.by_dtype.get(dtype)
-    if store is None or store.numel() < n:
-        store = _STORES.by_dtype[dtype] = torch.empty(n, dtype=dtype)
-    return store[:n].view(shape)
-
-
 def _addmm_reused(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """torch.addmm(bias, a, b) without gradients, into `_reused` storage on CPU (autocast's
+    """torch.addmm(bias, a, b) without gradients, on CPU into `reused` storage (in autocast's
     dtype where CPU autocast is on); elsewhere (CUDA's allocator caches; torch.compile traces)
     a plain addmm."""
     if a.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.addmm(bias, a, b)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else a.dtype
-    out = _reused((a.shape[0], b.shape[1]), dtype)
+    out = reused((a.shape[0], b.shape[1]), dtype)
     with torch.autocast("cpu", enabled=False):
         return torch.addmm(bias.to(dtype), a.to(dtype), b.to(dtype), out=out)
 

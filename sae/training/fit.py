@@ -29,7 +29,7 @@ from torch import Tensor
 from sae.analysis import metrics
 from sae.failpoint import failpoint
 from sae.hardware import num_threads, resolve_device, resolve_dtype
-from sae.models.base import SAE, SAEOutput
+from sae.models.base import SAE, SAEOutput, reusing_buffers
 from sae.models.config import DEFAULT_LR
 from sae.training import checkpoint
 from sae.training.checkpoint import CheckpointError, TrainState
@@ -309,6 +309,7 @@ class _Trainer:
         self.monitor = _Monitor(sae, cfg, on_step, checkpoint)
         self.scale = 1.0
         self.lr = 0.0  # set by the schedule at each step
+        self.peak_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[sae.arch]
         self.last: tuple[Tensor, SAEOutput, float] | None = None  # (x, out, sparsity_scale)
 
     def start(self, first: Tensor) -> None:
@@ -377,6 +378,7 @@ class _Trainer:
             "scale": self.scale,
             "tokens": self.monitor.tokens,
             "fit": self.cfg.fit_values(),
+            "peak_lr": self.peak_lr,
             "target_l0": self.sae.target_l0,
             "last_l0": None if self.control is None else self.control.last,
             **shared,
@@ -388,6 +390,8 @@ class _Trainer:
         """Become the trainer that saved `state` (same SAE config and FitConfig)."""
         want = {"sae": self.config, "fit": _comparable(self.cfg.fit_values())}
         want["target_l0"] = self.sae.target_l0
+        if "peak_lr" in state.values:  # lr None: the arch's default then and now (states of
+            want["peak_lr"] = self.peak_lr  # 2026-12-06 on; older ones did not record it)
         for key, value in want.items():
             saved = state.values.get(key) if key != "fit" else _comparable(state.values[key])
             if json.loads(json.dumps(value)) != saved:
@@ -497,7 +501,8 @@ def fit_many(
         trainers = [
             _Trainer(*args, device) for args in zip(saes, cfgs, on_steps, checkpoints, strict=True)
         ]
-        last = _train(trainers, batches, resume, device)
+        with reusing_buffers():  # the topk family's (B, d_sae) pre-activations, step to step
+            last = _train(trainers, batches, resume, device)
     return [t.finish(last) for t in trainers]
 
 

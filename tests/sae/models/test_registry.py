@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae.models import topk as topk_module
-from sae.models.base import SAE
+from sae.models.base import SAE, reusing_buffers
 from sae.models.registry import ARCHS, build_sae, hparam_names, load_sae
 from sae.models.relu import ReluSAE
 from sae.models.topk import TopKSAE
@@ -135,26 +135,37 @@ def test_topk_sparse_gradients_match_the_dense_formula(
         torch.testing.assert_close(p.grad, fast[name], rtol=1e-9, atol=1e-12)
 
 
-def test_topk_pre_activations_reuse_one_buffer_per_thread() -> None:
-    """z of a training step lands in storage the thread keeps (no fresh (N, d_sae) block per
-    step), equals a plain addmm (under CPU bf16 autocast too), and another thread's is its own."""
+def test_topk_pre_activations_reuse_one_buffer_per_thread_inside_the_block() -> None:
+    """Inside `reusing_buffers` (the trainer's loop) z of each step lands in storage the thread
+    keeps (no fresh (N, d_sae) block per step) and equals a plain addmm (under CPU bf16 autocast
+    too); another thread's is its own; outside the block each z is fresh."""
     sae = make("topk").train()
     x = data(64)
     want = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
-    z1, _ = sae.pre_acts_sparse(x)
-    torch.testing.assert_close(z1, want)
-    z2, _ = sae.pre_acts_sparse(x + 1)
-    assert z2.data_ptr() == z1.data_ptr()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        zb, _ = sae.pre_acts_sparse(x)
-        wb = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
-    assert zb.dtype == wb.dtype == torch.bfloat16
-    torch.testing.assert_close(zb, wb)
-    other: list[int] = []
-    thread = threading.Thread(target=lambda: other.append(sae.pre_acts_sparse(x)[0].data_ptr()))
-    thread.start()
-    thread.join()
-    assert other and other[0] != z1.data_ptr()
+    with reusing_buffers():
+        z1, _ = sae.pre_acts_sparse(x)
+        torch.testing.assert_close(z1, want)
+        z2, _ = sae.pre_acts_sparse(x + 1)
+        assert z2.data_ptr() == z1.data_ptr()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            zb, _ = sae.pre_acts_sparse(x)
+            wb = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
+        assert zb.dtype == wb.dtype == torch.bfloat16
+        torch.testing.assert_close(zb, wb)
+        other: list[int] = []
+
+        def in_thread() -> None:
+            with reusing_buffers():
+                other.append(sae.pre_acts_sparse(x)[0].data_ptr())
+
+        thread = threading.Thread(target=in_thread)
+        thread.start()
+        thread.join()
+        assert other and other[0] != z1.data_ptr()
+    z3, _ = sae.pre_acts_sparse(x)
+    z4, _ = sae.pre_acts_sparse(x)
+    assert z3.data_ptr() != z4.data_ptr()
+    torch.testing.assert_close(z4, want)
 
 
 def test_topk_loss_is_fvu_without_dead_latents() -> None:

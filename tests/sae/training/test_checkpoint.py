@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sae.activations.synthetic import sparse_batches, unit_rows
+from sae.models.config import DEFAULT_LR
 from sae.models.registry import build_sae
 from sae.training import checkpoint
 from sae.training.checkpoint import CheckpointError
@@ -78,6 +79,19 @@ def test_resume_refuses_another_runs_state(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="saved with sae="):
         fit(build_sae("relu", D, D_SAE, l1_coeff=5.0), stream(), cfg(), resume=state,
             checkpoint=tmp_path)  # fmt: skip
+
+
+def test_resume_refuses_a_state_trained_at_another_default_lr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.lr None means the arch's default (`DEFAULT_LR`): a state saved under one default
+    does not resume under another (jumprelu's moved 1e-3 -> 1e-2 on 2026-12-06)."""
+    fit(build_sae("relu", D, D_SAE, seed=0), stream(), cfg(lr=None), checkpoint=tmp_path)
+    state = checkpoint.load(tmp_path)
+    assert state is not None and state.values["peak_lr"] == DEFAULT_LR["relu"]
+    monkeypatch.setitem(DEFAULT_LR, "relu", 1e-2)
+    with pytest.raises(CheckpointError, match=r"saved with peak_lr=0.003 but this run has 0.01"):
+        fit(build_sae("relu", D, D_SAE), stream(skip=25), cfg(lr=None), resume=state)
 
 
 def test_unreadable_or_missing_state(tmp_path: Path) -> None:
