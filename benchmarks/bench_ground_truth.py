@@ -21,6 +21,7 @@ firing precision/recall/F1 and the MCC, and on hard data the F1 of the 64 parent
 
     .venv/bin/python benchmarks/bench_ground_truth.py --samples 1000000 --data flat offset
     .venv/bin/python benchmarks/bench_ground_truth.py --write   # all, ~1 h (peers: dev extras)
+    .venv/bin/python benchmarks/bench_ground_truth.py --speed 3 --samples 1000000 --write
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import datetime
 import gc
 import itertools
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +51,14 @@ from sae.models.registry import build_sae  # noqa: E402
 from sae.training.fit import FitConfig, fit  # noqa: E402
 
 START, END = "<!-- bench_ground_truth:start -->", "<!-- bench_ground_truth:end -->"
+SPEED_START = "<!-- bench_ground_truth_speed:start -->"
+SPEED_END = "<!-- bench_ground_truth_speed:end -->"
+SPEED = {  # --speed: saeflow contender -> the peer it is timed against
+    "saeflow-topk": "sparsify-k16",
+    "saeflow-topk-auto": "sparsify-k16",
+    "saeflow-relu": "saelens",
+    "saeflow-relu-auto": "saelens",
+}
 DATA = {
     "flat": GroundTruth(d_in=D_IN, n_features=1024, active=16),
     "offset": GroundTruth(d_in=D_IN, n_features=1024, active=16, offset=10.0),
@@ -140,6 +150,42 @@ def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str
     return "\n".join([*lines, "", END])
 
 
+def speed(batches: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
+    """samples/s of `SPEED`'s contenders and peers on the same batches, `rounds` times round
+    robin: on a shared VM one contender's rate moves by tens of percent from one minute to the
+    next (2026-12-06: sparsify 47k samples/s on flat data, 67k on offset data, in one run), so
+    single runs compare badly; medians of interleaved rounds compare better."""
+    names = [n for n in dict.fromkeys([*SPEED, *SPEED.values()]) if available(n)]
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        for name in names:
+            gc.collect()
+            t = CONTENDERS[name](batches)
+            rates[name].append(len(batches) * BATCH / t.seconds)
+            print(f"round {i + 1} {name} {rates[name][-1]:,.0f} samples/s", flush=True)
+    return rates
+
+
+def speed_report(rates: dict[str, list[float]], samples: int, data: str) -> str:
+    rounds = len(next(iter(rates.values())))
+    lines = [
+        SPEED_START,
+        f"Speed alone (`--speed {rounds} --samples {samples} --data {data}`), "
+        f"{datetime.date.today()} · {cpu()}: each contender trains one pass over the same "
+        f"{samples:,} samples of `{data}`, {rounds} rounds round robin; samples/s: median, "
+        "min, max.",
+        "",
+        "| contender | samples/s | min | max | ÷ peer (medians) |",
+        "|---|---|---|---|---|",
+    ]
+    med = {n: statistics.median(r) for n, r in rates.items()}
+    for name, r in rates.items():
+        peer = SPEED.get(name)
+        ratio = f"{med[name] / med[peer]:.2f}× {peer}" if peer in med else ""
+        lines.append(f"| {name} | {med[name]:,.0f} | {min(r):,.0f} | {max(r):,.0f} | {ratio} |")
+    return "\n".join([*lines, "", SPEED_END])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=2_000_000, help="training samples per run")
@@ -147,8 +193,19 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="contenders to run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    ap.add_argument(
+        "--speed", type=int, default=0, metavar="ROUNDS", help="time SPEED's contenders only"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.speed:
+        truth = DATA[args.data[0]]
+        batches = list(itertools.islice(truth.batches(BATCH, seed=1), args.samples // BATCH))
+        text = speed_report(speed(batches, args.speed), len(batches) * BATCH, args.data[0])
+        print(text)
+        if args.write:
+            write_section(text, SPEED_START, SPEED_END)
+        return
     names = [n for n in (args.only or CONTENDERS) if available(n)]
     results: dict[str, dict[str, dict[str, float]]] = {}
     for data in args.data:
