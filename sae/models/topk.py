@@ -80,11 +80,12 @@ class TopKSAE(SAE):
     @torch.compiler.disable  # Python counters: traced, each new value would recompile
     @torch.no_grad()
     def _dead(self) -> tuple[Tensor, int]:
-        """(dead mask (d_sae,), how many AuxK uses: min(aux_k, #dead), 0 = no AuxK this step)."""
-        dead = self.tokens_since_fired >= self.dead_tokens
+        """(the dead latents' ids (#dead,), how many AuxK uses: min(aux_k, #dead), 0 = no AuxK
+        this step)."""
         if self.aux_coeff == 0 or self.tokens_trained < self.dead_tokens:
-            return dead, 0
-        return dead, min(self.aux_k, int(dead.sum()))  # one host sync per step; free on CPU
+            return self.tokens_since_fired.new_zeros(0), 0
+        cols = (self.tokens_since_fired >= self.dead_tokens).nonzero().squeeze(1)
+        return cols, min(self.aux_k, cols.numel())  # one host sync per step; free on CPU
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -102,7 +103,7 @@ class TopKSAE(SAE):
 
     def pre_acts_sparse(self, x: Tensor) -> tuple[Tensor, Encoder]:
         """z = pre_acts(x) computed without autograd, and an `Encoder` that hands out parts of
-        z with gradients to W_enc, b_enc, b_dec: encoder(rows, cols) -> z[rows, cols] at
+        z with gradients to W_enc, b_enc, b_dec: encoder(rows, cols, values) -> z[rows, cols] at
         O(len(rows)·d_in), encoder.columns(cols) -> z[:, cols] at O(N·len(cols)·d_in), never
         the dense O(N·d_sae·d_in) backward.
 
@@ -115,7 +116,7 @@ class TopKSAE(SAE):
         bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc  # (d_sae,)
         with torch.no_grad():
             z = _addmm_reused(bias, x_c, self.W_enc)  # (N, d_sae)
-        return z, Encoder(x_c, self.W_enc, bias, z)
+        return z, Encoder(x_c, self.W_enc, bias)
 
     def _auxk(self, x: Tensor, x_hat: Tensor, z: Tensor, encoder: Encoder) -> Tensor:
         """AuxK: the dead latents' top-aux_k pre-activations reconstruct the residual e = x − x̂.
@@ -125,22 +126,22 @@ class TopKSAE(SAE):
         aux_k per token kept by a mask): two GEMMs of N·#dead·d_in each way beat gathering
         N·aux_k scattered rows (measured 2026-12-06, d_in 256, N 4096: the gather path took a
         step from 65 to 200 ms once aux_k reached 128); beyond that, the sparse gather."""
-        dead, aux_k = self._dead()
+        cols, aux_k = self._dead()  # the dead latents
         if not aux_k:
             return z.new_zeros((), dtype=torch.float32)
-        cols = dead.nonzero().squeeze(1)  # (#dead,) the dead latents
         e = (x - x_hat).detach()  # (N, d_in)
+        picked = None  # each token's top aux_k dead latents (values, positions in cols)
+        if aux_k < cols.numel():
+            picked = z.index_select(1, cols).topk(aux_k, dim=-1, sorted=False)
         if cols.numel() <= AUX_DENSE * aux_k:
             f = encoder.columns(cols).relu()  # (N, #dead), with gradients
-            if aux_k < cols.numel():  # keep each token's top aux_k dead latents
-                top = z.index_select(1, cols).topk(aux_k, dim=-1, sorted=False).indices
-                f = f * torch.zeros_like(f, dtype=torch.bool).scatter_(1, top, True)
+            if picked is not None:
+                f = f * torch.zeros_like(f, dtype=torch.bool).scatter_(1, picked.indices, True)
             e_hat = f.to(self.W_dec.dtype) @ self.W_dec.index_select(0, cols)  # (N, d_in)
-        else:
-            top, at = z.index_select(1, cols).topk(aux_k, dim=-1, sorted=False)
-            idx = cols[at]  # (N, aux_k) latent ids
+        else:  # more than AUX_DENSE·aux_k dead, so picked is set
+            idx = cols[picked.indices]  # (N, aux_k) latent ids
             rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)
-            vals = encoder(rows, idx.flatten(), top.flatten()).view_as(idx).relu()
+            vals = encoder(rows, idx.flatten(), picked.values.flatten()).view_as(idx).relu()
             e_hat = _decode_sparse(vals, idx, self.W_dec)
         return sq_err(e, e_hat).sum() / sq_err(e, e.mean(0)).sum().clamp_min(1e-12)
 
@@ -158,16 +159,15 @@ class TopKSAE(SAE):
 
 
 class Encoder:
-    """Parts of z = x_c @ W + b (given without autograd) with gradients to W and b, at the cost
-    of the part: `encoder(rows, cols)` -> z[rows, cols] (`SparseGather`; `values`, if the caller
-    has them from its top-k, spare the gather), `columns(cols)` -> z[:, cols] (a GEMM on those
+    """Parts of z = x_c @ W + b (z itself computed without autograd) with gradients to W and b,
+    at the cost of the part: `encoder(rows, cols, values)` -> z[rows, cols], the values the
+    caller's top-k read from z (`SparseGather`), `columns(cols)` -> z[:, cols] (a GEMM on those
     columns)."""
 
-    def __init__(self, x_c: Tensor, W: Tensor, b: Tensor, z: Tensor):
-        self.x_c, self.W, self.b, self.z = x_c, W, b, z
+    def __init__(self, x_c: Tensor, W: Tensor, b: Tensor):
+        self.x_c, self.W, self.b = x_c, W, b
 
-    def __call__(self, rows: Tensor, cols: Tensor, values: Tensor | None = None) -> Tensor:
-        values = self.z[rows, cols] if values is None else values
+    def __call__(self, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
         return SparseGather.apply(self.x_c, self.W, self.b, rows, cols, values)
 
     def columns(self, cols: Tensor) -> Tensor:

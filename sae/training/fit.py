@@ -59,11 +59,16 @@ def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-7) -> Tensor:
     return m.float()
 
 
+def peak_lr(cfg: FitConfig, arch: str) -> float:
+    """cfg.lr, or the architecture's default (`DEFAULT_LR`) where that is None."""
+    return cfg.lr if cfg.lr is not None else DEFAULT_LR[arch]
+
+
 def schedule(step: int, cfg: FitConfig, arch: str = "relu") -> tuple[float, float]:
-    """(lr, sparsity_scale) at 0-based `step` of cfg.steps: linear warm-ups and decay; the
-    peak lr is cfg.lr, or the architecture's default (`DEFAULT_LR`) where that is None."""
+    """(lr, sparsity_scale) at 0-based `step` of cfg.steps: linear warm-ups and decay from the
+    peak lr (`peak_lr`)."""
     steps = cfg.steps
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[arch]
+    lr = peak_lr(cfg, arch)
     warmup = round(cfg.lr_warmup_frac * steps)
     if step < warmup:
         lr *= (step + 1) / warmup
@@ -309,7 +314,7 @@ class _Trainer:
         self.monitor = _Monitor(sae, cfg, on_step, checkpoint)
         self.scale = 1.0
         self.lr = 0.0  # set by the schedule at each step
-        self.peak_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[sae.arch]
+        self.peak_lr = peak_lr(cfg, sae.arch)
         self.last: tuple[Tensor, SAEOutput, float] | None = None  # (x, out, sparsity_scale)
 
     def start(self, first: Tensor) -> None:
