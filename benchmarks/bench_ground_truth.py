@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from benchmd import cpu, write_section
@@ -77,7 +78,7 @@ DATA = {
 
 
 def saeflow(
-    arch: str, fit_kw: dict | None = None, **hparams: float
+    arch: str, fit_kw: dict | None = None, **hparams: Any
 ) -> Callable[[list[torch.Tensor]], Trained]:
     """saeflow's fit() from its defaults (the arch's default lr) or `fit_kw`, the sizes, fp32
     unless `fit_kw` names a dtype."""
@@ -105,6 +106,8 @@ CONTENDERS: dict[str, Callable[[list[torch.Tensor]], Trained]] = {
     "saeflow-topk-auto": saeflow("topk", {"dtype": "auto"}, k=16),
     "saeflow-batchtopk": saeflow("batchtopk", k=16),
     "saeflow-matryoshka": saeflow("matryoshka", k=16),
+    # the paper's Matryoshka BatchTopK (saeflow's default before 2026-12-07)
+    "saeflow-matryoshka-batch": saeflow("matryoshka", k=16, matryoshka_topk="batch"),
     "sparsify-k16": lambda b: train_sparsify(b, k=16),
     "saelens": train_saelens,
 }

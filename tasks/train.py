@@ -47,10 +47,11 @@ def run_key(c: Config, cache_key: str) -> str:
         del train["processes"]
     if c.sae.target_l0 is None:  # the controller's gains change nothing without a target
         train = {k: v for k, v in train.items() if not k.startswith("l0_")}
+    sae = {k: v for k, v in asdict(c.sae).items() if KEYED_FOR.get(k, c.sae.arch) == c.sae.arch}
     spec = {
         "cache": cache_key,
         "hook": c.hook,
-        "sae": _unless_default(asdict(c.sae), SAEConfig, ADDED["sae"]),
+        "sae": _unless_default(sae, SAEConfig, ADDED["sae"]),
         "train": _unless_default(train, FitConfig, ADDED["train"]),
         "exclude_special": c.cache.exclude_special,
     }
@@ -67,6 +68,7 @@ ADDED = {
         "init_threshold",
         "centre",
         "matryoshka_fractions",
+        "matryoshka_topk",
     ),
     "train": (
         "lr_warmup_frac",
@@ -82,8 +84,12 @@ ADDED = {
 """Fields no config could set before (they were fixed in the code): at the value they had then
 (`FORMER`, else their default) they are left out of the key, so earlier runs, which trained
 with those values, keep their keys."""
-FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05}
-"""Fields of `ADDED` whose default has changed since: the value they were added with."""
+FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05, "matryoshka_topk": "batch"}
+"""Fields of `ADDED` whose default has changed since: the value they were added with (or, for
+matryoshka_topk, the value the code had before the field)."""
+KEYED_FOR = {"matryoshka_topk": "matryoshka"}
+"""sae.* fields added since that one architecture reads: in its runs' keys only, so the
+others' runs keep theirs."""
 
 
 def _unless_default(values: dict[str, Any], cls: type, names: tuple[str, ...]) -> dict[str, Any]:

@@ -7,7 +7,9 @@ f and x̂ (FORMATS.md):
     relu                  standard    ReLU(x·W_enc + b_enc)                     false
     topk                  topk        ReLU(TopK_k((x − b_dec)·W_enc + b_enc))   true
     jumprelu              jumprelu    ReLU(z)·1[z > θ], z = x·W_enc + b_enc     false
-    batchtopk, matryoshka jumprelu    the same on x − b_dec, θ learnt (scalar)  true
+    batchtopk             jumprelu    the same on x − b_dec, θ learnt (scalar)  true
+    matryoshka            jumprelu    as batchtopk (matryoshka_topk=batch)      true
+    matryoshka            topk        as topk (matryoshka_topk=token)           true
 
 saeflow folds its input scale into the weights, so `normalize_activations` is "none".
 In (`load`): standard, topk and jumprelu directories, either value of apply_b_dec_to_input
@@ -64,6 +66,8 @@ def export(
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     arch = ARCHITECTURE.get(sae.arch)
+    if sae.arch == "matryoshka" and sae.matryoshka_topk == "token":
+        arch = "topk"  # each token's top k, as TopK
     if arch is None:
         raise ValueError(f"arch {sae.arch!r} has no SAELens equivalent here")
     W_enc, b_enc = sae.W_enc.detach().float(), sae.b_enc.detach().float()

@@ -82,6 +82,9 @@ class SAE(nn.Module):
     arch: ClassVar[str]
     hparams: ClassVar[tuple[str, ...]] = ()
     """The `SAEConfig` fields this architecture reads; saved in `cfg.json` (`config()`)."""
+    saved_before: ClassVar[dict[str, Any]] = {}
+    """Hyper-parameters added since some `cfg.json` files were saved: the value those files'
+    SAEs had (`load_sae` fills it in where the file lacks it)."""
     train_attrs: ClassVar[tuple[str, ...]] = ()
     """Python attributes that training changes (saved in the trainer state, not the weights)."""
 

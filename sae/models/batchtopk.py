@@ -58,7 +58,7 @@ class BatchTopKSAE(TopKSAE):
             fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
             return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
         z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
-        top, flat = batch_topk(z, self.k * x.shape[0])  # (k·N,)
+        top, flat = self._select(z)  # (k·N,) values and their indices into z.flatten()
         vals = encoder(flat // self.d_sae, flat % self.d_sae, top).relu()  # with gradients
         x_hat, recon = self._reconstruct(x, vals, flat)  # (N, d_in), ()
         err = sq_err(x, x_hat)
@@ -66,6 +66,11 @@ class BatchTopKSAE(TopKSAE):
         f, l0 = self._fired(vals, flat // self.d_sae, flat % self.d_sae, x.shape[0])
         self._update_threshold(vals)
         return SAEOutput(x_hat, f, recon + self.aux_coeff * aux, err.mean() / self.d_in, aux, l0)
+
+    def _select(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Training: the kept pre-activations of z (N, d_sae), k·N of them, and their indices
+        into z.flatten(): the batch's largest."""
+        return batch_topk(z, self.k * z.shape[0])
 
     def _reconstruct(self, x: Tensor, vals: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Training: (x̂ from the batch's kept (token, latent) pairs, the reconstruction loss:

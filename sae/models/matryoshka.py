@@ -1,9 +1,11 @@
-"""Matryoshka BatchTopK SAE: every prefix of the dictionary reconstructs on its own (Bussmann et
-al. 2025, "Learning Multi-Level Features with Matryoshka Sparse Autoencoders")."""
+"""Matryoshka SAE: every prefix of the dictionary reconstructs on its own (Bussmann et al. 2025,
+"Learning Multi-Level Features with Matryoshka Sparse Autoencoders"), with each token's top k
+(TopK) or the batch's top k·N (BatchTopK, the paper's) latents."""
 
 from __future__ import annotations
 
 import itertools
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -11,12 +13,15 @@ from torch import Tensor
 from sae.models.base import sq_err
 from sae.models.batchtopk import BatchTopKSAE, _decode_flat
 from sae.models.config import SAEConfig
+from sae.models.topk import TopKSAE
 
 
 class MatryoshkaSAE(BatchTopKSAE):
-    """Matryoshka BatchTopK SAE: nested prefixes of the latents, each trained to reconstruct x.
+    """Matryoshka SAE: nested prefixes of the latents, each trained to reconstruct x.
 
-        z, f  as BatchTopK: the top k·N pre-activations of the batch (θ at inference)
+        z     = (x − b_dec) @ W_enc + b_enc                              (N, d_sae)
+        f     = ReLU(TopK_k(z)) per token                    `matryoshka_topk` = "token"
+        f     = BatchTopK_{k·N}(z) (θ at inference)          `matryoshka_topk` = "batch"
         x̂_g   = Σ_{i < m_g} f_i·W_dec,i + b_dec       prefixes m_1 < … < m_G = d_sae
         loss  = (1/G)·Σ_g Σ_N ‖x − x̂_g‖² / Σ_N ‖x − x̄‖²  +  aux_coeff·aux
 
@@ -25,17 +30,39 @@ class MatryoshkaSAE(BatchTopKSAE):
     SAE a broad feature that always co-fires with one of its children gets absorbed into the
     child (the child's latent learns parent + child, the parent's latent stops firing there);
     the prefix losses penalise that, since the parent's own prefix then misses it. The model
-    used for evaluation and inference is the whole dictionary: x̂ = x̂_G, the threshold θ, AuxK
-    and the unit-norm decoder are BatchTopK's.
+    used for evaluation and inference is the whole dictionary: x̂ = x̂_G; AuxK and the
+    unit-norm decoder are TopK's; with "batch", the threshold θ is BatchTopK's.
     """
 
     arch = "matryoshka"
-    hparams = (*BatchTopKSAE.hparams, "matryoshka_fractions")
+    hparams = (*BatchTopKSAE.hparams, "matryoshka_fractions", "matryoshka_topk")
+    saved_before: ClassVar[dict[str, Any]] = {"matryoshka_topk": "batch"}
 
     def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__(d_in, cfg)
         self.matryoshka_fractions = [float(f) for f in cfg.matryoshka_fractions]
+        self.matryoshka_topk = cfg.matryoshka_topk
         self.widths = prefix_widths(self.matryoshka_fractions, cfg.d_sae)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """f (N, d_in) -> (N, d_sae): each token's top k ("token") or z·1[z > θ] ("batch")."""
+        if self.matryoshka_topk == "token":
+            return TopKSAE.encode(self, x)
+        return super().encode(x)
+
+    def _select(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Training: each token's k largest pre-activations ("token") or the batch's k·N
+        largest ("batch"); values and indices into z.flatten()."""
+        if self.matryoshka_topk == "batch":
+            return super()._select(z)
+        top, idx = z.topk(self.k, dim=-1, sorted=False)  # (N, k)
+        rows = torch.arange(z.shape[0], device=z.device).unsqueeze(1)
+        return top.flatten(), (rows * self.d_sae + idx).flatten()
+
+    def _update_threshold(self, vals: Tensor) -> None:
+        """θ is BatchTopK's inference threshold: "token" has none (θ stays 0, unused)."""
+        if self.matryoshka_topk == "batch":
+            super()._update_threshold(vals)
 
     def _reconstruct(self, x: Tensor, vals: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Training: (x̂_G, the mean over prefixes of Σ_N ‖x − x̂_g‖² / Σ_N ‖x − x̄‖²); each

@@ -60,7 +60,7 @@ def load_sae(dir: Path) -> SAE:
             raise FileNotFoundError(f"no SAE checkpoint at {dir}: {dir / name} is missing")
     cfg = _read_config(dir / CONFIG)
     arch, d_in, d_sae = cfg.pop("arch"), cfg.pop("d_in"), cfg.pop("d_sae")
-    sae = build_sae(arch, d_in, d_sae, **cfg)
+    sae = build_sae(arch, d_in, d_sae, **(_arch(arch).saved_before | cfg))
     tensors, saved_arch = _read_weights(dir / WEIGHTS)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}

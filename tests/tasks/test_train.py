@@ -111,3 +111,29 @@ def test_runs_trained_before_a_default_changed_keep_their_keys() -> None:
             "exclude_special": old.cache.exclude_special}  # fmt: skip
     then = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     assert run_key(old, "c") == then != run_key(new, "c")
+
+
+def test_matryoshka_runs_from_before_matryoshka_topk_keep_their_keys() -> None:
+    """sae.matryoshka_topk (the code's BatchTopK before, "token" now by default): a matryoshka
+    run at "batch" keeps the key it had without the field; other archs never key it."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from flows.config import load
+    from tasks.train import ADDED, UNKEYED, run_key
+
+    def before(c) -> str:  # the key as computed before the field existed
+        sae = {k: v for k, v in dataclasses.asdict(c.sae).items()
+               if k != "matryoshka_topk" and (k not in ADDED["sae"] or k == "centre")}  # fmt: skip
+        train = {k: v for k, v in dataclasses.asdict(c.train).items()
+                 if k not in (*ADDED["train"], *UNKEYED, "processes")}  # fmt: skip
+        spec = {"cache": "c", "hook": c.hook, "sae": sae, "train": train,
+                "exclude_special": c.cache.exclude_special}  # fmt: skip
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    old, _ = load([*TINY, "sae=matryoshka", "sae.matryoshka_topk=batch", "train.scale=norm"])
+    new, _ = load([*TINY, "sae=matryoshka", "train.scale=norm"])
+    other, _ = load([*TINY, "sae=batchtopk", "train.scale=norm"])
+    assert run_key(old, "c") == before(old) != run_key(new, "c")
+    assert run_key(other, "c") == before(other)

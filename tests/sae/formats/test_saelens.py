@@ -18,13 +18,18 @@ from sae.models.base import SAE
 from sae.models.registry import build_sae
 
 D_IN, D_SAE = 16, 48
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka", "matryoshka-batch"]
+EXPORTED = {"matryoshka": "topk", "matryoshka-batch": "jumprelu"}
+"""The SAELens architecture of each case, where it is not `saelens.ARCHITECTURE[arch]`."""
 
 
-def random_sae(arch: str, seed: int = 0) -> SAE:
+def random_sae(case: str, seed: int = 0) -> SAE:
     """An SAE with every parameter random (b_dec and b_enc far from 0), so a bias folded the
-    wrong way, or applied to the wrong side, shows."""
+    wrong way, or applied to the wrong side, shows. `matryoshka-batch`: matryoshka_topk=batch."""
+    arch, _, topk = case.partition("-")
     hp = {"k": 5} if arch in ("topk", "batchtopk", "matryoshka") else {}
+    if topk:
+        hp["matryoshka_topk"] = topk
     sae = build_sae(arch, D_IN, D_SAE, seed=seed, **hp)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -33,7 +38,7 @@ def random_sae(arch: str, seed: int = 0) -> SAE:
         if arch == "jumprelu":
             sae.threshold.copy_(torch.rand(D_SAE, generator=g))
         if arch in ("batchtopk", "matryoshka"):
-            sae.threshold.fill_(0.7)
+            sae.threshold.fill_(0.7)  # matryoshka "token" ignores θ
     return sae.eval()
 
 
@@ -67,7 +72,7 @@ def test_sae_lens_loads_every_export_with_the_same_f_and_x_hat(tmp_path: Path, a
     assert (f > 0).float().mean() > 0.02  # the comparison is not of zeros
     torch.testing.assert_close(f_lens, f, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x_hat_lens, sae.decode(f), atol=1e-4, rtol=1e-5)
-    assert cfg["architecture"] == saelens.ARCHITECTURE[arch]
+    assert cfg["architecture"] == (EXPORTED.get(arch) or saelens.ARCHITECTURE[arch])
     assert lens.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     assert lens.cfg.metadata.model_name == "tiny"
     assert lens.cfg.metadata.context_size == 64
