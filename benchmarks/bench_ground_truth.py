@@ -10,7 +10,8 @@ Data sets (d_in 256, 1024 true features, ~16 on per sample, a_j ~ U(0, 1)):
 
 Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 2048, fp32; the
 `-auto` rows in saeflow's default dtype: bf16 autocast where the CPU has native bf16 matmuls;
-the peers' CPU defaults are fp32) from their own defaults; k = 16 (the data's L0) for the top-k
+the peers' CPU defaults are fp32) from their own defaults (saeflow's: `SAEConfig` and
+`conf/sae/<arch>.yaml`, as `sae=<arch>` trains); k = 16 (the data's L0) for the top-k
 family, and relu at its default λ and relu and jumprelu steered to L0 16 (`target_l0`), and
 relu with its recipe before 2026-12-05 (no encoder centre, `train.scale=norm`, lr 1e-3).
 Peers (`saelens`, `sparsify-k16`) come from bench_peers.py and run only where that venv has
@@ -40,6 +41,7 @@ from typing import Any
 
 import torch
 from benchmd import cpu, write_section
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the peers venv does not install saeflow
@@ -77,14 +79,22 @@ DATA = {
 }
 
 
+def group_defaults(arch: str) -> dict[str, Any]:
+    """What `sae=<arch>` sets beyond SAEConfig's defaults (`conf/sae/<arch>.yaml`; jumprelu:
+    l1_coeff 0.2): the values `saeflow train sae=<arch>` starts from."""
+    values = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sae" / f"{arch}.yaml"))
+    assert isinstance(values, dict)
+    return {k: v for k, v in values.items() if k != "arch"}
+
+
 def saeflow(
     arch: str, fit_kw: dict | None = None, **hparams: Any
 ) -> Callable[[list[torch.Tensor]], Trained]:
-    """saeflow's fit() from its defaults (the arch's default lr) or `fit_kw`, the sizes, fp32
-    unless `fit_kw` names a dtype."""
+    """saeflow's fit() from its defaults (the arch's default lr, its config group's values) or
+    `fit_kw` and `hparams`, the sizes, fp32 unless `fit_kw` names a dtype."""
 
     def train(batches: list[torch.Tensor]) -> Trained:
-        sae = build_sae(arch, D_IN, D_SAE, seed=0, **hparams)
+        sae = build_sae(arch, D_IN, D_SAE, seed=0, **(group_defaults(arch) | hparams))
         n = len(batches) * BATCH
         cfg = FitConfig(tokens=n, batch_size=BATCH, **({"dtype": "fp32"} | (fit_kw or {})))
         t0 = time.perf_counter()
