@@ -28,6 +28,7 @@ from prefect import task
 from conf.schema import Config
 from sae.activations.cache import Manifest
 from sae.hardware import resolve_device
+from sae.models import registry
 from sae.models.base import CONFIG, SAE, WEIGHTS
 from sae.models.config import K_ARCHS, SAEConfig
 from sae.training.checkpoint import steps as steps_in
@@ -47,11 +48,10 @@ def run_key(c: Config, cache_key: str) -> str:
         del train["processes"]
     if c.sae.target_l0 is None:  # the controller's gains change nothing without a target
         train = {k: v for k, v in train.items() if not k.startswith("l0_")}
-    sae = {k: v for k, v in asdict(c.sae).items() if KEYED_FOR.get(k, c.sae.arch) == c.sae.arch}
     spec = {
         "cache": cache_key,
         "hook": c.hook,
-        "sae": _unless_default(sae, SAEConfig, ADDED["sae"]),
+        "sae": _unless_default(_since_saved(asdict(c.sae), c.sae.arch), SAEConfig, ADDED["sae"]),
         "train": _unless_default(train, FitConfig, ADDED["train"]),
         "exclude_special": c.cache.exclude_special,
     }
@@ -68,7 +68,6 @@ ADDED = {
         "init_threshold",
         "centre",
         "matryoshka_fractions",
-        "matryoshka_topk",
     ),
     "train": (
         "lr_warmup_frac",
@@ -84,12 +83,17 @@ ADDED = {
 """Fields no config could set before (they were fixed in the code): at the value they had then
 (`FORMER`, else their default) they are left out of the key, so earlier runs, which trained
 with those values, keep their keys."""
-FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05, "matryoshka_topk": "batch"}
-"""Fields of `ADDED` whose default has changed since: the value they were added with (or, for
-matryoshka_topk, the value the code had before the field)."""
-KEYED_FOR = {"matryoshka_topk": "matryoshka"}
-"""sae.* fields added since that one architecture reads: in its runs' keys only, so the
-others' runs keep theirs."""
+FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05}
+"""Fields of `ADDED` whose default has changed since: the value they were added with."""
+
+
+def _since_saved(values: dict[str, Any], arch: str) -> dict[str, Any]:
+    """sae.* without the hyper-parameters added since some SAEs were saved (`SAE.saved_before`,
+    e.g. matryoshka_topk) where they change nothing: for an architecture that does not read
+    them, or at the value the SAEs had before them. Runs from before keep their keys."""
+    before = registry.ARCHS[arch].saved_before
+    added = {name for cls in registry.ARCHS.values() for name in cls.saved_before}
+    return {k: v for k, v in values.items() if k not in added or before.get(k, v) != v}
 
 
 def _unless_default(values: dict[str, Any], cls: type, names: tuple[str, ...]) -> dict[str, Any]:

@@ -8,8 +8,8 @@ f and x̂ (FORMATS.md):
     topk                  topk        ReLU(TopK_k((x − b_dec)·W_enc + b_enc))   true
     jumprelu              jumprelu    ReLU(z)·1[z > θ], z = x·W_enc + b_enc     false
     batchtopk             jumprelu    the same on x − b_dec, θ learnt (scalar)  true
-    matryoshka            jumprelu    as batchtopk (matryoshka_topk=batch)      true
-    matryoshka            topk        as topk (matryoshka_topk=token)           true
+
+and matryoshka as what its f is (`SAE.encodes_as`): topk, or batchtopk with matryoshka_topk=batch.
 
 saeflow folds its input scale into the weights, so `normalize_activations` is "none".
 In (`load`): standard, topk and jumprelu directories, either value of apply_b_dec_to_input
@@ -37,9 +37,8 @@ ARCHITECTURE = {
     "topk": "topk",
     "jumprelu": "jumprelu",
     "batchtopk": "jumprelu",
-    "matryoshka": "jumprelu",
 }
-"""saeflow's architecture -> the SAELens architecture it is exported as."""
+"""saeflow's architecture (`SAE.encodes_as`) -> the SAELens architecture it is exported as."""
 IMPORTED = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 """SAELens's architecture -> the saeflow architecture it is loaded as."""
 VERSION = "saeflow"
@@ -65,18 +64,16 @@ def export(
     `sparsity.safetensors`. Returns the cfg.json written."""
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    arch = ARCHITECTURE.get(sae.arch)
-    if sae.arch == "matryoshka" and sae.matryoshka_topk == "token":
-        arch = "topk"  # each token's top k, as TopK
+    arch = ARCHITECTURE.get(sae.encodes_as)
     if arch is None:
         raise ValueError(f"arch {sae.arch!r} has no SAELens equivalent here")
     W_enc, b_enc = sae.W_enc.detach().float(), sae.b_enc.detach().float()
     W_dec, b_dec = sae.W_dec.detach().float(), sae.b_dec.detach().float()
-    by_b_dec = sae.arch in ("topk", "batchtopk", "matryoshka")  # they encode x − b_dec
+    by_b_dec = sae.encodes_as in ("topk", "batchtopk")  # they encode x − b_dec
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     if sae.arch == "jumprelu":
         tensors["threshold"] = sae.threshold.detach().float()
-    elif arch == "jumprelu":  # batchtopk, matryoshka: one learnt threshold for every latent
+    elif arch == "jumprelu":  # batchtopk: one learnt threshold for every latent
         tensors["threshold"] = sae.threshold.detach().float().expand(sae.d_sae)
     cfg: dict[str, Any] = {
         "architecture": arch,

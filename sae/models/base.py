@@ -110,6 +110,11 @@ class SAE(nn.Module):
         """(N, d_in) -> f (N, d_sae)."""
         raise NotImplementedError
 
+    @property
+    def encodes_as(self) -> str:
+        """The architecture whose f `encode` computes (matryoshka: topk or batchtopk's)."""
+        return self.arch
+
     def decode(self, f: Tensor) -> Tensor:
         """x̂ = f @ W_dec + b_dec: (N, d_sae) -> (N, d_in)."""
         return torch.addmm(self.b_dec, f, self.W_dec)

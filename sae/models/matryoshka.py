@@ -44,9 +44,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.matryoshka_topk = cfg.matryoshka_topk
         self.widths = prefix_widths(self.matryoshka_fractions, cfg.d_sae)
 
+    @property
+    def encodes_as(self) -> str:
+        return "topk" if self.matryoshka_topk == "token" else "batchtopk"
+
     def encode(self, x: Tensor) -> Tensor:
         """f (N, d_in) -> (N, d_sae): each token's top k ("token") or z·1[z > θ] ("batch")."""
-        if self.matryoshka_topk == "token":
+        if self.encodes_as == "topk":
             return TopKSAE.encode(self, x)
         return super().encode(x)
 
