@@ -62,11 +62,17 @@ def export(
     """Write `sae` (raw-input units, as saeflow saves it) as a SAELens directory `dir` that
     `sae_lens.SAE.load_from_disk(dir)` loads as it is; `log10_frequency` (d_sae,) becomes
     `sparsity.safetensors`. Returns the cfg.json written."""
-    dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
     arch = ARCHITECTURE.get(sae.encodes_as)
     if arch is None:
         raise ValueError(f"arch {sae.arch!r} has no SAELens equivalent here")
+    if sae.encodes_as == "topk" and sae.threshold > 0:
+        raise ValueError(
+            f"this {sae.arch} SAE keeps its top k={sae.k} above a learnt threshold "
+            f"{sae.threshold.item():.4g} (trained with sae.target_l0); SAELens's TopK has no "
+            "threshold and its JumpReLU no top k, so neither computes the same f"
+        )
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
     W_enc, b_enc = sae.W_enc.detach().float(), sae.b_enc.detach().float()
     W_dec, b_dec = sae.W_dec.detach().float(), sae.b_dec.detach().float()
     by_b_dec = sae.encodes_as in ("topk", "batchtopk")  # they encode x − b_dec

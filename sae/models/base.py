@@ -85,6 +85,9 @@ class SAE(nn.Module):
     saved_before: ClassVar[dict[str, Any]] = {}
     """Hyper-parameters added since some `cfg.json` files were saved: the value those files'
     SAEs had (`load_sae` fills it in where the file lacks it)."""
+    optional_tensors: ClassVar[tuple[str, ...]] = ()
+    """Buffers added since some weights files were saved, 0 where a file or state dict lacks them
+    (`load_sae`, SAELens and dictionary_learning imports): what the SAEs without them computed."""
     train_attrs: ClassVar[tuple[str, ...]] = ()
     """Python attributes that training changes (saved in the trainer state, not the weights)."""
 
@@ -177,6 +180,11 @@ class SAE(nn.Module):
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         for name in self.train_attrs:
             setattr(self, name, values[name])
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in self.optional_tensors:  # `optional_tensors` missing: their initial value
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # --- units and disk ----------------------------------------------------------------------
     @torch.no_grad()

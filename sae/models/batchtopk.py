@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.models.base import SAEOutput, sq_err
-from sae.models.config import SAEConfig
 from sae.models.topk import TopKSAE
 
 MARGIN = 1.5
@@ -32,18 +31,16 @@ class BatchTopKSAE(TopKSAE):
     fewer. Training a token's code depends on the rest of its batch; at inference it must not,
     hence θ: the running average of the smallest activation the batch kept, which gives about k
     latents per token on the training distribution. θ is a buffer saved with the weights; 0 (never
-    trained) keeps every positive z. `threshold_beta` = β sets the average's horizon, about
+    trained) keeps every positive z. With `k_train_factor` > 1 training keeps the batch's
+    k'·N largest, k' = round(k_train_factor·k), and θ averages the (k·N)-th largest of them
+    (TopK's). `threshold_beta` = β sets the average's horizon, about
     1/(1 − β) batches: long enough to smooth one batch's noise, short enough to forget the
     thresholds of the early, untrained SAE. The decoder, AuxK and dead latents are TopK's.
     """
 
     arch = "batchtopk"
     hparams = (*TopKSAE.hparams, "threshold_beta")
-
-    def __init__(self, d_in: int, cfg: SAEConfig):
-        super().__init__(d_in, cfg)
-        self.threshold_beta = float(cfg.threshold_beta)
-        self.register_buffer("threshold", torch.zeros(()))  # θ, saved in sae.safetensors
+    optional_tensors = ()  # θ has been saved since the first BatchTopK: a file without is broken
 
     def encode(self, x: Tensor) -> Tensor:
         """f = z·1[z > θ]: (N, d_in) -> (N, d_sae); the inference code, whatever the mode."""
@@ -70,7 +67,7 @@ class BatchTopKSAE(TopKSAE):
     def _select(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Training: the kept pre-activations of z (N, d_sae), k·N of them, and their indices
         into z.flatten(): the batch's largest."""
-        return batch_topk(z, self.k * z.shape[0])
+        return batch_topk(z, self.k_train * z.shape[0])
 
     def _reconstruct(self, x: Tensor, vals: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Training: (x̂ from the batch's kept (token, latent) pairs, the reconstruction loss:
@@ -80,11 +77,9 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, vals: Tensor) -> None:
-        """Average θ with the smallest positive kept activation (no host sync: all tensors)."""
-        low = vals.detach().float().masked_fill(vals <= 0, float("inf")).min()
-        beta = self.threshold_beta
-        new = torch.where(self.threshold > 0, beta * self.threshold + (1 - beta) * low, low)
-        self.threshold.copy_(torch.where(torch.isfinite(low), new, self.threshold))
+        """Average θ with the smallest positive kept activation (of the k'·N kept, the (k·N)-th
+        largest; no host sync: all tensors)."""
+        self._average_threshold(vals, round(vals.numel() * self.k / self.k_train))
 
 
 def batch_topk(z: Tensor, n: int, margin: float = MARGIN) -> tuple[Tensor, Tensor]:

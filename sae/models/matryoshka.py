@@ -20,7 +20,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     """Matryoshka SAE: nested prefixes of the latents, each trained to reconstruct x.
 
         z     = (x − b_dec) @ W_enc + b_enc                              (N, d_sae)
-        f     = ReLU(TopK_k(z)) per token                    `matryoshka_topk` = "token"
+        f     = TopK_k'(z)·1[z > θ] per token                `matryoshka_topk` = "token"
         f     = BatchTopK_{k·N}(z) (θ at inference)          `matryoshka_topk` = "batch"
         x̂_g   = Σ_{i < m_g} f_i·W_dec,i + b_dec       prefixes m_1 < … < m_G = d_sae
         loss  = (1/G)·Σ_g Σ_N ‖x − x̂_g‖² / Σ_N ‖x − x̄‖²  +  aux_coeff·aux
@@ -31,12 +31,16 @@ class MatryoshkaSAE(BatchTopKSAE):
     child (the child's latent learns parent + child, the parent's latent stops firing there);
     the prefix losses penalise that, since the parent's own prefix then misses it. The model
     used for evaluation and inference is the whole dictionary: x̂ = x̂_G; AuxK and the
-    unit-norm decoder are TopK's; with "batch", the threshold θ is BatchTopK's.
+    unit-norm decoder are TopK's, as are k' = round(`k_train_factor`·k) and θ with "token" (θ 0
+    at k' = k); with "batch", θ is BatchTopK's.
     """
 
     arch = "matryoshka"
     hparams = (*BatchTopKSAE.hparams, "matryoshka_fractions", "matryoshka_topk")
-    saved_before: ClassVar[dict[str, Any]] = {"matryoshka_topk": "batch"}
+    saved_before: ClassVar[dict[str, Any]] = {
+        **BatchTopKSAE.saved_before,
+        "matryoshka_topk": "batch",
+    }
 
     def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__(d_in, cfg)
@@ -59,14 +63,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         largest ("batch"); values and indices into z.flatten()."""
         if self.matryoshka_topk == "batch":
             return super()._select(z)
-        top, idx = z.topk(self.k, dim=-1, sorted=False)  # (N, k)
+        top, idx = z.topk(self.k_train, dim=-1, sorted=False)  # (N, k')
         rows = torch.arange(z.shape[0], device=z.device).unsqueeze(1)
         return top.flatten(), (rows * self.d_sae + idx).flatten()
 
     def _update_threshold(self, vals: Tensor) -> None:
-        """θ is BatchTopK's inference threshold: "token" has none (θ stays 0, unused)."""
+        """θ as TopK's ("token": learnt only where k_train_factor > 1) or BatchTopK's ("batch")."""
         if self.matryoshka_topk == "batch":
             super()._update_threshold(vals)
+        else:
+            TopKSAE._update_threshold(self, vals)
 
     def _reconstruct(self, x: Tensor, vals: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Training: (x̂_G, the mean over prefixes of Σ_N ‖x − x̂_g‖² / Σ_N ‖x − x̄‖²); each

@@ -64,6 +64,8 @@ def load_sae(dir: Path) -> SAE:
     tensors, saved_arch = _read_weights(dir / WEIGHTS)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
+    for name in sae.optional_tensors:  # files from before the tensor: load_state_dict sets 0
+        found.setdefault(name, expected[name])
     if found != expected:
         raise ValueError(
             f"{dir / WEIGHTS} does not match {dir / CONFIG}: tensors {found}, "

@@ -105,7 +105,7 @@ def test_runs_trained_before_a_default_changed_keep_their_keys() -> None:
     old, _ = load([*TINY, "sae.centre=false", "train.scale=norm"])
     new, _ = load(TINY)
     sae = {k: v for k, v in dataclasses.asdict(old.sae).items()
-           if k not in (*ADDED["sae"], "matryoshka_topk")}  # fmt: skip
+           if k not in (*ADDED["sae"], "matryoshka_topk", "k_train_factor")}  # fmt: skip
     train = {k: v for k, v in dataclasses.asdict(old.train).items()
              if k not in (*ADDED["train"], *UNKEYED, "processes")}  # fmt: skip
     spec = {"cache": "c", "hook": old.hook, "sae": sae, "train": train,
@@ -114,9 +114,10 @@ def test_runs_trained_before_a_default_changed_keep_their_keys() -> None:
     assert run_key(old, "c") == then != run_key(new, "c")
 
 
-def test_matryoshka_runs_from_before_matryoshka_topk_keep_their_keys() -> None:
+def test_runs_from_before_an_arch_hparam_was_added_keep_their_keys() -> None:
     """sae.matryoshka_topk (the code's BatchTopK before, "token" now by default): a matryoshka
-    run at "batch" keeps the key it had without the field; other archs never key it."""
+    run at "batch" keeps the key it had without the field; other archs never key it. The same
+    for sae.k_train_factor (1 before) in the top-k family."""
     import dataclasses
     import hashlib
     import json
@@ -126,7 +127,8 @@ def test_matryoshka_runs_from_before_matryoshka_topk_keep_their_keys() -> None:
 
     def before(c) -> str:  # the key as computed before the field existed
         sae = {k: v for k, v in dataclasses.asdict(c.sae).items()
-               if k != "matryoshka_topk" and (k not in ADDED["sae"] or k == "centre")}  # fmt: skip
+               if k not in ("matryoshka_topk", "k_train_factor")
+               and (k not in ADDED["sae"] or k == "centre")}  # fmt: skip
         train = {k: v for k, v in dataclasses.asdict(c.train).items()
                  if k not in (*ADDED["train"], *UNKEYED, "processes")}  # fmt: skip
         spec = {"cache": "c", "hook": c.hook, "sae": sae, "train": train,
@@ -138,3 +140,8 @@ def test_matryoshka_runs_from_before_matryoshka_topk_keep_their_keys() -> None:
     other, _ = load([*TINY, "sae=batchtopk", "train.scale=norm"])
     assert run_key(old, "c") == before(old) != run_key(new, "c")
     assert run_key(other, "c") == before(other)
+    for arch in ("topk", "relu"):
+        was, _ = load([*TINY, f"sae={arch}", "train.scale=norm"])
+        assert run_key(was, "c") == before(was)
+    wider, _ = load([*TINY, "sae=topk", "sae.k_train_factor=1.5", "train.scale=norm"])
+    assert run_key(wider, "c") != before(wider)

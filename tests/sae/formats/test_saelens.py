@@ -37,8 +37,8 @@ def random_sae(case: str, seed: int = 0) -> SAE:
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name != "b_dec" else 2.0))
         if arch == "jumprelu":
             sae.threshold.copy_(torch.rand(D_SAE, generator=g))
-        if arch in ("batchtopk", "matryoshka"):
-            sae.threshold.fill_(0.7)  # matryoshka "token" ignores θ
+        if sae.encodes_as == "batchtopk":
+            sae.threshold.fill_(0.7)
     return sae.eval()
 
 
@@ -140,6 +140,16 @@ def test_sparsity_file_holds_log10_frequency(tmp_path: Path) -> None:
     export(random_sae("topk"), tmp_path)
     sparsity = load_file(str(tmp_path / saelens.SPARSITY))["sparsity"]
     torch.testing.assert_close(sparsity, torch.linspace(-5, -1, D_SAE))
+
+
+@pytest.mark.parametrize("arch", ["topk", "matryoshka"])
+def test_a_top_k_above_a_threshold_is_not_exported(tmp_path: Path, arch: str) -> None:
+    """TopK_k(z)·1[z > θ] (sae.target_l0 < k) is neither SAELens's TopK nor its JumpReLU."""
+    sae = random_sae(arch)
+    sae.threshold.fill_(0.7)
+    with pytest.raises(ValueError, match=r"top k=5 above a learnt threshold 0\.7.*target_l0"):
+        export(sae, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_saelens_configs_are_named(tmp_path: Path) -> None:

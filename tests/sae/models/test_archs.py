@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from sae.models.base import SAE
 from sae.models.batchtopk import BatchTopKSAE, batch_topk
+from sae.models.config import SAEConfig
 from sae.models.jumprelu import JumpReLUSAE, JumpStep
-from sae.models.registry import ARCHS, build_sae, hparam_names, load_sae
+from sae.models.registry import ARCHS, build, build_sae, hparam_names, load_sae
 from sae.training.fit import FitConfig, fit, train_step
 
 D_IN, D_SAE = 16, 64  # unit tests
@@ -390,6 +391,89 @@ def test_target_l0_with_k_raises(arch: str) -> None:
         build_sae(arch, 8, 16, k=2, target_l0=3)
 
 
+# --- k_train_factor: train on more than k, keep k at inference -----------------------------------
+
+
+def test_topk_k_train_factor_learns_a_threshold_that_keeps_k_on_average() -> None:
+    """Trained on each token's top k' = 2·4; at inference θ keeps the top-8 values above it, 4 per
+    token on average: at most k' per token, fewer where a token has few true features."""
+    sae, features, logs = train("topk", ({"k": 4, "k_train_factor": 2.0, "dead_tokens": 10_000},
+                                         200, 1e-2))  # fmt: skip
+    theta = sae.threshold.item()
+    assert sae.k_train == 8 and theta > 0 and 6 < logs[-1]["l0"] <= 8  # training: top k'
+    x = held_out(features)
+    f = sae.encode(x)
+    top = torch.zeros_like(f).scatter_(1, *reversed(sae.pre_acts(x).topk(8, dim=-1)))
+    torch.testing.assert_close(f, top * (top > theta))  # TopK_k'(z)·1[z > θ]
+    torch.testing.assert_close(sae(x).f, f)  # the eval forward: the same code
+    per_token = (f != 0).sum(-1).double()
+    assert per_token.max() <= 8 and per_token.min() < per_token.max()
+    assert per_token.mean().item() == pytest.approx(4, rel=0.15)
+    assert mean_max_cos(features, sae.W_dec) >= 0.95
+
+
+def test_topk_threshold_is_a_running_average_of_the_k_n_th_largest_kept() -> None:
+    cfg = SAEConfig(arch="topk", d_sae=D_SAE, k=2, k_train_factor=2.0, threshold_beta=0.75)
+    sae = build(cfg, D_IN, seed=0).train()
+    assert sae.threshold == 0
+    nth = []
+    for seed in (1, 2):
+        f = sae(data(32, seed=seed)).f.to_dense()
+        assert ((f != 0).sum(-1) <= 4).all()
+        nth.append(f.flatten().topk(2 * 32).values[-1].item())  # the (k·N)-th largest kept
+        if seed == 1:
+            torch.testing.assert_close(sae.threshold.item(), nth[0])  # the first: itself
+    torch.testing.assert_close(sae.threshold.item(), 0.75 * nth[0] + 0.25 * nth[1])
+    plain = build_sae("topk", D_IN, D_SAE, seed=0, k=2).train()
+    plain(data(32, seed=1))
+    assert plain.threshold == 0  # k' = k: no threshold, every positive top-k value kept
+
+
+def test_batchtopk_k_train_factor_thresholds_at_the_k_n_th_largest() -> None:
+    sae = make_batchtopk(k=2, k_train_factor=2.0).train()
+    f = sae(data(32, seed=1)).f.to_dense()
+    assert (f != 0).sum().item() == 4 * 32  # training keeps the batch's k'·N
+    torch.testing.assert_close(sae.threshold.item(), f.flatten().topk(2 * 32).values[-1].item())
+
+
+@pytest.mark.parametrize(
+    ("hp", "match"),
+    [
+        ({"k_train_factor": 0.5}, r"k_train_factor must be a finite number >= 1, got 0.5"),
+        ({"k_train_factor": math.nan}, r"k_train_factor must be a finite number >= 1, got nan"),
+        ({"k": 10, "k_train_factor": 2.0}, r"trains round\(2·k\) = 20 latents.*d_sae=16"),
+    ],
+)
+def test_k_train_factor_is_validated(hp: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_sae("topk", 8, 16, **hp)
+
+
+def test_topk_file_saved_before_the_threshold_loads_as_it_was(tmp_path) -> None:
+    """topk files of before 2026-12-07 have no θ and no k_train_factor: they load at θ 0,
+    k' = k, as they were trained."""
+    sae, features, _ = train("topk", ({"k": 4, "k_train_factor": 2.0, "dead_tokens": 10_000},
+                                      50, 1e-2))  # fmt: skip
+    sae.save(tmp_path / "a")
+    x = held_out(features)
+    weights, cfg_path = tmp_path / "a" / "sae.safetensors", tmp_path / "a" / "cfg.json"
+    assert load_file(str(weights))["threshold"] == sae.threshold > 0
+    assert json.loads(cfg_path.read_text())["k_train_factor"] == 2.0
+    assert torch.equal(load_sae(tmp_path / "a").encode(x), sae.encode(x))
+    tensors = load_file(str(weights))
+    del tensors["threshold"]
+    save_file(tensors, str(weights))
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["k_train_factor"]
+    cfg_path.write_text(json.dumps(cfg))
+    old = load_sae(tmp_path / "a")
+    assert old.threshold == 0 and old.k_train == old.k == 4
+    vals, idx = old.pre_acts(x).topk(4, dim=-1)
+    torch.testing.assert_close(
+        old.encode(x), torch.zeros(len(x), 256).scatter_(1, idx, vals.relu())
+    )
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
 def test_target_l0_is_validated(bad: float) -> None:
     with pytest.raises(ValueError, match=r"sae.target_l0 must be in \(0, d_sae\] or None"):
@@ -407,8 +491,8 @@ def test_target_l0_needs_a_positive_coefficient() -> None:
 
 def test_registry_lists_every_architecture() -> None:
     assert sorted(ARCHS) == ["batchtopk", "jumprelu", "matryoshka", "relu", "topk"]
-    assert hparam_names("batchtopk") == ["k", "aux_k", "aux_coeff", "dead_tokens",
-                                         "threshold_beta"]  # fmt: skip
+    assert hparam_names("batchtopk") == ["k", "k_train_factor", "aux_k", "aux_coeff",
+                                         "dead_tokens", "threshold_beta"]  # fmt: skip
     assert hparam_names("jumprelu") == ["l1_coeff", "bandwidth", "init_threshold", "centre"]
     for arch in ARCHS:
         sae = build_sae(arch, 8, 16, **({"k": 2} if "k" in hparam_names(arch) else {}))

@@ -270,8 +270,8 @@ def test_build_sae_seed_is_reproducible_and_leaves_global_rng() -> None:
 def test_config_rebuilds() -> None:
     sae = build_sae("topk", 8, 16, k=2)
     cfg = sae.config()
-    assert cfg == {"arch": "topk", "d_in": 8, "d_sae": 16, "k": 2, "aux_k": 4,
-                   "aux_coeff": 1 / 32, "dead_tokens": 200_000}  # fmt: skip
+    assert cfg == {"arch": "topk", "d_in": 8, "d_sae": 16, "k": 2, "k_train_factor": 1.0,
+                   "aux_k": 4, "aux_coeff": 1 / 32, "dead_tokens": 200_000}  # fmt: skip
     arch, d_in, d_sae = cfg.pop("arch"), cfg.pop("d_in"), cfg.pop("d_sae")
     assert build_sae(arch, d_in, d_sae, **cfg).config() == sae.config()
 
