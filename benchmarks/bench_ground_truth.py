@@ -13,7 +13,9 @@ Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 204
 the peers' CPU defaults are fp32) from their own defaults (saeflow's: `SAEConfig` and
 `conf/sae/<arch>.yaml`, as `sae=<arch>` trains); k = 16 (the data's L0) for the top-k
 family, and relu at its default λ and relu and jumprelu steered to L0 16 (`target_l0`), and
-relu with its recipe before 2026-12-05 (no encoder centre, `train.scale=norm`, lr 1e-3).
+relu with its recipe before 2026-12-05 (no encoder centre, `train.scale=norm`, lr 1e-3), and
+topk and matryoshka trained on each token's top 24 with a learnt threshold that keeps 16 on
+average at inference (`-x1.5`: `sae.k_train_factor=1.5`).
 Peers (`saelens`, `sparsify-k16`) come from bench_peers.py and run only where that venv has
 them (see its docstring). Scores on 16,384
 held-out samples: FVU, L0, MMCS, and for each true feature matched to a distinct latent the
@@ -118,6 +120,9 @@ CONTENDERS: dict[str, Callable[[list[torch.Tensor]], Trained]] = {
     "saeflow-matryoshka": saeflow("matryoshka", k=16),
     # the paper's Matryoshka BatchTopK (saeflow's default before 2026-12-07)
     "saeflow-matryoshka-batch": saeflow("matryoshka", k=16, matryoshka_topk="batch"),
+    # trained on each token's top 24, a learnt threshold keeps 16 on average (sae.k_train_factor)
+    "saeflow-topk-x1.5": saeflow("topk", k=16, k_train_factor=1.5),
+    "saeflow-matryoshka-x1.5": saeflow("matryoshka", k=16, k_train_factor=1.5),
     "sparsify-k16": lambda b: train_sparsify(b, k=16),
     "saelens": train_saelens,
 }
