@@ -61,7 +61,8 @@ def final_loss(run_id: str, uri: str | None) -> float:
 def _point(c: Config, job: dict[str, Any]) -> Point:
     trained, m = job["trained"], job["metrics"]
     sae = load_sae(Path(trained["checkpoint"]))
-    flops = training_flops(c.sae.arch, sae.d_in, sae.d_sae, c.train.tokens, c.sae.k)
+    k = getattr(sae, "k_train", 0)  # the latents trained per token (k' = k_train_factor·k)
+    flops = training_flops(c.sae.arch, sae.d_in, sae.d_sae, c.train.tokens, k)
     loss = final_loss(trained["run_id"], c.tracking.uri)
     return Point(
         trained["run_id"], sae.d_sae, c.train.tokens, c.train.lr, flops, loss, m["fvu"], m["l0"]

@@ -67,8 +67,8 @@ def export(
         raise ValueError(f"arch {sae.arch!r} has no SAELens equivalent here")
     if sae.encodes_as == "topk" and sae.threshold > 0:
         raise ValueError(
-            f"this {sae.arch} SAE keeps its top k={sae.k} above a learnt threshold "
-            f"{sae.threshold.item():.4g} (trained with sae.target_l0); SAELens's TopK has no "
+            f"this {sae.arch} SAE keeps the top {sae.k_train} of each token above a learnt "
+            f"threshold {sae.threshold.item():.4g} (sae.k_train_factor > 1); SAELens's TopK has no "
             "threshold and its JumpReLU no top k, so neither computes the same f"
         )
     dir = Path(dir)

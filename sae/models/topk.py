@@ -84,15 +84,13 @@ class TopKSAE(SAE):
         z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
         top, idx = z.topk(self.k_train, dim=-1, sorted=False)  # (N, k') values and latents
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k_train)
-        vals = encoder(rows, idx.flatten(), top.flatten()).view_as(idx).relu()  # with gradients
+        vals = encoder(rows, idx.flatten(), top.flatten()).view_as(idx)  # with gradients
+        vals = vals.relu() if self.training else self._above(vals)  # θ: at inference only
         x_hat = _decode_sparse(vals, idx, self.W_dec) + self.b_dec  # (N, d_in)
         err = sq_err(x, x_hat)  # (N,)
         fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
         if not self.training:
-            f = self.encode(x)  # (N, d_sae): θ applies
-            x_hat = self.decode(f)
-            err = sq_err(x, x_hat)
-            fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
+            f = _dense(vals, idx, self.d_sae)  # (N, d_sae)
             return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
         aux = self._auxk(x, x_hat, z, encoder)
         f, l0 = self._fired(vals.flatten(), rows, idx.flatten(), x.shape[0])

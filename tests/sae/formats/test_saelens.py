@@ -144,10 +144,12 @@ def test_sparsity_file_holds_log10_frequency(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["topk", "matryoshka"])
 def test_a_top_k_above_a_threshold_is_not_exported(tmp_path: Path, arch: str) -> None:
-    """TopK_k(z)·1[z > θ] (sae.target_l0 < k) is neither SAELens's TopK nor its JumpReLU."""
+    """TopK_k'(z)·1[z > θ] (sae.k_train_factor > 1) is neither SAELens's TopK nor its JumpReLU."""
     sae = random_sae(arch)
     sae.threshold.fill_(0.7)
-    with pytest.raises(ValueError, match=r"top k=5 above a learnt threshold 0\.7.*target_l0"):
+    with pytest.raises(
+        ValueError, match=r"top 5 of each token above a learnt threshold 0\.7.*k_train_factor"
+    ):
         export(sae, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
