@@ -92,6 +92,11 @@ class SAEConfig:
     target_l0: float | None = None
     """relu, jumprelu: steer λ during training so the run ends at this L0 (None = fixed λ)."""
 
+    @property
+    def k_train(self) -> int:
+        """k' = round(k_train_factor·k): the latents a top-k SAE trains per token."""
+        return round(self.k_train_factor * self.k)
+
     def __post_init__(self) -> None:
         choice("sae", "arch", self.arch, ARCHS)
         positive("sae", d_sae=self.d_sae, k=self.k, init_norm=self.init_norm)
@@ -105,9 +110,9 @@ class SAEConfig:
         f = self.k_train_factor
         if not (isinstance(f, int | float) and math.isfinite(f) and f >= 1):
             raise ValueError(f"sae.k_train_factor must be a finite number >= 1, got {f!r}")
-        if self.arch in K_ARCHS and round(f * self.k) > self.d_sae:
+        if self.arch in K_ARCHS and self.k_train > self.d_sae:
             raise ValueError(
-                f"sae.k_train_factor={f:g} trains round({f:g}·k) = {round(f * self.k)} latents "
+                f"sae.k_train_factor={f:g} trains round({f:g}·k) = {self.k_train} latents "
                 f"per token, more than sae.d_sae={self.d_sae}"
             )
         if self.aux_k is not None and not (isinstance(self.aux_k, int) and self.aux_k > 0):

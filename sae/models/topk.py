@@ -54,7 +54,7 @@ class TopKSAE(SAE):
         super().__init__(d_in, cfg)
         self.k, self.aux_coeff, self.dead_tokens = cfg.k, float(cfg.aux_coeff), cfg.dead_tokens
         self.k_train_factor = float(cfg.k_train_factor)
-        self.k_train = round(self.k_train_factor * self.k)  # k': the top k' per token trained
+        self.k_train = cfg.k_train  # k': the top k' per token trained
         self.aux_k = d_in // 2 if cfg.aux_k is None else cfg.aux_k
         self.tokens_trained = 0  # training tokens seen by forward; no latent is dead before
         self.threshold_beta = float(cfg.threshold_beta)
