@@ -32,7 +32,7 @@ from sae.devices import LM_DEVICES, LM_DTYPES, check_device
 from sae.lm.config import LMSpec, check_hook
 from sae.lm.text import CHUNK_CHARS
 from sae.lm.text import ERRORS as TEXT_ERRORS
-from sae.models.config import DEFAULT_LR, SAEConfig
+from sae.models.config import DEFAULT_LR, DEFAULT_LR_DECAY, SAEConfig
 from sae.training.config import FitConfig
 
 EXPORT_FORMATS = ("saelens", "neuronpedia")
@@ -352,6 +352,8 @@ class Config:
             self.data.context_length = self.model.n_ctx
         if self.train.lr is None:  # the architecture's measured default
             self.train.lr = DEFAULT_LR[self.sae.arch]
+        if self.train.lr_decay_frac is None:  # the same, and keyed as that value
+            self.train.lr_decay_frac = DEFAULT_LR_DECAY[self.sae.arch]
         # A builtin model's depth is known before any work; a Hub model's once its config loads;
         # an external cache (cache.dir) says itself which hooks it holds, whatever the model.
         builtin = self.model.source == "builtin" and self.cache.dir is None

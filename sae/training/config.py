@@ -11,6 +11,7 @@ from typing import Any
 
 from sae.checks import choice, fraction, non_negative, positive
 from sae.devices import TRAIN_DTYPES, check_device
+from sae.models.config import DEFAULT_LR_DECAY
 
 
 @dataclass
@@ -27,8 +28,10 @@ class FitConfig:
     """Fraction of steps over which the sparsity penalty ramps 0 → 1 (`sparsity_scale`)."""
     lr_warmup_frac: float = 0.0
     """Fraction of steps over which lr ramps linearly 0 → lr."""
-    lr_decay_frac: float = 0.2
-    """Fraction of steps at the end over which lr decays linearly to 0."""
+    lr_decay_frac: float | None = None
+    """Fraction of steps at the end over which lr decays linearly to 0; None = the
+    architecture's measured default (`sae.models.config.DEFAULT_LR_DECAY`: 0.3 for topk, 0.2
+    for the others)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     dtype: str = "auto"
@@ -88,11 +91,21 @@ class FitConfig:
         positive("train", l0_smooth=self.l0_smooth, l0_max_step=self.l0_max_step)
         fraction("train", l0_smooth=self.l0_smooth)
         fraction("train", l1_warmup_frac=self.l1_warmup_frac)
-        fraction("train", lr_warmup_frac=self.lr_warmup_frac, lr_decay_frac=self.lr_decay_frac)
-        if self.lr_warmup_frac + self.lr_decay_frac > 1:
+        fraction("train", lr_warmup_frac=self.lr_warmup_frac)
+        if self.lr_decay_frac is not None:
+            fraction("train", lr_decay_frac=self.lr_decay_frac)
+        decay = self.lr_decay_frac
+        if decay is None:  # the architecture's, unknown here: the largest
+            decay = max(DEFAULT_LR_DECAY.values())
+        if self.lr_warmup_frac + decay > 1:
+            none = (
+                ""
+                if self.lr_decay_frac is not None
+                else f" (None: up to {decay}, the largest default)"
+            )
             raise ValueError(
                 f"train.lr_decay_frac must be <= 1 - train.lr_warmup_frac = "
-                f"{1 - self.lr_warmup_frac}, got {self.lr_decay_frac}"
+                f"{1 - self.lr_warmup_frac}, got {self.lr_decay_frac}{none}"
             )
         non_negative("train", grad_clip=self.grad_clip, threads=self.threads)
         non_negative("train", checkpoint_every=self.checkpoint_every)

@@ -30,7 +30,7 @@ from sae.analysis import metrics
 from sae.failpoint import failpoint
 from sae.hardware import num_threads, resolve_device, resolve_dtype
 from sae.models.base import SAE, SAEOutput, reusing_buffers
-from sae.models.config import DEFAULT_LR
+from sae.models.config import DEFAULT_LR, DEFAULT_LR_DECAY
 from sae.training import checkpoint
 from sae.training.checkpoint import CheckpointError, TrainState
 from sae.training.checkpoint import steps as steps_in
@@ -64,15 +64,20 @@ def peak_lr(cfg: FitConfig, arch: str) -> float:
     return cfg.lr if cfg.lr is not None else DEFAULT_LR[arch]
 
 
+def lr_decay(cfg: FitConfig, arch: str) -> float:
+    """cfg.lr_decay_frac, or the architecture's default (`DEFAULT_LR_DECAY`) where that is None."""
+    return cfg.lr_decay_frac if cfg.lr_decay_frac is not None else DEFAULT_LR_DECAY[arch]
+
+
 def schedule(step: int, cfg: FitConfig, arch: str = "relu") -> tuple[float, float]:
     """(lr, sparsity_scale) at 0-based `step` of cfg.steps: linear warm-ups and decay from the
-    peak lr (`peak_lr`)."""
+    peak lr (`peak_lr`), the decay over the last `lr_decay` of the steps."""
     steps = cfg.steps
     lr = peak_lr(cfg, arch)
     warmup = round(cfg.lr_warmup_frac * steps)
     if step < warmup:
         lr *= (step + 1) / warmup
-    decay = round(cfg.lr_decay_frac * steps)
+    decay = round(lr_decay(cfg, arch) * steps)
     if step >= steps - decay:
         lr *= (steps - step) / decay  # 1 at the first decay step, 1/decay at the last
     l1_warmup = round(cfg.l1_warmup_frac * steps)
@@ -382,7 +387,7 @@ class _Trainer:
             "sae_train": attrs,
             "scale": self.scale,
             "tokens": self.monitor.tokens,
-            "fit": self.cfg.fit_values(),
+            "fit": _resolved(self.cfg.fit_values(), self.sae.arch),
             "peak_lr": self.peak_lr,
             "target_l0": self.sae.target_l0,
             "last_l0": None if self.control is None else self.control.last,
@@ -393,7 +398,8 @@ class _Trainer:
     @torch.no_grad()
     def restore(self, state: TrainState) -> None:
         """Become the trainer that saved `state` (same SAE config and FitConfig)."""
-        want = {"sae": self.config, "fit": _comparable(self.cfg.fit_values())}
+        arch = self.sae.arch
+        want = {"sae": self.config, "fit": _comparable(_resolved(self.cfg.fit_values(), arch))}
         want["target_l0"] = self.sae.target_l0
         if "peak_lr" in state.values:  # lr None: the arch's default then and now (states of
             want["peak_lr"] = self.peak_lr  # 2026-12-06 on; older ones did not record it)
@@ -431,6 +437,14 @@ FREE_ON_RESUME = ("log_every", "threads", "checkpoint_every", "compile")
 def _comparable(fit_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fit_cfg.items() if k not in FREE_ON_RESUME}
 
+
+def _resolved(fit_cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """FitConfig values with lr_decay_frac None replaced by the architecture's default
+    (`lr_decay`), as a trainer state records them: a state resumes only under the decay it
+    trained with, and states from before the None default (0.2 then) still match."""
+    if fit_cfg["lr_decay_frac"] is not None:
+        return fit_cfg
+    return fit_cfg | {"lr_decay_frac": DEFAULT_LR_DECAY[arch]}
 
 def fit(
     sae: SAE,

@@ -140,8 +140,25 @@ def test_runs_from_before_an_arch_hparam_was_added_keep_their_keys() -> None:
     other, _ = load([*TINY, "sae=batchtopk", "train.scale=norm"])
     assert run_key(old, "c") == before(old) != run_key(new, "c")
     assert run_key(other, "c") == before(other)
-    for arch in ("topk", "relu"):
-        was, _ = load([*TINY, f"sae={arch}", "train.scale=norm"])
+    for arch in ("topk", "relu"):  # topk at the decay it had (its default moved 0.2 → 0.3)
+        was, _ = load([*TINY, f"sae={arch}", "train.scale=norm", "train.lr_decay_frac=0.2"])
         assert run_key(was, "c") == before(was)
     wider, _ = load([*TINY, "sae=topk", "sae.k_train_factor=1.5", "train.scale=norm"])
     assert run_key(wider, "c") != before(wider)
+
+
+def test_lr_decay_none_is_the_archs_default_and_keyed_as_its_value() -> None:
+    """train.lr_decay_frac None resolves to DEFAULT_LR_DECAY[arch] in the config (logged and
+    keyed as that number): relu's runs keep their keys (0.2, as before the field could be
+    None); topk's default (0.3) trains otherwise, so it gets a key of its own."""
+    from flows.config import load
+    from tasks.train import run_key
+
+    relu, _ = load(TINY)
+    relu_02, _ = load([*TINY, "train.lr_decay_frac=0.2"])
+    topk, _ = load([*TINY, "sae=topk"])
+    topk_02, _ = load([*TINY, "sae=topk", "train.lr_decay_frac=0.2"])
+    topk_03, _ = load([*TINY, "sae=topk", "train.lr_decay_frac=0.3"])
+    assert (relu.train.lr_decay_frac, topk.train.lr_decay_frac) == (0.2, 0.3)
+    assert run_key(relu, "c") == run_key(relu_02, "c")
+    assert run_key(topk, "c") == run_key(topk_03, "c") != run_key(topk_02, "c")

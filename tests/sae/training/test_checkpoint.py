@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sae.activations.synthetic import sparse_batches, unit_rows
-from sae.models.config import DEFAULT_LR
+from sae.models.config import DEFAULT_LR, DEFAULT_LR_DECAY
 from sae.models.registry import build_sae
 from sae.training import checkpoint
 from sae.training.checkpoint import CheckpointError
@@ -92,6 +92,19 @@ def test_resume_refuses_a_state_trained_at_another_default_lr(
     monkeypatch.setitem(DEFAULT_LR, "relu", 1e-2)
     with pytest.raises(CheckpointError, match=r"saved with peak_lr=0.003 but this run has 0.01"):
         fit(build_sae("relu", D, D_SAE), stream(skip=25), cfg(lr=None), resume=state)
+
+
+def test_resume_under_the_archs_lr_decay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.lr_decay_frac None is recorded as the arch's value (`DEFAULT_LR_DECAY`): a state
+    saved then resumes under an explicit equal value (as states from before None, saved at
+    0.2, resume relu runs) and not once the default has moved."""
+    fit(build_sae("topk", D, D_SAE, seed=0, k=4), stream(), cfg(), checkpoint=tmp_path)
+    state = checkpoint.load(tmp_path)
+    assert state is not None and state.values["fit"]["lr_decay_frac"] == 0.3
+    fit(build_sae("topk", D, D_SAE, k=4), stream(skip=25), cfg(lr_decay_frac=0.3), resume=state)
+    monkeypatch.setitem(DEFAULT_LR_DECAY, "topk", 0.2)
+    with pytest.raises(CheckpointError, match=r"lr_decay_frac': 0.3.*but this run has"):
+        fit(build_sae("topk", D, D_SAE, k=4), stream(skip=25), cfg(), resume=state)
 
 
 def test_unreadable_or_missing_state(tmp_path: Path) -> None:

@@ -123,6 +123,17 @@ def test_short_iterator_warns_and_logs_last_step() -> None:
     assert logs == [5]
 
 
+def test_schedule_decays_over_the_archs_default_fraction() -> None:
+    """lr_decay_frac None: topk's lr decays over the last 30% of the steps, relu's over 20%
+    (`DEFAULT_LR_DECAY`); a set value holds for every arch."""
+    cfg = FitConfig(tokens=100, batch_size=1, lr=1.0)
+    for arch, first in (("relu", 80), ("topk", 70), ("jumprelu", 80)):
+        lrs = [schedule(step, cfg, arch)[0] for step in range(100)]
+        assert lrs[first] == 1.0 > lrs[first + 1], arch  # 1 at the first decay step
+    set_cfg = FitConfig(tokens=100, batch_size=1, lr=1.0, lr_decay_frac=0.5)
+    assert schedule(50, set_cfg, "topk")[0] == 1.0 > schedule(51, set_cfg, "topk")[0]
+
+
 def test_bad_inputs() -> None:
     sae = build_sae("relu", 8, 16)
     with pytest.raises(ValueError, match=r"d_in=8.*\(4, 5\)"):
@@ -133,6 +144,8 @@ def test_bad_inputs() -> None:
         FitConfig(tokens=0)
     with pytest.raises(ValueError, match=r"train.lr_decay_frac"):
         FitConfig(tokens=1, lr_decay_frac=1.5)
+    with pytest.raises(ValueError, match=r"got None \(None: up to 0.3, the largest default\)"):
+        FitConfig(tokens=1, lr_warmup_frac=0.8)
     with pytest.raises(ValueError, match=r"train.dtype='fp8' is not one of auto, bf16, fp32"):
         FitConfig(tokens=1, dtype="fp8")
     with pytest.raises(ValueError, match=r"train.device='tpu'"):
