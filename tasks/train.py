@@ -48,6 +48,8 @@ def run_key(c: Config, cache_key: str) -> str:
         del train["processes"]
     if c.sae.target_l0 is None:  # the controller's gains change nothing without a target
         train = {k: v for k, v in train.items() if not k.startswith("l0_")}
+    elif not hasattr(registry.ARCHS[c.sae.arch], "l0_stiffness"):  # nor κ without an L0 loss
+        train = {k: v for k, v in train.items() if not k.startswith("l0_stiffness")}
     spec = {
         "cache": cache_key,
         "hook": c.hook,
@@ -78,12 +80,14 @@ ADDED = {
         "l0_slow",
         "l0_gain",
         "l0_max_step",
+        "l0_stiffness",
+        "l0_stiffness_from",
     ),
 }
 """Fields no config could set before (they were fixed in the code): at the value they had then
 (`FORMER`, else their default) they are left out of the key, so earlier runs, which trained
 with those values, keep their keys."""
-FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05}
+FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05, "l0_stiffness": 0.0}
 """Fields of `ADDED` whose default has changed since: the value they were added with."""
 
 

@@ -21,6 +21,8 @@ class JumpReLUSAE(Centred, SAE):
         x̂    = f @ W_dec + b_dec                              (N, d_in), ‖W_dec,i‖ = 1
         loss = mean_N ‖x − x̂‖² + λ·sparsity_scale·aux
         aux  = mean_N Σ_i H(z_i − θ_i)                        the L0, before λ = `l1_coeff`
+               (+ κ·T/2·(aux/T − 1)², κ = `l0_stiffness`, while the trainer steers to T =
+               `target_l0` late in training: `FitConfig.l0_stiffness`)
 
     H has no useful gradient, so θ learns through straight-through estimators with the rectangle
     kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
@@ -51,6 +53,7 @@ class JumpReLUSAE(Centred, SAE):
     arch = "jumprelu"
     hparams = ("l1_coeff", "bandwidth", "init_threshold", "centre")
     train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
+    l0_stiffness = 0.0  # κ of the loss above: set by the trainer's L0 controller, 0 otherwise
 
     def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__(d_in, cfg)
@@ -77,7 +80,11 @@ class JumpReLUSAE(Centred, SAE):
         x_hat = self.decode(f)  # (N, d_in)
         recon = sq_err(x, x_hat).mean()  # mean_N ‖x − x̂‖²
         aux = h.sum(-1).mean()  # mean_N L0, exact in fp32
-        loss = recon + (self.l1_coeff * sparsity_scale) * aux
+        penalty = self.l1_coeff * aux
+        if self.l0_stiffness > 0:  # target_l0: a price that follows this batch's L0
+            t = float(self.target_l0 or 1)
+            penalty = penalty + self.l0_stiffness * t / 2 * (aux / t - 1) ** 2
+        loss = recon + sparsity_scale * penalty
         if self.training:
             self._record_firing(f)
         return SAEOutput(x_hat, f, loss, recon / self.d_in, aux)

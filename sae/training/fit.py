@@ -179,6 +179,13 @@ class _L0Controller:
     τ and freezing λ at the decay, as before, ended at L0 20.8 for a target of 16 on the
     known-answer data (λ still rising when frozen); with τ and no freeze, 16.0; on the default
     study targets 38 and 20 end at 37.5 and 19.8 on the training tokens.
+
+    JumpReLU's L0 answers λ only through thresholds Adam moves ~lr a step, 50–100 steps late,
+    so λ alone swung it past the target (known-answer data, target 16: 14.4 at the end from a
+    fall λ had set off; 17.0 on the hierarchical set). For an SAE with a differentiable L0 the
+    controller also sets, after `l0_stiffness_from` of the steps, a proportional price on each
+    batch's own L0 (`prepare`; the SAE's loss gains κ·T/2·(L0/T − 1)², `FitConfig.l0_stiffness`):
+    no lag, and it lowers θ when L0 is below the target, which λ > 0 never does.
     """
 
     def __init__(self, sae: SAE, cfg: FitConfig):
@@ -190,6 +197,7 @@ class _L0Controller:
         # τ after each step t (time[0] = 0): the lr summed so far (the unit cancels in ratios)
         lrs = (schedule(s, cfg, sae.arch)[0] for s in range(cfg.steps))
         self.time = list(itertools.accumulate(lrs, initial=0.0))
+        self.stiff_from = round(cfg.l0_stiffness_from * cfg.steps)
         self.last_l0: Tensor | None = None
         self.fast: float | None = None  # y
         self.slow = 0.0  # z
@@ -207,6 +215,14 @@ class _L0Controller:
         l0 = value["l0"]
         self.last_l0 = None if l0 is None else torch.tensor(l0, dtype=torch.float32)
         self.fast, self.slow = value["fast"], float(value["slow"] or 0.0)
+
+    def prepare(self, step: int) -> None:
+        """Before step `step` (from 1): an SAE with a differentiable L0 (jumprelu) gets the
+        stiffness κ (`FitConfig.l0_stiffness`) once `l0_stiffness_from` of the steps are done.
+        A function of the step alone, so a resumed run sets it as the run it resumes did."""
+        if hasattr(self.sae, "l0_stiffness"):
+            on = step > self.stiff_from
+            self.sae.l0_stiffness = self.cfg.l0_stiffness if on else 0.0
 
     def update(self, step: int, out: SAEOutput) -> None:
         """After step `step` (from 1) with output `out`: adjust λ, remember this L0."""
@@ -332,6 +348,8 @@ class _Trainer:
         """Optimiser step number `step` (from 1) on the raw batch (B, d_in)."""
         failpoint("train.step")
         self.lr, sparsity_scale = schedule(step - 1, self.cfg, self.sae.arch)
+        if self.control is not None:
+            self.control.prepare(step)
         for group in self.opt.param_groups:
             group["lr"] = self.lr
         if self.world > 1:  # every rank reads the global batch and trains on its slice
@@ -358,6 +376,8 @@ class _Trainer:
         if self.last is not None and self.monitor.logged_step != step:
             x, out, sparsity_scale = self.last
             self.monitor.log(step, x, out, self.lr, sparsity_scale)
+        if self.control is not None:
+            self.control.prepare(0)  # a trained SAE's loss is its own again (κ 0)
         self.sae.fold_centre()
         self.sae.fold_scale(self.scale)
         return self.sae.cpu().float().eval()
@@ -445,6 +465,7 @@ def _resolved(fit_cfg: dict[str, Any], arch: str) -> dict[str, Any]:
     if fit_cfg["lr_decay_frac"] is not None:
         return fit_cfg
     return fit_cfg | {"lr_decay_frac": DEFAULT_LR_DECAY[arch]}
+
 
 def fit(
     sae: SAE,

@@ -165,6 +165,8 @@ BAD_OVERRIDES = [  # (id, overrides, what the error must say)
      ["sae.k_train_factor must be a finite number >= 1, got 0.5"]),
     ("k-train-past-d_sae", ["sae=topk", "sae.k=40", "sae.k_train_factor=2"],
      ["sae.k_train_factor=2 trains round(2·k) = 80 latents per token, more than sae.d_sae=64"]),
+    ("l0-stiffness-from-past-1", ["sae=jumprelu", "sae.target_l0=8", "train.l0_stiffness_from=2"],
+     ["train.l0_stiffness_from must be in [0, 1], got 2.0"]),
     ("d_sae-zero", ["sae.d_sae=0"], ["sae.d_sae must be > 0, got 0"]),
     ("d_sae-negative", ["sae.d_sae=-3"], ["sae.d_sae must be > 0, got -3"]),
     ("train-tokens-zero", ["train.tokens=0"], ["train.tokens must be > 0, got 0"]),

@@ -162,3 +162,20 @@ def test_lr_decay_none_is_the_archs_default_and_keyed_as_its_value() -> None:
     assert (relu.train.lr_decay_frac, topk.train.lr_decay_frac) == (0.2, 0.3)
     assert run_key(relu, "c") == run_key(relu_02, "c")
     assert run_key(topk, "c") == run_key(topk_03, "c") != run_key(topk_02, "c")
+
+
+def test_stiffness_is_keyed_only_where_it_acts() -> None:
+    """train.l0_stiffness acts only with a target_l0 on jumprelu: relu's target runs and
+    jumprelu's runs without a target keep their keys; the default κ gets a key of its own
+    (κ 0, the code before the field, is `FORMER`: left out of the key)."""
+    from flows.config import load
+    from tasks.train import run_key
+
+    def key(*over: str) -> str:
+        c, _ = load([*TINY, *over])
+        return run_key(c, "c")
+
+    assert key("sae.target_l0=20") == key("sae.target_l0=20", "train.l0_stiffness=0")
+    assert key("sae=jumprelu") == key("sae=jumprelu", "train.l0_stiffness=0")
+    steered = ("sae=jumprelu", "sae.target_l0=20")
+    assert key(*steered) != key(*steered, "train.l0_stiffness=0")
