@@ -33,7 +33,7 @@ from sae.lm.config import LMSpec, check_hook
 from sae.lm.text import CHUNK_CHARS
 from sae.lm.text import ERRORS as TEXT_ERRORS
 from sae.models.config import DEFAULT_LR, DEFAULT_LR_DECAY, SAEConfig
-from sae.training.config import FitConfig
+from sae.training.config import FitConfig, check_lr_fracs
 
 EXPORT_FORMATS = ("saelens", "neuronpedia")
 """What `saeflow export` writes (`export.format`)."""
@@ -354,6 +354,7 @@ class Config:
             self.train.lr = DEFAULT_LR[self.sae.arch]
         if self.train.lr_decay_frac is None:  # the same, and keyed as that value
             self.train.lr_decay_frac = DEFAULT_LR_DECAY[self.sae.arch]
+            check_lr_fracs(self.train.lr_warmup_frac, self.train.lr_decay_frac, None)
         # A builtin model's depth is known before any work; a Hub model's once its config loads;
         # an external cache (cache.dir) says itself which hooks it holds, whatever the model.
         builtin = self.model.source == "builtin" and self.cache.dir is None

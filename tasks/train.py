@@ -48,7 +48,8 @@ def run_key(c: Config, cache_key: str) -> str:
         del train["processes"]
     if c.sae.target_l0 is None:  # the controller's gains change nothing without a target
         train = {k: v for k, v in train.items() if not k.startswith("l0_")}
-    elif not hasattr(registry.ARCHS[c.sae.arch], "l0_stiffness"):  # nor κ without an L0 loss
+    elif not hasattr(registry.ARCHS[c.sae.arch], "l0_stiffness") or not c.train.l0_stiffness:
+        # nor κ without an L0 in the loss, nor where it acts from at κ 0
         train = {k: v for k, v in train.items() if not k.startswith("l0_stiffness")}
     spec = {
         "cache": cache_key,
@@ -88,7 +89,8 @@ ADDED = {
 (`FORMER`, else their default) they are left out of the key, so earlier runs, which trained
 with those values, keep their keys."""
 FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05, "l0_stiffness": 0.0}
-"""Fields of `ADDED` whose default has changed since: the value they were added with."""
+"""Fields of `ADDED` whose value before them is not their default: the value they were added
+with, or (l0_stiffness) the one the code had before the field."""
 
 
 def _since_saved(values: dict[str, Any], arch: str) -> dict[str, Any]:

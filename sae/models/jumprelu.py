@@ -19,10 +19,11 @@ class JumpReLUSAE(Centred, SAE):
         z    = ReLU((x − c) @ W_enc + b_enc)                  (N, d_sae)   c fixed (`Centred`)
         f    = z·H(z − θ)                                     θ = `threshold` (d_sae,) >= 0
         x̂    = f @ W_dec + b_dec                              (N, d_in), ‖W_dec,i‖ = 1
-        loss = mean_N ‖x − x̂‖² + λ·sparsity_scale·aux
+        loss = mean_N ‖x − x̂‖² + sparsity_scale·(λ·aux + κ·T/2·(aux/T − 1)²)
         aux  = mean_N Σ_i H(z_i − θ_i)                        the L0, before λ = `l1_coeff`
-               (+ κ·T/2·(aux/T − 1)², κ = `l0_stiffness`, while the trainer steers to T =
-               `target_l0` late in training: `FitConfig.l0_stiffness`)
+    κ = `l0_stiffness` is 0 but late in a run the trainer steers to T = `target_l0`
+    (`FitConfig.l0_stiffness`). Under torchrun each rank prices its own slice's L0 (the config
+    refuses several processes with a target, so only library use can meet that).
 
     H has no useful gradient, so θ learns through straight-through estimators with the rectangle
     kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
@@ -80,11 +81,12 @@ class JumpReLUSAE(Centred, SAE):
         x_hat = self.decode(f)  # (N, d_in)
         recon = sq_err(x, x_hat).mean()  # mean_N ‖x − x̂‖²
         aux = h.sum(-1).mean()  # mean_N L0, exact in fp32
-        penalty = self.l1_coeff * aux
-        if self.l0_stiffness > 0:  # target_l0: a price that follows this batch's L0
-            t = float(self.target_l0 or 1)
-            penalty = penalty + self.l0_stiffness * t / 2 * (aux / t - 1) ** 2
-        loss = recon + sparsity_scale * penalty
+        loss = recon + (self.l1_coeff * sparsity_scale) * aux
+        if self.l0_stiffness > 0:  # target_l0: a price that follows this batch's own L0
+            t = self.target_l0
+            if t is None:
+                raise ValueError("l0_stiffness prices the L0 against sae.target_l0, which is None")
+            loss = loss + sparsity_scale * self.l0_stiffness * t / 2 * (aux / t - 1) ** 2
         if self.training:
             self._record_firing(f)
         return SAEOutput(x_hat, f, loss, recon / self.d_in, aux)

@@ -34,7 +34,7 @@ from sae.models.config import DEFAULT_LR, DEFAULT_LR_DECAY
 from sae.training import checkpoint
 from sae.training.checkpoint import CheckpointError, TrainState
 from sae.training.checkpoint import steps as steps_in
-from sae.training.config import FitConfig
+from sae.training.config import FitConfig, check_lr_fracs
 
 OnStep = Callable[[int, dict[str, float]], None]
 
@@ -336,6 +336,7 @@ class _Trainer:
         self.scale = 1.0
         self.lr = 0.0  # set by the schedule at each step
         self.peak_lr = peak_lr(cfg, sae.arch)
+        check_lr_fracs(cfg.lr_warmup_frac, lr_decay(cfg, sae.arch), cfg.lr_decay_frac)
         self.last: tuple[Tensor, SAEOutput, float] | None = None  # (x, out, sparsity_scale)
 
     def start(self, first: Tensor) -> None:
@@ -419,12 +420,17 @@ class _Trainer:
     def restore(self, state: TrainState) -> None:
         """Become the trainer that saved `state` (same SAE config and FitConfig)."""
         arch = self.sae.arch
-        want = {"sae": self.config, "fit": _comparable(_resolved(self.cfg.fit_values(), arch))}
+        want = {
+            "sae": self.config,
+            "fit": _comparable(_resolved(self.cfg.fit_values(), arch), self.sae),
+        }
         want["target_l0"] = self.sae.target_l0
         if "peak_lr" in state.values:  # lr None: the arch's default then and now (states of
             want["peak_lr"] = self.peak_lr  # 2026-12-06 on; older ones did not record it)
         for key, value in want.items():
-            saved = state.values.get(key) if key != "fit" else _comparable(state.values[key])
+            saved = state.values.get(key)
+            if key == "fit":
+                saved = _comparable(state.values[key], self.sae)
             if json.loads(json.dumps(value)) != saved:
                 raise CheckpointError(
                     f"the trainer state of step {state.step} was saved with {key}="
@@ -454,8 +460,18 @@ FREE_ON_RESUME = ("log_every", "threads", "checkpoint_every", "compile")
 """FitConfig fields a resumed run may change: they do not change what it computes."""
 
 
-def _comparable(fit_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fit_cfg.items() if k not in FREE_ON_RESUME}
+STIFFNESS_BEFORE = {"l0_stiffness": 0.0, "l0_stiffness_from": 0.6}
+"""The l0_stiffness fields as trainer states from before them (2026-12-07) trained: κ 0."""
+
+
+def _comparable(fit_cfg: dict[str, Any], sae: SAE) -> dict[str, Any]:
+    """The FitConfig values a resumed run must share with its state: not `FREE_ON_RESUME`, and
+    the l0_stiffness fields only where they act (a target_l0 on an SAE with a differentiable
+    L0; a state from before them counts as κ 0), so older states resume where they did."""
+    values = STIFFNESS_BEFORE | {k: v for k, v in fit_cfg.items() if k not in FREE_ON_RESUME}
+    if sae.target_l0 is None or not hasattr(sae, "l0_stiffness"):
+        return {k: v for k, v in values.items() if k not in STIFFNESS_BEFORE}
+    return values
 
 
 def _resolved(fit_cfg: dict[str, Any], arch: str) -> dict[str, Any]:

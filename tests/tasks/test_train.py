@@ -179,3 +179,15 @@ def test_stiffness_is_keyed_only_where_it_acts() -> None:
     assert key("sae=jumprelu") == key("sae=jumprelu", "train.l0_stiffness=0")
     steered = ("sae=jumprelu", "sae.target_l0=20")
     assert key(*steered) != key(*steered, "train.l0_stiffness=0")
+    assert key(*steered) != key(*steered, "train.l0_stiffness_from=0.8")  # where κ acts from
+    at_zero = (*steered, "train.l0_stiffness=0")  # κ 0: from changes nothing, nor the key
+    assert key(*at_zero) == key(*at_zero, "train.l0_stiffness_from=0.8")
+
+
+def test_lr_warmup_is_checked_against_the_archs_decay() -> None:
+    """train.lr_warmup_frac 0.75 fits relu's 0.2 decay, not topk's 0.3: named at load."""
+    from flows.config import load
+
+    load([*TINY, "train.lr_warmup_frac=0.75"])
+    with pytest.raises(Exception, match=r"got 0.3 \(None: the architecture's default\)"):
+        load([*TINY, "sae=topk", "train.lr_warmup_frac=0.75"])

@@ -107,6 +107,28 @@ def test_resume_under_the_archs_lr_decay(tmp_path: Path, monkeypatch: pytest.Mon
         fit(build_sae("topk", D, D_SAE, k=4), stream(skip=25), cfg(), resume=state)
 
 
+@pytest.mark.parametrize(("arch", "target_l0"), [("relu", 6.0), ("topk", None)])
+def test_a_state_from_before_the_stiffness_and_none_decay_resumes(
+    tmp_path: Path, arch: str, target_l0: float | None
+) -> None:
+    """A trainer state saved before 2026-12-07 has no l0_stiffness fields and lr_decay_frac
+    0.2: it resumes a relu run (target or not: κ does nothing there) under today's defaults;
+    topk's default decay has moved to 0.3, so its old state resumes only at 0.2."""
+    hp = HP[arch] | ({"target_l0": target_l0} if target_l0 else {})
+    fit(build_sae(arch, D, D_SAE, seed=0, **hp), stream(), cfg(lr_decay_frac=0.2),
+        checkpoint=tmp_path)  # fmt: skip
+    state = checkpoint.load(tmp_path)
+    assert state is not None
+    for name in ("l0_stiffness", "l0_stiffness_from"):
+        del state.values["fit"][name]  # as written before the fields
+    if arch == "relu":
+        fit(build_sae(arch, D, D_SAE, **hp), stream(skip=25), cfg(), resume=state)
+    else:
+        with pytest.raises(CheckpointError, match=r"'lr_decay_frac': 0.2"):
+            fit(build_sae(arch, D, D_SAE, **hp), stream(skip=25), cfg(), resume=state)
+        fit(build_sae(arch, D, D_SAE, **hp), stream(skip=25), cfg(lr_decay_frac=0.2), resume=state)
+
+
 def test_unreadable_or_missing_state(tmp_path: Path) -> None:
     assert checkpoint.load(tmp_path / "none") is None
     fit(build_sae("relu", D, D_SAE, seed=0), stream(), cfg(), checkpoint=tmp_path)

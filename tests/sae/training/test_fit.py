@@ -151,8 +151,11 @@ def test_bad_inputs() -> None:
         FitConfig(tokens=1, l0_stiffness=-1.0)
     with pytest.raises(ValueError, match=r"train.l0_stiffness_from"):
         FitConfig(tokens=1, l0_stiffness_from=1.5)
-    with pytest.raises(ValueError, match=r"got None \(None: up to 0.3, the largest default\)"):
-        FitConfig(tokens=1, lr_warmup_frac=0.8)
+    FitConfig(tokens=1, lr_warmup_frac=0.75)  # decay None: checked once the arch is known
+    x = torch.randn(8, 8)
+    fit(build_sae("relu", 8, 16), iter([x]), FitConfig(tokens=8, lr_warmup_frac=0.75))  # 0.2
+    with pytest.raises(ValueError, match=r"got 0.3 \(None: the architecture's default\)"):
+        fit(build_sae("topk", 8, 16, k=2), iter([x]), FitConfig(tokens=8, lr_warmup_frac=0.75))
     with pytest.raises(ValueError, match=r"train.dtype='fp8' is not one of auto, bf16, fp32"):
         FitConfig(tokens=1, dtype="fp8")
     with pytest.raises(ValueError, match=r"train.device='tpu'"):
@@ -290,5 +293,8 @@ def test_controller_sets_the_stiffness_after_its_fraction_of_the_steps() -> None
     assert not hasattr(relu, "l0_stiffness")
     x = torch.randn(64, 8)
     jump = build_sae("jumprelu", 8, 16, seed=0, target_l0=4.0)
-    jump = fit(jump, iter([x] * 8), FitConfig(tokens=64 * 8, batch_size=64, l0_stiffness=4.0))
+    felt: list[float] = []  # κ during each of the 8 steps, as the SAE's loss saw it
+    cfg = FitConfig(tokens=64 * 8, batch_size=64, l0_stiffness=4.0, log_every=1)
+    jump = fit(jump, iter([x] * 8), cfg, lambda s, m: felt.append(jump.l0_stiffness))
+    assert felt == [0.0] * 5 + [4.0] * 3  # on after round(0.6·8) = 5 steps
     assert jump.l0_stiffness == 0.0
