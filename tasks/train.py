@@ -33,7 +33,7 @@ from sae.models.base import CONFIG, SAE, WEIGHTS
 from sae.models.config import K_ARCHS, SAEConfig
 from sae.training.checkpoint import steps as steps_in
 from sae.training.config import FitConfig
-from sae.training.fit import FREE_ON_RESUME, SHARED_FIELDS
+from sae.training.fit import FREE_ON_RESUME, SHARED_FIELDS, STIFFNESS, stiffness_acts
 from tasks.support import ddp, tracking
 from tasks.support.fitting import fit_group, load_states, state_dir, step_loggers
 from tasks.support.home import inside, sae_dir
@@ -48,9 +48,8 @@ def run_key(c: Config, cache_key: str) -> str:
         del train["processes"]
     if c.sae.target_l0 is None:  # the controller's gains change nothing without a target
         train = {k: v for k, v in train.items() if not k.startswith("l0_")}
-    elif not hasattr(registry.ARCHS[c.sae.arch], "l0_stiffness") or not c.train.l0_stiffness:
-        # nor κ without an L0 in the loss, nor where it acts from at κ 0
-        train = {k: v for k, v in train.items() if not k.startswith("l0_stiffness")}
+    elif not stiffness_acts(registry.ARCHS[c.sae.arch], c.sae.target_l0, c.train.l0_stiffness):
+        train = {k: v for k, v in train.items() if k not in STIFFNESS}  # nor κ where it does not
     spec = {
         "cache": cache_key,
         "hook": c.hook,

@@ -107,9 +107,8 @@ class FitConfig:
         fraction("train", l0_stiffness_from=self.l0_stiffness_from)
         fraction("train", l1_warmup_frac=self.l1_warmup_frac)
         fraction("train", lr_warmup_frac=self.lr_warmup_frac)
-        if self.lr_decay_frac is not None:
-            fraction("train", lr_decay_frac=self.lr_decay_frac)
         if self.lr_decay_frac is not None:  # None: checked where the architecture is known
+            fraction("train", lr_decay_frac=self.lr_decay_frac)
             check_lr_fracs(self.lr_warmup_frac, self.lr_decay_frac)
         non_negative("train", grad_clip=self.grad_clip, threads=self.threads)
         non_negative("train", checkpoint_every=self.checkpoint_every)

@@ -408,7 +408,7 @@ class _Trainer:
             "sae_train": attrs,
             "scale": self.scale,
             "tokens": self.monitor.tokens,
-            "fit": _resolved(self.cfg.fit_values(), self.sae.arch),
+            "fit": self.fit_values(),
             "peak_lr": self.peak_lr,
             "target_l0": self.sae.target_l0,
             "last_l0": None if self.control is None else self.control.last,
@@ -416,14 +416,16 @@ class _Trainer:
         }
         return TrainState(step, tensors, values)
 
+    def fit_values(self) -> dict[str, Any]:
+        """The FitConfig values, lr_decay_frac resolved (`lr_decay`), as a trainer state records
+        them: a state resumes only under the decay it trained with, and states from before the
+        None default (0.2 then) still match."""
+        return self.cfg.fit_values() | {"lr_decay_frac": lr_decay(self.cfg, self.sae.arch)}
+
     @torch.no_grad()
     def restore(self, state: TrainState) -> None:
         """Become the trainer that saved `state` (same SAE config and FitConfig)."""
-        arch = self.sae.arch
-        want = {
-            "sae": self.config,
-            "fit": _comparable(_resolved(self.cfg.fit_values(), arch), self.sae),
-        }
+        want = {"sae": self.config, "fit": _comparable(self.fit_values(), self.sae)}
         want["target_l0"] = self.sae.target_l0
         if "peak_lr" in state.values:  # lr None: the arch's default then and now (states of
             want["peak_lr"] = self.peak_lr  # 2026-12-06 on; older ones did not record it)
@@ -460,27 +462,25 @@ FREE_ON_RESUME = ("log_every", "threads", "checkpoint_every", "compile")
 """FitConfig fields a resumed run may change: they do not change what it computes."""
 
 
-STIFFNESS_BEFORE = {"l0_stiffness": 0.0, "l0_stiffness_from": 0.6}
-"""The l0_stiffness fields as trainer states from before them (2026-12-07) trained: κ 0."""
+STIFFNESS = ("l0_stiffness", "l0_stiffness_from")
+"""FitConfig's fields of the price on each batch's L0: they change a run only where
+`stiffness_acts`."""
+
+
+def stiffness_acts(arch: type[SAE], target_l0: float | None, stiffness: float) -> bool:
+    """Whether `FitConfig.l0_stiffness` changes a run: κ > 0, a target_l0, and an architecture
+    with an L0 in its loss (jumprelu). Elsewhere run keys and resumes leave `STIFFNESS` out."""
+    return stiffness > 0 and target_l0 is not None and hasattr(arch, "l0_stiffness")
 
 
 def _comparable(fit_cfg: dict[str, Any], sae: SAE) -> dict[str, Any]:
-    """The FitConfig values a resumed run must share with its state: not `FREE_ON_RESUME`, and
-    the l0_stiffness fields only where they act (a target_l0 on an SAE with a differentiable
-    L0; a state from before them counts as κ 0), so older states resume where they did."""
-    values = STIFFNESS_BEFORE | {k: v for k, v in fit_cfg.items() if k not in FREE_ON_RESUME}
-    if sae.target_l0 is None or not hasattr(sae, "l0_stiffness"):
-        return {k: v for k, v in values.items() if k not in STIFFNESS_BEFORE}
-    return values
-
-
-def _resolved(fit_cfg: dict[str, Any], arch: str) -> dict[str, Any]:
-    """FitConfig values with lr_decay_frac None replaced by the architecture's default
-    (`lr_decay`), as a trainer state records them: a state resumes only under the decay it
-    trained with, and states from before the None default (0.2 then) still match."""
-    if fit_cfg["lr_decay_frac"] is not None:
-        return fit_cfg
-    return fit_cfg | {"lr_decay_frac": DEFAULT_LR_DECAY[arch]}
+    """The FitConfig values a resumed run must share with its state: not `FREE_ON_RESUME`, nor
+    `STIFFNESS` where it does not act (a state from before the fields trained at κ 0), so older
+    states resume where they did."""
+    values = {k: v for k, v in fit_cfg.items() if k not in FREE_ON_RESUME}
+    if stiffness_acts(type(sae), sae.target_l0, values.get("l0_stiffness", 0.0)):
+        return values
+    return {k: v for k, v in values.items() if k not in STIFFNESS}
 
 
 def fit(
