@@ -121,6 +121,7 @@ def key_inputs(
                 if c.data.source == "stdlib"
                 else {
                     "chunk_chars": c.data.chunk_chars,
+                    "held_chunks": "first-n",  # since 2026-12-07: never the short last piece
                     "encoding": c.data.encoding,
                     "errors": c.data.errors,
                 }

@@ -188,14 +188,14 @@ def _assign(
     """(split, text) per document, or per chunk of a document longer than `chunk_chars`. Such a
     document is cut into n = max(⌈length / chunk_chars⌉, ⌈1 / holdout⌉) chunks, so n·holdout ≥ 1,
     and floor(n·holdout + u) of them go to eval (u ∈ [0, 1) from its key's hash: the expected
-    share is `holdout`, and never none), evenly spaced from an offset its hash also picks."""
+    share is `holdout`, and never none), evenly spaced from an offset its hash also picks, among
+    those n (a short last piece that cuts at line ends leave is never the one held out)."""
     for key, text in keyed:
         if not chunk_chars or len(text) <= chunk_chars:
             yield split_of(key, holdout), text
             continue
         n = max(math.ceil(len(text) / chunk_chars), math.ceil(1 / holdout) if holdout else 1)
         parts = _chunks(text, math.ceil(len(text) / n))
-        n = len(parts)  # cuts at line ends can make one more
         digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest())
         m = min(n, math.floor(n * holdout + (digest % 10_000) / 10_000))
         held = {(math.floor((j + 0.5) * n / m) + digest) % n for j in range(m)} if m else set()

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sae.lm.text import documents, pack, split_of, stdlib_files, token_contexts
+from sae.lm.text import _assign, documents, pack, split_of, stdlib_files, token_contexts
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -175,6 +175,18 @@ def test_hf_datasets_source_streams_a_local_builder(tmp_path: Path):
 
 
 # --- corpora as users bring them -------------------------------------------------------------
+def test_the_short_last_chunk_is_never_the_held_out_one() -> None:
+    """Cuts at line ends leave one short piece past the n chunks (here 32 of 2.5M characters):
+    for any key, the held-out chunks are full-size ones, so the held-out share stays near
+    `holdout` (a path's hash once picked the 32 characters: share 1e-5)."""
+    lines = "".join(f"def f{i}(x):\n    return {i}\n" for i in range(80_000))
+    for i in range(200):
+        out = list(_assign([(f"/tmp/k{i}/lines.txt", lines)], 0.05, 100_000))
+        held = sum(len(t) for split, t in out if split == "eval")
+        assert len(out) == 27 and len(out[-1][1]) < 200  # 26 chunks and the short piece
+        assert 0.03 < held / len(lines) < 0.08, i
+
+
 def test_one_huge_document_is_chunked_so_both_splits_get_text(tmp_path: Path):
     """A corpus of one 3 MB line (and one 2 MB multi-line file): cut into chunks, ~holdout of
     them held out, at least one; nothing lost or duplicated."""
