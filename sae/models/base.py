@@ -58,7 +58,7 @@ class SAEOutput(NamedTuple):
     """(N, d_in) reconstruction."""
     f: Tensor
     """(N, d_sae) latent activations; a sparse COO tensor (no gradient) from topk and batchtopk
-    in training mode (`.to_dense()` for the matrix)."""
+    in training mode, and from relu's sparse step (`.to_dense()` for the matrix)."""
     loss: Tensor
     """() the objective the trainer minimises (see each architecture's docstring)."""
     mse: Tensor
@@ -68,7 +68,7 @@ class SAEOutput(NamedTuple):
     topk, batchtopk: the AuxK loss."""
     l0: Tensor | None = None
     """() mean non-zero latents per token, where the SAE knows it without scanning f (topk,
-    batchtopk in training, whose f is then a sparse COO tensor with no gradient)."""
+    batchtopk in training, whose f is then a sparse COO tensor with no gradient; relu)."""
 
 
 class SAE(nn.Module):
@@ -260,11 +260,11 @@ class Centred(nn.Module):
 
 
 class _Reuse(threading.local):
-    """This thread's storage for `reused`: dtype -> a flat tensor; None outside
+    """This thread's storage for `reused`: (slot, dtype) -> a flat tensor; None outside
     `reusing_buffers`."""
 
     def __init__(self) -> None:
-        self.stores: dict[torch.dtype, Tensor] | None = None
+        self.stores: dict[tuple[str, torch.dtype], Tensor] | None = None
 
 
 _REUSE = _Reuse()
@@ -286,17 +286,18 @@ def reusing_buffers() -> Iterator[None]:
         _REUSE.stores = outer
 
 
-def reused(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+def reused(shape: tuple[int, ...], dtype: torch.dtype, slot: str = "z") -> Tensor:
     """An uninitialised CPU tensor of `shape`: inside `reusing_buffers`, on this thread's kept
-    storage for `dtype` (grown to the largest size asked; what an earlier call got from it is
-    overwritten), else fresh."""
+    storage for (`slot`, `dtype`) (grown to the largest size asked; what an earlier call got from
+    it is overwritten), else fresh. Slots: "z" the encoder's pre-activations, "grad" their
+    gradient (`Dense`)."""
     stores = _REUSE.stores
     if stores is None:
         return torch.empty(shape, dtype=dtype)
     n = math.prod(shape)
-    store = stores.get(dtype)
+    store = stores.get((slot, dtype))
     if store is None or store.numel() < n:
-        store = stores[dtype] = torch.empty(n, dtype=dtype)
+        store = stores[slot, dtype] = torch.empty(n, dtype=dtype)
     return store[:n].view(shape)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae.models.base import SAEOutput, sq_err
+from sae.models.sparse import decode_bags
 from sae.models.topk import TopKSAE
 
 MARGIN = 1.5
@@ -116,6 +116,4 @@ def _decode_flat(vals: Tensor, flat: Tensor, W_dec: Tensor, n: int) -> Tensor:
     flat, order = flat.sort()
     token, latent = flat // d_sae, flat % d_sae
     offsets = torch.searchsorted(token, torch.arange(n, device=flat.device))  # (n,) bag starts
-    return F.embedding_bag(
-        latent, W_dec, offsets, mode="sum", per_sample_weights=vals[order].to(W_dec.dtype)
-    )
+    return decode_bags(vals[order], latent, offsets, W_dec)

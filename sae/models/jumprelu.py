@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from sae.models.base import SAE, Centred, SAEOutput, random_directions, sq_err
 from sae.models.config import SAEConfig
+from sae.models.sparse import Dense, Encoder, addmm_reused, decode_bags, firing
 from sae.models.topk import TopKSAE
 
 
@@ -75,21 +76,47 @@ class JumpReLUSAE(Centred, SAE):
         # z before the ReLU: θ >= 0 makes z·H(z − θ) the same, and the straight-through kernel
         # K((z − θ)/ε) then sees where z really is (after a ReLU every z <= 0 sits at 0, and for
         # θ < ε/2 those zeros counted as "near the threshold", pushing θ up for nothing).
-        z = torch.addmm(self.b_enc, x - self.c, self.W_enc)  # (N, d_sae)
+        x_c = x - self.c
+        with torch.no_grad():  # one encoder product; gradients come from Dense or Encoder
+            z = addmm_reused(self.b_enc, x_c, self.W_enc)  # (N, d_sae)
         eps = self.bandwidth * math.sqrt(self.d_in)
-        f, h = JumpStep.apply(z, self.threshold, eps)  # (N, d_sae) each; h is fp32
-        x_hat = self.decode(f)  # (N, d_in)
+        # Only pairs with z > θ − ε/2 get a gradient: those that fire or sit in the kernel
+        _, pairs = firing(z, self.threshold.detach() - eps / 2)
+        if pairs is not None and self.training and not x.requires_grad:
+            x_hat, f, aux = self._sparse(x_c, z, *pairs, eps)
+        else:
+            z = Dense.apply(x_c, self.W_enc, self.b_enc, z, False)  # (N, d_sae), with gradients
+            f, h = JumpStep.apply(z, self.threshold, eps)  # (N, d_sae) each; h is fp32
+            x_hat = self.decode(f)  # (N, d_in)
+            aux = h.sum(-1).mean()  # mean_N L0, exact in fp32
+            if self.training:
+                self._record_firing(f)
         recon = sq_err(x, x_hat).mean()  # mean_N ‖x − x̂‖²
-        aux = h.sum(-1).mean()  # mean_N L0, exact in fp32
         loss = recon + (self.l1_coeff * sparsity_scale) * aux
         if self.l0_stiffness > 0:  # target_l0: a price that follows this batch's own L0
             t = self.target_l0
             if t is None:
                 raise ValueError("l0_stiffness prices the L0 against sae.target_l0, which is None")
             loss = loss + sparsity_scale * self.l0_stiffness * t / 2 * (aux / t - 1) ** 2
-        if self.training:
-            self._record_firing(f)
-        return SAEOutput(x_hat, f, loss, recon / self.d_in, aux)
+        return SAEOutput(x_hat, f, loss, recon / self.d_in, aux, aux.detach())
+
+    def _sparse(
+        self, x_c: Tensor, z: Tensor, rows: Tensor, cols: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The training forward on the pairs (rows, cols) where z > θ − ε/2 alone — those that
+        fire and those within the kernel's reach, the only ones with a gradient: (x̂, f as a
+        sparse COO tensor without gradient, aux = mean_N L0)."""
+        n = x_c.shape[0]
+        vals = Encoder(x_c, self.W_enc, self.b_enc)(rows, cols, z[rows, cols])  # (nnz,)
+        f, h = JumpStep.apply(vals, self.threshold.index_select(0, cols), eps)  # f 0 at z <= θ
+        counts = torch.bincount(rows, minlength=n)  # pairs per token: its bag's size
+        x_hat = decode_bags(f, cols, counts.cumsum(0) - counts, self.W_dec) + self.b_dec
+        on = h.detach() > 0  # fired
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=z.device)
+        self._record_fired(fired.index_fill_(0, cols[on], True), n)
+        pairs = torch.stack([rows[on], cols[on]])
+        f = torch.sparse_coo_tensor(pairs, f.detach()[on], (n, self.d_sae), check_invariants=False)
+        return x_hat, f, h.sum() / n
 
     # The unit-norm decoder's hooks are TopK's: they only touch W_dec.
     before_step = TopKSAE.before_step
@@ -129,5 +156,7 @@ class JumpStep(torch.autograd.Function):
         h = z > theta
         wide = theta.dtype
         k = _rectangle((z.to(wide) - theta) / ctx.eps)  # (N, d_sae)
-        grad_theta = -(k * (theta * grad_f.to(wide) + grad_h)).sum(0) / ctx.eps  # (d_sae,)
+        grad_theta = -(k * (theta * grad_f.to(wide) + grad_h)) / ctx.eps
+        if grad_theta.dim() > theta.dim():  # (N, d_sae) -> (d_sae,); per pair: θ[cols] given
+            grad_theta = grad_theta.sum(0)
         return grad_f * h, grad_theta, None

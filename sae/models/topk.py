@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from sae.models.base import SAE, SAEOutput, random_directions, reused, sq_err
+from sae.models.base import SAE, SAEOutput, random_directions, sq_err
 from sae.models.config import SAEConfig
+from sae.models.sparse import Encoder, addmm_reused, decode_rows, scatter_dense
 
 AUX_DENSE = 8
 """AuxK decodes the dead latents as one dense sub-dictionary while #dead <= AUX_DENSE·aux_k."""
@@ -74,7 +74,7 @@ class TopKSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         """f = TopK_k'(z)·1[z > θ]: (N, d_in) -> (N, d_sae) with at most k' non-zeros per row."""
         vals, idx = self.pre_acts(x).topk(self.k_train, dim=-1, sorted=False)
-        return _dense(self._above(vals), idx, self.d_sae)
+        return scatter_dense(self._above(vals), idx, self.d_sae)
 
     def _above(self, vals: Tensor) -> Tensor:
         """vals·1[vals > θ]: ReLU where θ = 0."""
@@ -86,11 +86,11 @@ class TopKSAE(SAE):
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k_train)
         vals = encoder(rows, idx.flatten(), top.flatten()).view_as(idx)  # with gradients
         vals = vals.relu() if self.training else self._above(vals)  # θ: at inference only
-        x_hat = _decode_sparse(vals, idx, self.W_dec) + self.b_dec  # (N, d_in)
+        x_hat = decode_rows(vals, idx, self.W_dec) + self.b_dec  # (N, d_in)
         err = sq_err(x, x_hat)  # (N,)
         fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
         if not self.training:
-            f = _dense(vals, idx, self.d_sae)  # (N, d_sae)
+            f = scatter_dense(vals, idx, self.d_sae)  # (N, d_sae)
             return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
         aux = self._auxk(x, x_hat, z, encoder)
         f, l0 = self._fired(vals.flatten(), rows, idx.flatten(), x.shape[0])
@@ -155,7 +155,7 @@ class TopKSAE(SAE):
         x_c = x - self.b_dec.detach()
         bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc  # (d_sae,)
         with torch.no_grad():
-            z = _addmm_reused(bias, x_c, self.W_enc)  # (N, d_sae)
+            z = addmm_reused(bias, x_c, self.W_enc)  # (N, d_sae)
         return z, Encoder(x_c, self.W_enc, bias)
 
     def _auxk(self, x: Tensor, x_hat: Tensor, z: Tensor, encoder: Encoder) -> Tensor:
@@ -182,7 +182,7 @@ class TopKSAE(SAE):
             idx = cols[picked.indices]  # (N, aux_k) latent ids
             rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)
             vals = encoder(rows, idx.flatten(), picked.values.flatten()).view_as(idx).relu()
-            e_hat = _decode_sparse(vals, idx, self.W_dec)
+            e_hat = decode_rows(vals, idx, self.W_dec)
         return sq_err(e, e_hat).sum() / sq_err(e, e.mean(0)).sum().clamp_min(1e-12)
 
     @torch.no_grad()
@@ -196,74 +196,3 @@ class TopKSAE(SAE):
     def after_step(self) -> None:
         """Renormalise the decoder rows to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-
-class Encoder:
-    """Parts of z = x_c @ W + b (z itself computed without autograd) with gradients to W and b,
-    at the cost of the part: `encoder(rows, cols, values)` -> z[rows, cols], the values the
-    caller's top-k read from z (`SparseGather`), `columns(cols)` -> z[:, cols] (a GEMM on those
-    columns)."""
-
-    def __init__(self, x_c: Tensor, W: Tensor, b: Tensor):
-        self.x_c, self.W, self.b = x_c, W, b
-
-    def __call__(self, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
-        return SparseGather.apply(self.x_c, self.W, self.b, rows, cols, values)
-
-    def columns(self, cols: Tensor) -> Tensor:
-        return torch.addmm(self.b.index_select(0, cols), self.x_c, self.W.index_select(1, cols))
-
-
-class SparseGather(torch.autograd.Function):
-    """(x, W, b, rows, cols, values) -> values = z[rows, cols] of z = x @ W + b; sparse backward.
-
-        ∂L/∂W = xᵀ·G,   ∂L/∂b = Σ_N G,   G (N, d_sae) zero but G[rows, cols] = ∂L/∂out
-
-    G is a sparse matrix of len(rows) entries, so ∂W costs len(rows)·d_in multiply-adds. x gets
-    no gradient (the encoder's input is data).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, W: Tensor, b: Tensor, rows: Tensor, cols: Tensor, values: Tensor
-    ) -> Tensor:
-        ctx.save_for_backward(x, rows, cols)
-        ctx.d_sae, ctx.dtype = W.shape[1], W.dtype
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, None, None, None]:
-        x, rows, cols = ctx.saved_tensors
-        g = grad.to(ctx.dtype)  # W's (fp32 master weights) whatever autocast computed in
-        G_t = torch.sparse_coo_tensor(
-            torch.stack([cols, rows]), g, (ctx.d_sae, x.shape[0]), check_invariants=False
-        )  # Gᵀ (d_sae, N)
-        grad_W = torch.sparse.mm(G_t, x.to(ctx.dtype)).T  # (d_in, d_sae)
-        grad_b = g.new_zeros(ctx.d_sae).index_add_(0, cols, g)
-        return None, grad_W, grad_b, None, None, None
-
-
-def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """Σ_j vals[n, j]·W_dec[idx[n, j]]: (N, k), (N, k), (d_sae, d_in) -> (N, d_in), in fp32.
-
-    An embedding bag reads only the k chosen rows per token: N·k·d_in work instead of the dense
-    product's N·d_sae·d_in, with gradients to both the values and W_dec.
-    """
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
-
-
-def _addmm_reused(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """torch.addmm(bias, a, b) without gradients, on CPU into `reused` storage (in autocast's
-    dtype where CPU autocast is on); elsewhere (CUDA's allocator caches; torch.compile traces)
-    a plain addmm."""
-    if a.device.type != "cpu" or torch.compiler.is_compiling():
-        return torch.addmm(bias, a, b)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else a.dtype
-    out = reused((a.shape[0], b.shape[1]), dtype)
-    with torch.autocast("cpu", enabled=False):
-        return torch.addmm(bias.to(dtype), a.to(dtype), b.to(dtype), out=out)
-
-
-def _dense(vals: Tensor, idx: Tensor, d_sae: int) -> Tensor:
-    """Scatter (N, k) values at their indices into a zero (N, d_sae) matrix."""
-    return vals.new_zeros(vals.shape[0], d_sae).scatter_(-1, idx, vals)  # in place: no copy

@@ -1,0 +1,152 @@
+"""The sparse training step (sae.models.sparse): the same numbers as the dense one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae.models import sparse
+from sae.models.base import SAE, reused, reusing_buffers
+from sae.models.jumprelu import JumpReLUSAE
+from sae.models.registry import build_sae
+from sae.models.relu import ReluSAE
+
+D_IN, D_SAE = 16, 64
+
+
+def relu_sae(shift: float) -> ReluSAE:
+    """A relu SAE in float64 whose latents fire on about Φ(−shift) of (token, latent) pairs of
+    data(): b_enc at −shift standard deviations of the pre-activations."""
+    sae = build_sae("relu", D_IN, D_SAE, seed=0, l1_coeff=0.3).double().train()
+    assert isinstance(sae, ReluSAE)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1, dtype=torch.float64) + 0.5)  # unequal row norms
+        sae.c.normal_(0, 0.5)
+        spread = ((data() - sae.c) @ sae.W_enc).std()
+        sae.b_enc.normal_(-shift, 0.1).mul_(spread)
+    return sae
+
+
+def data(n: int = 48) -> torch.Tensor:
+    return torch.randn(n, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def step(sae: SAE, x: torch.Tensor, below: float, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """One training forward and backward with `SPARSE_BELOW` = below: outputs and gradients."""
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", below)
+    sae.zero_grad()
+    sae.tokens_since_fired.fill_(7)
+    with reusing_buffers():
+        out = sae(x, sparsity_scale=0.5)
+        out.loss.backward()
+        f = out.f.to_dense() if out.f.is_sparse else out.f.detach().clone()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    values = {"loss": out.loss, "mse": out.mse, "aux": out.aux, "l0": out.l0, "x_hat": out.x_hat}
+    return {k: v.detach() for k, v in values.items()} | {
+        "f": f,
+        "grads": grads,
+        "since": sae.tokens_since_fired.clone(),
+        "sparse": out.f.is_sparse,
+    }
+
+
+def test_relu_sparse_step_equals_the_dense_step_and_the_formula(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ~7% of latents firing, the sparse step (forced: SPARSE_BELOW 1) and the dense one
+    (SPARSE_BELOW 0) give the same loss, mse, aux, L0, x̂, f, firing counters and gradients,
+    and both equal autograd through ReLU's textbook formula."""
+    sae, x = relu_sae(shift=1.5), data()
+    fast = step(sae, x, 1.0, monkeypatch)
+    slow = step(sae, x, 0.0, monkeypatch)
+    assert fast["sparse"] and not slow["sparse"]
+    assert 0.02 < fast["l0"].item() / D_SAE < 0.2
+    sae.zero_grad()
+    f = ((x - sae.c) @ sae.W_enc + sae.b_enc).relu()
+    x_hat = f @ sae.W_dec + sae.b_dec
+    recon = ((x - x_hat) ** 2).sum(-1).mean()
+    aux = (f @ sae.W_dec.norm(dim=-1)).mean()
+    (recon + sae.l1_coeff * 0.5 * aux).backward()
+    want = {name: p.grad for name, p in sae.named_parameters()}
+    assert torch.equal(fast["f"], slow["f"])  # one encoder product: the same bits
+    for got in (fast, slow):
+        torch.testing.assert_close(got["x_hat"], x_hat.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["f"], f.detach(), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got["aux"], aux.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(got["mse"], recon.detach() / D_IN, rtol=1e-12, atol=0)
+        assert got["l0"].item() == pytest.approx((f > 0).sum().item() / x.shape[0], abs=1e-6)
+        fired = (f > 0).any(0)
+        assert (got["since"][fired] == 0).all() and (got["since"][~fired] == 7 + 48).all()
+        for name, g in want.items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-9, atol=1e-12)
+
+
+def test_jumprelu_sparse_step_equals_the_dense_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JumpReLU's sparse step (the pairs with z > θ − ε/2: those firing and those in the
+    kernel's reach below θ) gives the dense step's loss (with the L0 price κ on), aux, L0, x̂,
+    f, firing counters and gradients, θ's included; both sides of θ hold kernel pairs."""
+    sae = build_sae(
+        "jumprelu", D_IN, D_SAE, seed=0, l1_coeff=0.3, bandwidth=0.05, target_l0=3
+    ).double()
+    assert isinstance(sae, JumpReLUSAE)
+    x = data()
+    with torch.no_grad():
+        sae.c.normal_(0, 0.5)
+        z = (x - sae.c) @ sae.W_enc
+        sae.b_enc.copy_(-z.std() * 1.2)
+        z = z + sae.b_enc
+        sae.threshold.copy_(z.quantile(0.95, dim=0).clamp_min(0))  # ~5% fire per latent
+    sae.train().l0_stiffness = 5.0
+    eps = sae.bandwidth * D_IN**0.5
+    u = (z - sae.threshold) / eps
+    assert ((u.abs() < 0.5) & (u > 0)).any() and ((u.abs() < 0.5) & (u <= 0)).any()
+    fast = step(sae, x, 1.0, monkeypatch)
+    slow = step(sae, x, 0.0, monkeypatch)
+    assert fast["sparse"] and not slow["sparse"]
+    assert torch.equal(fast["f"], slow["f"]) and torch.equal(fast["since"], slow["since"])
+    assert fast["l0"].item() == slow["l0"].item() == (slow["f"] > 0).sum().item() / x.shape[0]
+    for key in ("loss", "mse", "aux", "x_hat"):
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-12, atol=1e-12)
+    assert slow["grads"]["threshold"].abs().sum() > 0
+    for name, g in slow["grads"].items():
+        torch.testing.assert_close(fast["grads"][name], g, rtol=1e-9, atol=1e-12)
+
+
+def test_firing_is_sparse_only_below_the_fraction() -> None:
+    """firing(z): the count of z > 0 always; the (token, latent) pairs, sorted by token, only
+    where that count is below SPARSE_BELOW of z's entries."""
+    z = torch.full((4, 32), -1.0)
+    z[0, 3] = z[2, 1] = z[2, 30] = 0.5  # 3 of 128: below 1/16
+    count, pairs = sparse.firing(z)
+    assert count.item() == 3 and pairs is not None
+    assert pairs[0].tolist() == [0, 2, 2] and pairs[1].tolist() == [3, 1, 30]
+    z[1, :8] = 1.0  # 11 of 128: above 1/16
+    count, pairs = sparse.firing(z)
+    assert count.item() == 11 and pairs is None
+
+
+def test_relu_input_gradient_and_eval_take_the_dense_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An input that needs a gradient gets autograd's (the sparse step gives the data none), and
+    eval mode returns the dense f, even where few latents fire."""
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", 1.0)
+    sae, x = relu_sae(shift=1.5), data().requires_grad_()
+    out = sae(x)
+    assert not out.f.is_sparse
+    (grad,) = torch.autograd.grad(out.loss, x)
+    x2 = x.detach().clone().requires_grad_()
+    f = ((x2 - sae.c) @ sae.W_enc + sae.b_enc).relu()
+    x_hat = f @ sae.W_dec + sae.b_dec
+    loss = ((x2 - x_hat) ** 2).sum(-1).mean() + sae.l1_coeff * (f @ sae.W_dec.norm(dim=-1)).mean()
+    (want,) = torch.autograd.grad(loss, x2)
+    torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-12)
+    assert not sae.eval()(x.detach()).f.is_sparse
+
+
+def test_reused_slots_are_separate_buffers() -> None:
+    """The pre-activations ("z") and their gradient ("grad") reuse storage of their own."""
+    with reusing_buffers():
+        z1, g1 = reused((8, 4), torch.float32), reused((8, 4), torch.float32, "grad")
+        z2 = reused((8, 4), torch.float32)
+        assert z1.data_ptr() == z2.data_ptr() != g1.data_ptr()
