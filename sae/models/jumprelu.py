@@ -45,6 +45,10 @@ class JumpReLUSAE(Centred, SAE):
     and θ comparable across latents. λ keeps the name `l1_coeff`, so one config key (and the
     trainer's `target_l0` controller) works for relu and jumprelu alike.
 
+    Training on CPU takes the sparse step (`sae.models.sparse`, as relu) where fewer than
+    `SPARSE_BELOW` of the (token, latent) pairs have z > θ − ε/2: only those have a gradient
+    (∂L/∂z needs H, ∂L/∂θ the kernel), so only those are decoded and differentiated.
+
     Units: inputs are scaled to E‖x‖ = √d_in (the trainer does that); `bandwidth` and
     `init_threshold` are in the paper's units, where E‖x‖² = 1, and are multiplied by √d_in here.
 
