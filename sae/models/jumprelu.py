@@ -85,8 +85,9 @@ class JumpReLUSAE(Centred, SAE):
             z = addmm_reused(self.b_enc, x_c, self.W_enc)  # (N, d_sae)
         eps = self.bandwidth * math.sqrt(self.d_in)
         # Only pairs with z > θ − ε/2 get a gradient: those that fire or sit in the kernel
-        _, pairs = firing(z, self.threshold.detach() - eps / 2)
-        if pairs is not None and self.training and not x.requires_grad:
+        floor = self.threshold.detach() - eps / 2
+        pairs = firing(z, floor) if self.training and not x.requires_grad else None
+        if pairs is not None:
             x_hat, f, aux = self._sparse(x_c, z, *pairs, eps)
         else:
             z = Dense.apply(x_c, self.W_enc, self.b_enc, z, False)  # (N, d_sae), with gradients
@@ -160,7 +161,7 @@ class JumpStep(torch.autograd.Function):
         h = z > theta
         wide = theta.dtype
         k = _rectangle((z.to(wide) - theta) / ctx.eps)  # (N, d_sae)
-        grad_theta = -(k * (theta * grad_f.to(wide) + grad_h)) / ctx.eps
+        grad_theta = k * (theta * grad_f.to(wide) + grad_h)
         if grad_theta.dim() > theta.dim():  # (N, d_sae) -> (d_sae,); per pair: θ[cols] given
             grad_theta = grad_theta.sum(0)
-        return grad_f * h, grad_theta, None
+        return grad_f * h, -grad_theta / ctx.eps, None

@@ -56,19 +56,22 @@ class ReluSAE(Centred, SAE):
         x_c = x - self.c
         with torch.no_grad():  # one encoder product; gradients come from Dense or Encoder
             z = addmm_reused(self.b_enc, x_c, self.W_enc)  # (N, d_sae) pre-activations
-        count, fired = firing(z)  # fired: the (token, latent) pairs, if few fire (CPU)
-        if fired is not None and self.training and not x.requires_grad:
+        fired = firing(z) if self.training and not x.requires_grad else None
+        if fired is not None:  # few latents fire: (token, latent) pairs, sorted by token
             x_hat, f, aux = self._sparse(x_c, z, *fired)
+            l0 = torch.tensor(fired[0].numel() / x.shape[0])
         else:
             f = Dense.apply(x_c, self.W_enc, self.b_enc, z, True)  # (N, d_sae)
             x_hat = self.decode(f)  # (N, d_in)
             l1 = f @ self.W_dec.norm(dim=-1)  # (N,) Σ_i f_i·‖W_dec,i‖ (bf16 under autocast)
             aux = l1.to(torch.promote_types(l1.dtype, torch.float32)).mean()
+            l0 = None
             if self.training:
                 self._record_firing(f)
+                l0 = torch.count_nonzero(f.detach() > 0).float() / x.shape[0]
         recon = sq_err(x, x_hat).mean()  # mean_N ‖x − x̂‖²
         loss = recon + (self.l1_coeff * sparsity_scale) * aux
-        return SAEOutput(x_hat, f, loss, recon / self.d_in, aux, count.float() / x.shape[0])
+        return SAEOutput(x_hat, f, loss, recon / self.d_in, aux, l0)
 
     def _sparse(
         self, x_c: Tensor, z: Tensor, rows: Tensor, cols: Tensor

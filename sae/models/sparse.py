@@ -27,19 +27,24 @@ fire: below it the sparse step was faster (a ReLU SAE, d_in 256, d_sae 2048, bat
 sparse)."""
 
 
-def firing(z: Tensor, floor: Tensor | float = 0.0) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """(how many of z's entries are > floor (a number, or one per latent), a 0-dim tensor; the
-    (token, latent) pairs where z > floor, sorted by token, if the step is to be sparse, else
-    None). Sparse on CPU in eager mode where fewer than `SPARSE_BELOW` of the entries pass: one
-    host sync, free on CPU, never taken elsewhere."""
-    on = z > floor
-    count = torch.count_nonzero(on)  # on a bool tensor: 20× faster than .sum(), 10× than on z
+SAMPLE_ROWS = 256
+"""`firing` first counts on this many rows of z: a dense step pays a sixteenth of a full count
+at batch 4096."""
+
+
+def firing(z: Tensor, floor: Tensor | float = 0.0) -> tuple[Tensor, Tensor] | None:
+    """The (token, latent) pairs where z > floor (a number, or one per latent), sorted by token,
+    if the step is to be sparse, else None (the caller takes the dense step). Sparse on CPU in
+    eager mode where fewer than `SPARSE_BELOW` of z's entries pass, on the first `SAMPLE_ROWS`
+    rows and on all: host syncs, free on CPU, never taken elsewhere."""
     if z.device.type != "cpu" or torch.compiler.is_compiling():
-        return count, None
-    if count >= SPARSE_BELOW * on.numel():
-        return count, None
+        return None
+    for part in (z[:SAMPLE_ROWS], z):
+        on = part > floor
+        if torch.count_nonzero(on) >= SPARSE_BELOW * on.numel():  # 20× faster than bool .sum()
+            return None
     rows, cols = on.nonzero().unbind(1)
-    return count, (rows, cols)
+    return rows, cols
 
 
 class Encoder:

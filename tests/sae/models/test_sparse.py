@@ -112,17 +112,24 @@ def test_jumprelu_sparse_step_equals_the_dense_step(monkeypatch: pytest.MonkeyPa
         torch.testing.assert_close(fast["grads"][name], g, rtol=1e-9, atol=1e-12)
 
 
-def test_firing_is_sparse_only_below_the_fraction() -> None:
-    """firing(z): the count of z > 0 always; the (token, latent) pairs, sorted by token, only
-    where that count is below SPARSE_BELOW of z's entries."""
+def test_firing_is_sparse_only_below_the_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """firing(z, floor): the (token, latent) pairs with z > floor, sorted by token, only where
+    fewer than SPARSE_BELOW of z's entries pass, counted first on SAMPLE_ROWS rows, then on all;
+    a floor per latent."""
+    monkeypatch.setattr(sparse, "SAMPLE_ROWS", 2)
     z = torch.full((4, 32), -1.0)
     z[0, 3] = z[2, 1] = z[2, 30] = 0.5  # 3 of 128: below 1/16
-    count, pairs = sparse.firing(z)
-    assert count.item() == 3 and pairs is not None
-    assert pairs[0].tolist() == [0, 2, 2] and pairs[1].tolist() == [3, 1, 30]
-    z[1, :8] = 1.0  # 11 of 128: above 1/16
-    count, pairs = sparse.firing(z)
-    assert count.item() == 11 and pairs is None
+    rows, cols = sparse.firing(z)
+    assert rows.tolist() == [0, 2, 2] and cols.tolist() == [3, 1, 30]
+    floor = torch.zeros(32)
+    floor[1] = 0.7  # (2, 1) no longer passes
+    rows, cols = sparse.firing(z, floor)
+    assert rows.tolist() == [0, 2] and cols.tolist() == [3, 30]
+    z[3, :6] = 1.0  # 9 of 128 overall (above 1/16), 1 of 64 in the first two rows
+    assert sparse.firing(z) is None
+    z[3, :6] = -1.0
+    z[1, :4] = 1.0  # 7 of 128 overall (below), 5 of 64 in the first two rows (above)
+    assert sparse.firing(z) is None
 
 
 def test_relu_input_gradient_and_eval_take_the_dense_step(
