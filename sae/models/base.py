@@ -58,7 +58,9 @@ class SAEOutput(NamedTuple):
     """(N, d_in) reconstruction."""
     f: Tensor
     """(N, d_sae) latent activations; a sparse COO tensor (no gradient) from topk and batchtopk
-    in training mode, and from relu's sparse step (`.to_dense()` for the matrix)."""
+    in training mode, and from relu's and jumprelu's sparse steps (`.to_dense()` for the matrix).
+    relu's dense f in training is its pre-activations' reused storage (`reusing_buffers`): valid
+    until the next forward."""
     loss: Tensor
     """() the objective the trainer minimises (see each architecture's docstring)."""
     mse: Tensor
@@ -67,8 +69,8 @@ class SAEOutput(NamedTuple):
     """() relu: mean_N Σ_i f_i·‖W_dec,i‖; jumprelu: mean_N L0 (both before λ);
     topk, batchtopk: the AuxK loss."""
     l0: Tensor | None = None
-    """() mean non-zero latents per token, where the SAE knows it without scanning f (topk,
-    batchtopk in training, whose f is then a sparse COO tensor with no gradient; relu)."""
+    """() mean non-zero latents per token, where the SAE computes it anyway or cheaply: topk,
+    batchtopk and relu in training, jumprelu always (its L0 penalty's value)."""
 
 
 class SAE(nn.Module):

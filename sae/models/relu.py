@@ -30,8 +30,9 @@ class ReluSAE(Centred, SAE):
 
     Training on CPU takes the sparse step (`sae.models.sparse`) where fewer than `SPARSE_BELOW`
     of the (token, latent) pairs fire: only those are decoded and differentiated (f is then a
-    sparse COO tensor), the same numbers as the dense step's at a fraction of its cost
-    (known-answer data at L0 37 of 2048: 71k samples/s against 23k).
+    sparse COO tensor), the dense step's numbers (in fp32; under bf16 autocast the sparse step
+    decodes in fp32) at a fraction of its cost (a step at L0 37 of 2048, d_in 256, batch 4096:
+    60 ms against 170 ms; a whole run on known-answer data 1.8× faster).
 
     Init: W_dec rows are random directions of norm `init_norm`, W_enc = W_decᵀ, b_enc = 0;
     b_dec = 0 until the trainer sets it to the geometric median of a sample.

@@ -150,9 +150,11 @@ class Dense(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor, None, None]:
         x_c, W, f = ctx.saved_tensors
         G = grad
-        if ctx.relu:  # grad·1[f > 0], one pass, into storage kept from step to step
+        if ctx.relu and f.device.type == "cpu":  # grad·1[f > 0] into storage kept (CPU)
             out = reused(f.shape, grad.dtype, "grad")
             G = torch.ops.aten.threshold_backward.grad_input(grad, f, 0, grad_input=out)
+        elif ctx.relu:
+            G = torch.ops.aten.threshold_backward(grad, f, 0)
         grad_x = torch.mm(G, W.to(G.dtype).T).to(x_c.dtype) if ctx.needs_input_grad[0] else None
         grad_W = torch.mm(x_c.to(G.dtype).T, G).to(W.dtype)
         return grad_x, grad_W, G.sum(0).to(W.dtype), None, None

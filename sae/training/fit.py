@@ -557,7 +557,7 @@ def fit_many(
         trainers = [
             _Trainer(*args, device) for args in zip(saes, cfgs, on_steps, checkpoints, strict=True)
         ]
-        with reusing_buffers():  # the topk family's (B, d_sae) pre-activations, step to step
+        with reusing_buffers():  # (B, d_sae) pre-activations (and relu's gradient), step to step
             last = _train(trainers, batches, resume, device)
     return [t.finish(last) for t in trainers]
 

@@ -132,23 +132,48 @@ def test_firing_is_sparse_only_below_the_fraction(monkeypatch: pytest.MonkeyPatc
     assert sparse.firing(z) is None
 
 
-def test_relu_input_gradient_and_eval_take_the_dense_step(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_input_gradient_and_eval_take_the_dense_step(
+    arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An input that needs a gradient gets autograd's (the sparse step gives the data none), and
-    eval mode returns the dense f, even where few latents fire."""
+    eval mode returns the dense f, ReLU(z) or z·1[z > θ], even where few latents fire."""
     monkeypatch.setattr(sparse, "SPARSE_BELOW", 1.0)
-    sae, x = relu_sae(shift=1.5), data().requires_grad_()
+    sae = relu_sae(shift=1.5)
+    if arch == "jumprelu":
+        sae = build_sae(arch, D_IN, D_SAE, seed=0, l1_coeff=0.3).double().train()
+        with torch.no_grad():
+            sae.b_enc.fill_(-1.5 * (data() @ sae.W_enc).std().item())
+    x = data().requires_grad_()
     out = sae(x)
     assert not out.f.is_sparse
     (grad,) = torch.autograd.grad(out.loss, x)
     x2 = x.detach().clone().requires_grad_()
-    f = ((x2 - sae.c) @ sae.W_enc + sae.b_enc).relu()
+    z = (x2 - sae.c) @ sae.W_enc + sae.b_enc
+    if arch == "relu":
+        f = z.relu()
+        penalty = (f @ sae.W_dec.norm(dim=-1)).mean()
+    else:  # the L0 penalty has no gradient to the input
+        f = z * (z > sae.threshold)
+        penalty = torch.zeros((), dtype=z.dtype)
+    assert 0 < (f > 0).double().mean() < 0.2  # few fire: at SPARSE_BELOW 1 the step would be sparse
     x_hat = f @ sae.W_dec + sae.b_dec
-    loss = ((x2 - x_hat) ** 2).sum(-1).mean() + sae.l1_coeff * (f @ sae.W_dec.norm(dim=-1)).mean()
+    loss = ((x2 - x_hat) ** 2).sum(-1).mean() + sae.l1_coeff * penalty
     (want,) = torch.autograd.grad(loss, x2)
     torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-12)
-    assert not sae.eval()(x.detach()).f.is_sparse
+    f_eval = sae.eval()(x.detach()).f
+    assert not f_eval.is_sparse
+    torch.testing.assert_close(f_eval, f.detach(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_dense_step_off_cpu_keeps_the_device(arch: str) -> None:
+    """Off CPU (here the meta device: shapes only) the dense step runs, backward included: no
+    CPU buffer meets a tensor of another device (as on CUDA, where the step is always dense)."""
+    sae = build_sae(arch, D_IN, D_SAE, seed=0).to("meta").train()
+    out = sae(torch.empty(8, D_IN, device="meta"))
+    out.loss.backward()
+    assert not out.f.is_sparse and sae.W_enc.grad.device.type == "meta"
 
 
 def test_reused_slots_are_separate_buffers() -> None:
