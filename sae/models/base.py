@@ -166,6 +166,21 @@ class SAE(nn.Module):
         self._record_fired(f.detach().amax(0) > 0, f.shape[0])  # f >= 0 for every arch here
 
     @torch.no_grad()
+    def _record_pairs(
+        self, vals: Tensor, rows: Tensor, cols: Tensor, n: int
+    ) -> tuple[Tensor, Tensor]:
+        """Training forward of a sparse step, its (token, latent) pairs with values vals: reset
+        the counters of the latents with a value > 0; return (f as a sparse COO (n, d_sae)
+        tensor without gradient, mean L0). Building the dense f would write n·d_sae zeros."""
+        on = vals > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=vals.device)
+        self._record_fired(fired.index_fill_(0, cols[on], True), n)
+        f = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), vals.detach(), (n, self.d_sae), check_invariants=False
+        )
+        return f, torch.count_nonzero(on).float() / n
+
+    @torch.no_grad()
     def _record_fired(self, fired: Tensor, n: int) -> None:
         """Add n tokens to every counter; reset those of the latents in the mask fired (d_sae,)."""
         self.tokens_since_fired.add_(n).masked_fill_(fired, 0)

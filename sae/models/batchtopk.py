@@ -114,6 +114,4 @@ def _decode_flat(vals: Tensor, flat: Tensor, W_dec: Tensor, n: int) -> Tensor:
     """
     d_sae = W_dec.shape[0]
     flat, order = flat.sort()
-    token, latent = flat // d_sae, flat % d_sae
-    offsets = torch.searchsorted(token, torch.arange(n, device=flat.device))  # (n,) bag starts
-    return decode_bags(vals[order], latent, offsets, W_dec)
+    return decode_bags(vals[order], flat // d_sae, flat % d_sae, n, W_dec)

@@ -114,13 +114,8 @@ class JumpReLUSAE(Centred, SAE):
         n = x_c.shape[0]
         vals = Encoder(x_c, self.W_enc, self.b_enc)(rows, cols, z[rows, cols])  # (nnz,)
         f, h = JumpStep.apply(vals, self.threshold.index_select(0, cols), eps)  # f 0 at z <= θ
-        counts = torch.bincount(rows, minlength=n)  # pairs per token: its bag's size
-        x_hat = decode_bags(f, cols, counts.cumsum(0) - counts, self.W_dec) + self.b_dec
-        on = h.detach() > 0  # fired
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=z.device)
-        self._record_fired(fired.index_fill_(0, cols[on], True), n)
-        pairs = torch.stack([rows[on], cols[on]])
-        f = torch.sparse_coo_tensor(pairs, f.detach()[on], (n, self.d_sae), check_invariants=False)
+        x_hat = decode_bags(f, rows, cols, n, self.W_dec) + self.b_dec
+        f, _ = self._record_pairs(f, rows, cols, n)  # kernel-only pairs: value 0, not fired
         return x_hat, f, h.sum() / n
 
     # The unit-norm decoder's hooks are TopK's: they only touch W_dec.

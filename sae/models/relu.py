@@ -59,8 +59,7 @@ class ReluSAE(Centred, SAE):
             z = addmm_reused(self.b_enc, x_c, self.W_enc)  # (N, d_sae) pre-activations
         fired = firing(z) if self.training and not x.requires_grad else None
         if fired is not None:  # few latents fire: (token, latent) pairs, sorted by token
-            x_hat, f, aux = self._sparse(x_c, z, *fired)
-            l0 = torch.tensor(fired[0].numel() / x.shape[0])
+            x_hat, f, aux, l0 = self._sparse(x_c, z, *fired)
         else:
             f = Dense.apply(x_c, self.W_enc, self.b_enc, z, True)  # (N, d_sae)
             x_hat = self.decode(f)  # (N, d_in)
@@ -76,17 +75,12 @@ class ReluSAE(Centred, SAE):
 
     def _sparse(
         self, x_c: Tensor, z: Tensor, rows: Tensor, cols: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The training forward on the firing pairs (rows, cols) of z alone: (x̂, f as a sparse
-        COO tensor without gradient, aux), N·L0·d_in work past the encoder's product."""
+        COO tensor without gradient, aux, L0), N·L0·d_in work past the encoder's product."""
         n = x_c.shape[0]
         vals = Encoder(x_c, self.W_enc, self.b_enc)(rows, cols, z[rows, cols])  # (nnz,)
-        counts = torch.bincount(rows, minlength=n)  # latents per token: its bag's size
-        x_hat = decode_bags(vals, cols, counts.cumsum(0) - counts, self.W_dec) + self.b_dec
+        x_hat = decode_bags(vals, rows, cols, n, self.W_dec) + self.b_dec
         l1 = vals.to(self.W_dec.dtype) * self.W_dec.norm(dim=-1)[cols]  # f_i·‖W_dec,i‖, f_i > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=z.device)
-        self._record_fired(fired.index_fill_(0, cols, True), n)
-        f = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), vals.detach(), (n, self.d_sae), check_invariants=False
-        )
-        return x_hat, f, l1.sum() / n
+        f, l0 = self._record_pairs(vals, rows, cols, n)
+        return x_hat, f, l1.sum() / n, l0

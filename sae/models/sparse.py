@@ -50,7 +50,7 @@ def firing(z: Tensor, floor: Tensor | float = 0.0) -> tuple[Tensor, Tensor] | No
 class Encoder:
     """Parts of z = x_c @ W + b (z itself computed without autograd) with gradients to W and b,
     at the cost of the part: `encoder(rows, cols, values)` -> z[rows, cols], the values the
-    caller's top-k read from z (`SparseGather`), `columns(cols)` -> z[:, cols] (a GEMM on those
+    caller read from z (`SparseGather`), `columns(cols)` -> z[:, cols] (a GEMM on those
     columns)."""
 
     def __init__(self, x_c: Tensor, W: Tensor, b: Tensor):
@@ -118,10 +118,12 @@ def scatter_dense(vals: Tensor, idx: Tensor, d_sae: int) -> Tensor:
     return vals.new_zeros(vals.shape[0], d_sae).scatter_(-1, idx, vals)  # in place: no copy
 
 
-def decode_bags(vals: Tensor, cols: Tensor, offsets: Tensor, W_dec: Tensor) -> Tensor:
-    """Σ_j vals[j]·W_dec[cols[j]] over each token's bag: the pairs sorted by token, token n's from
-    offsets[n] (an empty bag decodes to 0) -> (N, d_in), in W_dec's dtype, with gradients to vals
-    and W_dec."""
+def decode_bags(vals: Tensor, rows: Tensor, cols: Tensor, n: int, W_dec: Tensor) -> Tensor:
+    """Σ_j vals[j]·W_dec[cols[j]] over each token's pairs, the (token, latent) pairs (rows, cols)
+    sorted by token, -> (n, d_in), in W_dec's dtype, with gradients to vals and W_dec: one
+    embedding bag per token (of any size; an empty one decodes to 0), L0·n·d_in work."""
+    counts = torch.bincount(rows, minlength=n)  # each token's bag size
+    offsets = counts.cumsum(0) - counts  # where each bag starts
     return F.embedding_bag(
         cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype)
     )

@@ -130,16 +130,10 @@ class TopKSAE(SAE):
     @torch.compiler.disable
     @torch.no_grad()
     def _fired(self, vals: Tensor, rows: Tensor, cols: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        """Training: count the n tokens, note which latents fired; return (f as a sparse COO
-        (n, d_sae) tensor, mean L0). Building the dense f would write n·d_sae zeros per step."""
-        on = vals > 0
+        """Training: count the n tokens, then `_record_pairs`: (f as a sparse COO tensor, mean
+        L0)."""
         self.tokens_trained += n
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=vals.device)
-        self._record_fired(fired.index_fill_(0, cols[on], True), n)
-        f = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), vals.detach(), (n, self.d_sae), check_invariants=False
-        )
-        return f, on.sum().float() / n
+        return self._record_pairs(vals, rows, cols, n)
 
     def pre_acts_sparse(self, x: Tensor) -> tuple[Tensor, Encoder]:
         """z = pre_acts(x) computed without autograd, and an `Encoder` that hands out parts of
