@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from sae.models.base import SAEOutput, sq_err
+from sae.models.base import SAEOutput, spread, sq_err
 from sae.models.sparse import decode_bags
 from sae.models.topk import TopKSAE
 
@@ -52,7 +52,7 @@ class BatchTopKSAE(TopKSAE):
             f = self.encode(x)  # (N, d_sae)
             x_hat = self.decode(f)
             err = sq_err(x, x_hat)  # (N,)
-            fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
+            fvu = err.sum() / spread(x).clamp_min(1e-12)
             return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
         z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
         top, flat = self._select(z)  # (k·N,) values and their indices into z.flatten()
@@ -73,7 +73,7 @@ class BatchTopKSAE(TopKSAE):
         """Training: (x̂ from the batch's kept (token, latent) pairs, the reconstruction loss:
         the batch FVU Σ_N ‖x − x̂‖² / Σ_N ‖x − x̄‖²)."""
         x_hat = _decode_flat(vals, flat, self.W_dec, x.shape[0]) + self.b_dec  # (N, d_in)
-        return x_hat, sq_err(x, x_hat).sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
+        return x_hat, sq_err(x, x_hat).sum() / spread(x).clamp_min(1e-12)
 
     @torch.no_grad()
     def _update_threshold(self, vals: Tensor) -> None:

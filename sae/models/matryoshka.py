@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sae.models.base import sq_err
+from sae.models.base import spread, sq_err
 from sae.models.batchtopk import BatchTopKSAE, _decode_flat
 from sae.models.config import SAEConfig
 from sae.models.topk import TopKSAE
@@ -78,11 +78,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         """Training: (x̂_G, the mean over prefixes of Σ_N ‖x − x̂_g‖² / Σ_N ‖x − x̄‖²); each
         prefix decodes its own latents (G·k·N·d_in work)."""
         n, latent = x.shape[0], flat % self.d_sae
-        spread = sq_err(x, x.mean(0)).sum().clamp_min(1e-12)  # Σ_N ‖x − x̄‖²
+        total = spread(x).clamp_min(1e-12)  # Σ_N ‖x − x̄‖²
         fvus = []
         for m in self.widths:
             x_hat = _decode_flat(vals * (latent < m), flat, self.W_dec, n) + self.b_dec
-            fvus.append(sq_err(x, x_hat).sum() / spread)
+            fvus.append(sq_err(x, x_hat).sum() / total)
         return x_hat, torch.stack(fvus).mean()
 
 

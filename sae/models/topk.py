@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sae.models.base import SAE, SAEOutput, random_directions, sq_err
+from sae.models.base import SAE, SAEOutput, random_directions, spread, sq_err
 from sae.models.config import SAEConfig
 from sae.models.sparse import Encoder, addmm_reused, decode_rows, scatter_dense
 
@@ -88,7 +88,7 @@ class TopKSAE(SAE):
         vals = vals.relu() if self.training else self._above(vals)  # θ: at inference only
         x_hat = decode_rows(vals, idx, self.W_dec) + self.b_dec  # (N, d_in)
         err = sq_err(x, x_hat)  # (N,)
-        fvu = err.sum() / sq_err(x, x.mean(0)).sum().clamp_min(1e-12)
+        fvu = err.sum() / spread(x).clamp_min(1e-12)
         if not self.training:
             f = scatter_dense(vals, idx, self.d_sae)  # (N, d_sae)
             return SAEOutput(x_hat, f, fvu, err.mean() / self.d_in, fvu.new_zeros(()))
@@ -177,7 +177,7 @@ class TopKSAE(SAE):
             rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)
             vals = encoder(rows, idx.flatten(), picked.values.flatten()).view_as(idx).relu()
             e_hat = decode_rows(vals, idx, self.W_dec)
-        return sq_err(e, e_hat).sum() / sq_err(e, e.mean(0)).sum().clamp_min(1e-12)
+        return sq_err(e, e_hat).sum() / spread(e).clamp_min(1e-12)
 
     @torch.no_grad()
     def before_step(self) -> None:
