@@ -67,8 +67,9 @@ class TopKSAE(SAE):
         """z = (x − b_dec) @ W_enc + b_enc: (N, d_in) -> (N, d_sae)."""
         # b_dec's gradient through the encoder is taken via a (d_sae,) vector: the bracket is 0 in
         # value, and this spares autograd an (N, d_sae) @ (d_sae, d_in) product for grad(x − b_dec).
+        # W_enc detached there: its gradient through the bracket is bracket ⊗ grad = 0 exactly.
         b_dec_const = self.b_dec.detach()
-        bias = self.b_enc - (self.b_dec - b_dec_const) @ self.W_enc  # (d_sae,)
+        bias = self.b_enc - (self.b_dec - b_dec_const) @ self.W_enc.detach()  # (d_sae,)
         return torch.addmm(bias, x - b_dec_const, self.W_enc)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -147,7 +148,7 @@ class TopKSAE(SAE):
         until the thread's next pre_acts_sparse, i.e. through this forward and its backward.
         """
         x_c = x - self.b_dec.detach()
-        bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc  # (d_sae,)
+        bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc.detach()  # (d_sae,)
         with torch.no_grad():
             z = addmm_reused(bias, x_c, self.W_enc)  # (N, d_sae)
         return z, Encoder(x_c, self.W_enc, bias)

@@ -129,11 +129,25 @@ def train_step(
     if world > 1:
         _average_gradients(sae, world)
     sae.before_step()  # topk: drop the gradient component along each decoder row
-    if grad_clip > 0:  # no host sync: the clip factor stays a tensor
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip, foreach=True)
+    if grad_clip > 0:
+        _clip(sae, grad_clip)
     opt.step()
     sae.after_step()  # topk: back onto the unit sphere
     return out
+
+
+def _clip(sae: SAE, max_norm: float) -> None:
+    """Scale the gradients to total norm <= max_norm, as `clip_grad_norm_`. On CPU (a host sync
+    is free) only where they exceed it: a topk step's norm stays far below 1 (known-answer data:
+    median 0.015), and scaling every gradient by 1.0 was ~1 ms of a ~60 ms step. Elsewhere no
+    host sync: the factor stays a tensor."""
+    params = [p for p in sae.parameters() if p.grad is not None]
+    if sae.W_dec.device.type != "cpu":
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if max_norm / (float(norm) + 1e-6) < 1:  # clip_grad_norm_'s factor, where it is below 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
 
 
 def world() -> tuple[int, int]:

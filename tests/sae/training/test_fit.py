@@ -303,3 +303,31 @@ def test_controller_sets_the_stiffness_after_its_fraction_of_the_steps() -> None
     jump = fit(jump, iter([x] * 8), cfg, lambda s, m: felt.append(jump.l0_stiffness))
     assert felt == [0.0] * 5 + [4.0] * 3  # on after round(0.6·8) = 5 steps
     assert jump.l0_stiffness == 0.0
+
+
+@pytest.mark.parametrize("norm", [0.5, 3.0])
+def test_clip_scales_the_gradients_as_clip_grad_norm_does(norm: float) -> None:
+    """The CPU path skips the scaling where the norm is below the limit: the same gradients
+    as torch's clip_grad_norm_ either way (b_dec left without a gradient: skipped by both)."""
+    from sae.training.fit import _clip
+
+    sae, ref = (build_sae("topk", D, 128, seed=0, k=4) for _ in range(2))
+    g = torch.Generator().manual_seed(3)
+    for a, b in zip(sae.parameters(), ref.parameters(), strict=True):
+        if a is not sae.b_dec:
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+    total = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters() if p.grad is not None])
+    for p in (*sae.parameters(), *ref.parameters()):
+        if p.grad is not None:
+            p.grad.mul_(norm / total)
+    _clip(sae, 1.0)
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, foreach=True)
+    for a, b in zip(sae.parameters(), ref.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    clipped = torch.nn.utils.get_total_norm(
+        [p.grad for p in sae.parameters() if p.grad is not None]
+    )
+    assert clipped.item() == pytest.approx(min(norm, 1.0), rel=1e-4)
