@@ -18,7 +18,8 @@ topk and matryoshka trained on each token's top 24 with a learnt threshold that 
 average at inference (`-x1.5`: `sae.k_train_factor=1.5`).
 Peers (`saelens`, `sparsify-k16`) come from bench_peers.py and run only where that venv has
 them (see its docstring). Scores on 16,384
-held-out samples: FVU, L0, MMCS, and for each true feature matched to a distinct latent the
+held-out samples: FVU, L0, MMCS, dead latents (never active there; `dead 262k`: on 262,144
+held-out samples, which sees latents that fire once in ~100k), and for each true feature matched to a distinct latent the
 firing precision/recall/F1 and the MCC, and on hard data the F1 of the 64 parents alone
 (absorption into children shows there; `ground_truth.score`); samples/s over the training call.
 
@@ -149,17 +150,18 @@ def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str
         f"{datetime.date.today()} · {cpu()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. One pass over {samples:,} samples per data set "
         f"(batches of {BATCH}), d_sae {D_SAE}, fp32 (`-auto`: saeflow's default `dtype=auto`, "
-        f"here {resolve_dtype('auto', torch.device('cpu'))}); scores on 16,384 held-out samples.",
+        f"here {resolve_dtype('auto', torch.device('cpu'))}); scores on 16,384 held-out samples "
+        "(`dead 262k`: never active on 262,144 of them, the 16,384 first).",
         "",
-        "| data | contender | FVU | L0 | MMCS | dead | precision | recall | F1 | F1 parents | MCC "
-        "| samples/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | contender | FVU | L0 | MMCS | dead | dead 262k | precision | recall | F1 "
+        "| F1 parents | MCC | samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for data, by in results.items():
         for name, r in by.items():
             lines.append(
                 f"| {data} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['mmcs']:.3f} | "
-                f"{r['dead']:.3f} | "
+                f"{r['dead']:.3f} | {r['dead_long']:.3f} | "
                 f"{r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
                 f"{'–' if math.isnan(r['f1_parents']) else format(r['f1_parents'], '.3f')} | "
                 f"{r['mcc']:.3f} | "

@@ -71,3 +71,24 @@ def test_the_parents_f1_sees_a_parent_absorbed_into_its_children() -> None:
     assert absorbed["f1_parents"] < 0.9 and absorbed["mmcs"] == pytest.approx(1.0)
     flat = GroundTruth(d_in=32, n_features=24, active=4)
     assert math.isnan(score(flat, lambda x: (x @ flat.features.T, x), flat.features)["f1_parents"])
+
+
+def test_dead_long_counts_only_latents_silent_on_every_held_out_sample() -> None:
+    """`dead` reads the n scored samples; `dead_long` also the further ones up to dead_n: a
+    latent that fires only on one later sample is dead there and alive here; a latent that never
+    fires is dead in both."""
+    t = GroundTruth(d_in=32, n_features=24, active=4)
+    seen = []
+
+    def enc_dec(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(x.shape[0])
+        f = torch.zeros(x.shape[0], 26)  # latents 0–23: the truth; 24 rare; 25 never
+        f[:, :24] = (x - t.mean) @ t.features.T
+        f[:, 24] = 0.0
+        if len(seen) == 3:  # the second block after the scored samples
+            f[7, 24] = 1.0
+        return f.clamp_min(0), x
+
+    s = score(t, enc_dec, torch.cat([t.features, torch.eye(2, 32)]), n=1000, dead_n=3500)
+    assert seen == [1000, 1000, 1000, 500]  # the scored samples, then blocks up to dead_n
+    assert s["dead"] == pytest.approx(2 / 26) and s["dead_long"] == pytest.approx(1 / 26)
