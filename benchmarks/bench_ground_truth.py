@@ -17,10 +17,10 @@ relu with its recipe before 2026-12-05 (no encoder centre, `train.scale=norm`, l
 topk and matryoshka trained on each token's top 24 with a learnt threshold that keeps 16 on
 average at inference (`-x1.5`: `sae.k_train_factor=1.5`).
 Peers (`saelens`, `sparsify-k16`) come from bench_peers.py and run only where that venv has
-them (see its docstring). Scores on 16,384
-held-out samples: FVU, L0, MMCS, dead latents (never active there; `dead 262k`: on 262,144
-held-out samples, which sees latents that fire once in ~100k), and for each true feature matched to a distinct latent the
-firing precision/recall/F1 and the MCC, and on hard data the F1 of the 64 parents alone
+them (see its docstring). Scores on 16,384 held-out samples: FVU, L0, MMCS, dead latents (never
+active there; `dead 262k`: on 262,144 held-out samples, which sees latents that fire once in
+~100k), and for each true feature matched to a distinct latent the firing precision/recall/F1
+and the MCC, and on hard data the F1 of the 64 parents alone
 (absorption into children shows there; `ground_truth.score`); samples/s over the training call.
 
     .venv/bin/python benchmarks/bench_ground_truth.py --samples 1000000 --data flat offset
