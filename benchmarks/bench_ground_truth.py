@@ -151,7 +151,8 @@ def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str
         f"{torch.get_num_threads()} threads. One pass over {samples:,} samples per data set "
         f"(batches of {BATCH}), d_sae {D_SAE}, fp32 (`-auto`: saeflow's default `dtype=auto`, "
         f"here {resolve_dtype('auto', torch.device('cpu'))}); scores on 16,384 held-out samples "
-        "(`dead 262k`: never active on 262,144 of them, the 16,384 first).",
+        "(`dead 262k`: latents never active on 262,144 held-out samples, those 16,384 "
+        "first).",
         "",
         "| data | contender | FVU | L0 | MMCS | dead | dead 262k | precision | recall | F1 "
         "| F1 parents | MCC | samples/s |",

@@ -332,7 +332,8 @@ def sq_err(x: Tensor, x_hat: Tensor) -> Tensor:
 def spread(x: Tensor) -> Tensor:
     """() Σ_N ‖x − x̄‖², the denominator of a batch FVU, in fp32 or wider."""
     if x.requires_grad:
-        return (x - x.mean(0)).pow(2).sum(dtype=torch.promote_types(x.dtype, torch.float32))
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (x - x.mean(0)).pow(2).sum()
     with torch.no_grad():
         d = x - x.mean(0)
         return torch.linalg.vector_norm(
@@ -354,6 +355,7 @@ class SquaredError(torch.autograd.Function):
         return torch.linalg.vector_norm(d, dim=-1).square()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # d carries no graph: no double backward
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         (d,) = ctx.saved_tensors
         g = d * (2 * grad).unsqueeze(-1)

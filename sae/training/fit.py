@@ -142,12 +142,14 @@ def _clip(sae: SAE, max_norm: float) -> None:
     median 0.015), and scaling every gradient by 1.0 was ~1 ms of a ~60 ms step. Elsewhere no
     host sync: the factor stays a tensor."""
     params = [p for p in sae.parameters() if p.grad is not None]
-    if sae.W_dec.device.type != "cpu":
-        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    utils = torch.nn.utils
+    if sae.W_dec.device.type != "cpu" or not hasattr(utils, "clip_grads_with_norm_"):  # torch < 2.6
+        utils.clip_grad_norm_(params, max_norm, foreach=True)
         return
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if max_norm / (float(norm) + 1e-6) < 1:  # clip_grad_norm_'s factor, where it is below 1
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    norm = utils.get_total_norm([p.grad for p in params], foreach=True)
+    n = float(norm)
+    if not math.isfinite(n) or max_norm / (n + 1e-6) < 1:  # clip_grad_norm_'s factor below 1
+        utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)  # (NaN: as it, NaN)
 
 
 def world() -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -305,10 +306,11 @@ def test_controller_sets_the_stiffness_after_its_fraction_of_the_steps() -> None
     assert jump.l0_stiffness == 0.0
 
 
-@pytest.mark.parametrize("norm", [0.5, 3.0])
+@pytest.mark.parametrize("norm", [0.5, 3.0, math.nan])
 def test_clip_scales_the_gradients_as_clip_grad_norm_does(norm: float) -> None:
     """The CPU path skips the scaling where the norm is below the limit: the same gradients
-    as torch's clip_grad_norm_ either way (b_dec left without a gradient: skipped by both)."""
+    as torch's clip_grad_norm_ either way (b_dec left without a gradient: skipped by both; a
+    NaN norm: NaN gradients from both)."""
     from sae.training.fit import _clip
 
     sae, ref = (build_sae("topk", D, 128, seed=0, k=4) for _ in range(2))
@@ -326,7 +328,10 @@ def test_clip_scales_the_gradients_as_clip_grad_norm_does(norm: float) -> None:
     for a, b in zip(sae.parameters(), ref.parameters(), strict=True):
         assert (a.grad is None) == (b.grad is None)
         if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
+    if math.isnan(norm):
+        assert sae.W_enc.grad.isnan().all()
+        return
     clipped = torch.nn.utils.get_total_norm(
         [p.grad for p in sae.parameters() if p.grad is not None]
     )
