@@ -51,12 +51,13 @@ sys.path.insert(0, str(ROOT))  # the peers venv does not install saeflow
 
 from bench_peers import BATCH, D_IN, D_SAE, Trained, train_saelens, train_sparsify  # noqa: E402
 
-from sae.activations.ground_truth import GroundTruth, score  # noqa: E402
+from sae.activations.ground_truth import DEAD_SAMPLES, GroundTruth, score  # noqa: E402
 from sae.hardware import resolve_dtype  # noqa: E402
 from sae.models.registry import build_sae  # noqa: E402
 from sae.training.fit import FitConfig, fit  # noqa: E402
 
 START, END = "<!-- bench_ground_truth:start -->", "<!-- bench_ground_truth:end -->"
+DEAD = f"dead {DEAD_SAMPLES // 1000}k"  # the dead_long column, as BENCHMARKS names it
 SPEED_START = "<!-- bench_ground_truth_speed:start -->"
 SPEED_END = "<!-- bench_ground_truth_speed:end -->"
 SPEED = {  # --speed: saeflow contender -> the peer it is timed against
@@ -151,10 +152,10 @@ def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str
         f"{torch.get_num_threads()} threads. One pass over {samples:,} samples per data set "
         f"(batches of {BATCH}), d_sae {D_SAE}, fp32 (`-auto`: saeflow's default `dtype=auto`, "
         f"here {resolve_dtype('auto', torch.device('cpu'))}); scores on 16,384 held-out samples "
-        "(`dead 262k`: latents never active on 262,144 held-out samples, those 16,384 "
+        f"(`{DEAD}`: latents never active on {DEAD_SAMPLES:,} held-out samples, those 16,384 "
         "first).",
         "",
-        "| data | contender | FVU | L0 | MMCS | dead | dead 262k | precision | recall | F1 "
+        f"| data | contender | FVU | L0 | MMCS | dead | {DEAD} | precision | recall | F1 "
         "| F1 parents | MCC | samples/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

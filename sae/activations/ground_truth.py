@@ -111,6 +111,10 @@ def match(features: Tensor, W_dec: Tensor) -> Tensor:
     return out
 
 
+DEAD_SAMPLES = 262_144
+"""`score`'s `dead_long` window: held-out samples a latent must stay silent on to count as dead."""
+
+
 @torch.no_grad()
 def score(
     truth: GroundTruth,
@@ -118,7 +122,7 @@ def score(
     W_dec: Tensor,
     n: int = 16384,
     seed: int = 99,
-    dead_n: int = 262_144,
+    dead_n: int = DEAD_SAMPLES,
 ) -> dict[str, float]:
     """FVU, L0, MMCS, the fraction of latents dead (never active on the held-out samples), and
     for matched latents the firing precision, recall, F1 and the MCC, on n held-out samples

@@ -65,12 +65,14 @@ class TopKSAE(SAE):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """z = (x − b_dec) @ W_enc + b_enc: (N, d_in) -> (N, d_sae)."""
-        # b_dec's gradient through the encoder is taken via a (d_sae,) vector: the bracket is 0 in
-        # value, and this spares autograd an (N, d_sae) @ (d_sae, d_in) product for grad(x − b_dec).
-        # W_enc detached there: its gradient through the bracket is bracket ⊗ grad = 0 exactly.
-        b_dec_const = self.b_dec.detach()
-        bias = self.b_enc - (self.b_dec - b_dec_const) @ self.W_enc.detach()  # (d_sae,)
-        return torch.addmm(bias, x - b_dec_const, self.W_enc)
+        return torch.addmm(self._encoder_bias(), x - self.b_dec.detach(), self.W_enc)
+
+    def _encoder_bias(self) -> Tensor:
+        """(d_sae,) b_enc − (b_dec − b_dec) @ W_enc: b_enc in value; b_dec's gradient through the
+        encoder is taken via this vector, sparing autograd an (N, d_sae) @ (d_sae, d_in) product
+        for grad(x − b_dec) (the encoder reads x − b_dec with b_dec detached). W_enc detached
+        here: its gradient through the bracket is bracket ⊗ grad = 0 exactly."""
+        return self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc.detach()
 
     def encode(self, x: Tensor) -> Tensor:
         """f = TopK_k'(z)·1[z > θ]: (N, d_in) -> (N, d_sae) with at most k' non-zeros per row."""
@@ -148,7 +150,7 @@ class TopKSAE(SAE):
         until the thread's next pre_acts_sparse, i.e. through this forward and its backward.
         """
         x_c = x - self.b_dec.detach()
-        bias = self.b_enc - (self.b_dec - self.b_dec.detach()) @ self.W_enc.detach()  # (d_sae,)
+        bias = self._encoder_bias()  # (d_sae,)
         with torch.no_grad():
             z = addmm_reused(bias, x_c, self.W_enc)  # (N, d_sae)
         return z, Encoder(x_c, self.W_enc, bias)
