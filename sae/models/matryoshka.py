@@ -13,6 +13,7 @@ from torch import Tensor
 from sae.models.base import spread, sq_err
 from sae.models.batchtopk import BatchTopKSAE, _decode_flat
 from sae.models.config import SAEConfig
+from sae.models.rowtopk import topk_rows
 from sae.models.topk import TopKSAE
 
 
@@ -63,7 +64,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         largest ("batch"); values and indices into z.flatten()."""
         if self.matryoshka_topk == "batch":
             return super()._select(z)
-        top, idx = z.topk(self.k_train, dim=-1, sorted=False)  # (N, k')
+        top, idx = topk_rows(z, self.k_train)  # (N, k')
         rows = torch.arange(z.shape[0], device=z.device).unsqueeze(1)
         return top.flatten(), (rows * self.d_sae + idx).flatten()
 

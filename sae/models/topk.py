@@ -9,6 +9,7 @@ from torch import Tensor
 
 from sae.models.base import SAE, SAEOutput, random_directions, spread, sq_err
 from sae.models.config import SAEConfig
+from sae.models.rowtopk import topk_rows
 from sae.models.sparse import Encoder, addmm_reused, decode_rows, scatter_dense
 
 AUX_DENSE = 8
@@ -76,7 +77,7 @@ class TopKSAE(SAE):
 
     def encode(self, x: Tensor) -> Tensor:
         """f = TopK_k'(z)·1[z > θ]: (N, d_in) -> (N, d_sae) with at most k' non-zeros per row."""
-        vals, idx = self.pre_acts(x).topk(self.k_train, dim=-1, sorted=False)
+        vals, idx = topk_rows(self.pre_acts(x), self.k_train)
         return scatter_dense(self._above(vals), idx, self.d_sae)
 
     def _above(self, vals: Tensor) -> Tensor:
@@ -85,7 +86,7 @@ class TopKSAE(SAE):
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
         z, encoder = self.pre_acts_sparse(x)  # z (N, d_sae) without autograd
-        top, idx = z.topk(self.k_train, dim=-1, sorted=False)  # (N, k') values and latents
+        top, idx = topk_rows(z, self.k_train)  # (N, k') values and latents
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k_train)
         vals = encoder(rows, idx.flatten(), top.flatten()).view_as(idx)  # with gradients
         vals = vals.relu() if self.training else self._above(vals)  # θ: at inference only
