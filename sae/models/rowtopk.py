@@ -3,53 +3,62 @@ copies the row into (value, index) pairs and partly sorts them.
 
 A TopK SAE's training step picks each token's k largest pre-activations: at batch 4096 and
 d_sae 2048, `torch.topk` took 12.4 ms of a ~55 ms fp32 step on this project's 2-core CPUs
-(2026-12-07), ~3 µs a row whatever k. `topk_rows` takes 6.1 ms there (numba, both cores):
+(2026-12-07), ~3 µs a row whatever k. `topk_rows` takes 5.3 ms there (numba, both cores):
 
-1. t = the smallest of the maxima of k disjoint groups of the row (contiguous slices of
-   ⌊m/k⌋): k entries are >= t, so t is at most the k-th largest;
+1. t = the smallest of the maxima of k disjoint groups of the row (interleaved: entry j in
+   group j mod k, so a trend along the latents does not lower t): k entries are >= t, so t is
+   at most the k-th largest;
 2. one pass writes the positions of the entries >= t (~3% of a row of pre-activations);
 3. the k largest of those few by replacing the running minimum.
 
-numba is saeflow's one compiled kernel beside torch's; the result equals `torch.topk(z, k,
-dim=-1, sorted=False)`'s as a set per row (ties at the k-th value may pick other equal entries;
-the order within a row differs). Elsewhere — another device, autograd, bf16, small matrices,
-no numba, a NaN anywhere in z (torch.topk ranks NaN largest) — it is `torch.topk`.
+numba (`_rowtopk_kernel`, imported on first use) is saeflow's one compiled kernel beside
+torch's; the result equals `torch.topk(z, k, dim=-1, sorted=False)`'s as a set per row (ties at
+the k-th value may pick other equal entries; the order within a row differs). Elsewhere —
+another device, autograd, bf16, small matrices, no numba or a numba that fails (warned once),
+a forked child of a process that ran it (GNU OpenMP is not fork-safe), a NaN anywhere in z
+(torch.topk ranks NaN largest) — it is `torch.topk`.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 MIN_NUMEL = 1 << 18
-"""Matrices smaller than this (entries) take `torch.topk`: the kernel's first use compiles it
-(~2 s, then cached on disk), which small matrices (tests, toy SAEs) need not pay."""
+"""Matrices smaller than this (entries) take `torch.topk`: the kernel's first use in a process
+loads it (~1 s; compiled once, then cached on disk), which small matrices (tests, toy SAEs)
+need not pay."""
 
 _LOCK = threading.Lock()  # numba's workqueue threading layer must not be entered twice at once
-_KERNEL: list[Any] = []  # the compiled kernel, or None where numba is missing
+_KERNEL: dict[str, Any] = {}  # "fn": the kernel or None (no numba, or it failed); "pid": where
 
 
 def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values, indices) (N, k) of each row's k largest entries of z (N, m), unsorted; see the
     module's docstring for when the numba kernel runs and what it returns."""
     kernel = _kernel() if _eligible(z, k) else None
-    if kernel is None or not _LOCK.acquire(blocking=False):
+    if kernel is None:
         return z.topk(k, dim=-1, sorted=False)
-    try:
-        import numba
+    z = z.contiguous()
+    vals = z.new_empty(z.shape[0], k)
+    idx = torch.empty(z.shape[0], k, dtype=torch.int64)
+    with _LOCK:  # blocking: every caller gets the same path, so the same bits
+        try:
+            import numba
 
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        z = z.contiguous()
-        vals = z.new_empty(z.shape[0], k)
-        idx = torch.empty(z.shape[0], k, dtype=torch.int64)
-        if kernel(z.numpy(), k, vals.numpy(), idx.numpy()):  # a NaN, or fewer than k >= t
-            return z.topk(k, dim=-1, sorted=False)
-        return vals, idx
-    finally:
-        _LOCK.release()
+            numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+            failed = kernel(z.numpy(), k, vals.numpy(), idx.numpy())
+        except Exception as e:  # a numba that cannot type or run it: torch.topk from now on
+            _disable(e)
+            failed = True
+    if failed:  # a NaN: torch.topk's ranking (NaN largest), which the loss then reports
+        return z.topk(k, dim=-1, sorted=False)
+    return vals, idx
 
 
 def _eligible(z: Tensor, k: int) -> bool:
@@ -65,61 +74,26 @@ def _eligible(z: Tensor, k: int) -> bool:
 
 
 def _kernel() -> Any:
-    """The compiled kernel (compiled on first use, cached on disk), or None without numba."""
-    if not _KERNEL:
+    """The kernel (loaded on first use), or None: no numba, numba failed, JIT disabled, or this
+    is a forked child of the process that loaded it."""
+    if "fn" not in _KERNEL:
         try:
-            _KERNEL.append(_compile())
+            import numba
+
+            if numba.config.DISABLE_JIT:  # the prange would run as Python, ~1000× slower
+                raise RuntimeError("NUMBA_DISABLE_JIT is set")
+            from sae.models import _rowtopk_kernel
+
+            _KERNEL.update(fn=_rowtopk_kernel.rows_topk, pid=os.getpid())
         except ImportError:
-            _KERNEL.append(None)
-    return _KERNEL[0]
+            _KERNEL.update(fn=None)
+        except Exception as e:  # e.g. no writable cache directory
+            _disable(e)
+    if _KERNEL.get("pid") != os.getpid():
+        return None
+    return _KERNEL["fn"]
 
 
-def _compile() -> Any:
-    import numba
-    import numpy as np
-
-    @numba.njit(nogil=True, boundscheck=False, inline="always")
-    def argmin(buf: Any, k: int) -> tuple[int, Any]:
-        at, low = 0, buf[0]
-        for q in range(1, k):
-            if buf[q] < low:
-                at, low = q, buf[q]
-        return at, low
-
-    @numba.njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-    def rows_topk(z: Any, k: int, vals: Any, idx: Any) -> bool:
-        """Writes each row's k largest into vals, idx; True where it could not (the caller
-        falls back): a NaN in z, or fewer than k entries >= t (only with NaNs)."""
-        n_rows, m = z.shape
-        width = m // k  # k groups of `width` entries; the tail past k·width is only scanned
-        block = 32  # rows per task
-        n_blocks = (n_rows + block - 1) // block
-        bad = np.zeros(n_blocks, np.bool_)
-        for b in numba.prange(n_blocks):
-            at = np.empty(m, np.int64)  # positions of the entries >= t
-            for n in range(b * block, min(n_rows, b * block + block)):
-                row, v_out, i_out = z[n], vals[n], idx[n]
-                t = row[0:width].max()
-                for g in range(1, k):
-                    t = min(t, row[g * width : (g + 1) * width].max())
-                count, nans = 0, 0
-                for j in range(m):
-                    v = row[j]
-                    at[count] = j
-                    count += v >= t
-                    nans += v != v
-                if nans or count < k:
-                    bad[b] = True
-                    continue
-                for q in range(k):
-                    i_out[q] = at[q]
-                    v_out[q] = row[at[q]]
-                low_at, low = argmin(v_out, k)
-                for i in range(k, count):
-                    v = row[at[i]]
-                    if v > low:
-                        v_out[low_at], i_out[low_at] = v, at[i]
-                        low_at, low = argmin(v_out, k)
-        return bad.any()
-
-    return rows_topk
+def _disable(error: Exception) -> None:
+    warnings.warn(f"saeflow: per-token top-k falls back to torch.topk: {error!r}", stacklevel=3)
+    _KERNEL.update(fn=None)
