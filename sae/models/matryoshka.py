@@ -13,7 +13,7 @@ from torch import Tensor
 from sae.models.base import spread, sq_err
 from sae.models.batchtopk import BatchTopKSAE, _decode_flat
 from sae.models.config import SAEConfig
-from sae.models.rowtopk import topk_rows
+from sae.models.kernels import topk_rows
 from sae.models.topk import TopKSAE
 
 

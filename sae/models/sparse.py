@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae.models import kernels
 from sae.models.base import reused
 
 SPARSE_BELOW = 1 / 16
@@ -84,12 +85,19 @@ class SparseGather(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, None, None, None]:
         x, rows, cols = ctx.saved_tensors
         g = grad.to(ctx.dtype)  # W's (fp32 master weights) whatever autocast computed in
-        G_t = torch.sparse_coo_tensor(
-            torch.stack([cols, rows]), g, (ctx.d_sae, x.shape[0]), check_invariants=False
-        )  # Gᵀ (d_sae, N)
-        grad_W = torch.sparse.mm(G_t, x.to(ctx.dtype)).T  # (d_in, d_sae)
+        x = x.to(ctx.dtype)
+        grad_Wt = x.new_zeros(ctx.d_sae, x.shape[1])  # ∂L/∂Wᵀ (d_sae, d_in)
+        ran = (
+            kernels.ready(x)
+            and kernels.call("pair_weight_grad", rows, cols, g, x, grad_Wt, kernels.threads())[0]
+        )
+        if not ran:
+            G_t = torch.sparse_coo_tensor(
+                torch.stack([cols, rows]), g, (ctx.d_sae, x.shape[0]), check_invariants=False
+            )  # Gᵀ (d_sae, N)
+            grad_Wt = torch.sparse.mm(G_t, x)
         grad_b = g.new_zeros(ctx.d_sae).index_add_(0, cols, g)
-        return None, grad_W, grad_b, None, None, None
+        return None, grad_Wt.T, grad_b, None, None, None
 
 
 def decode_rows(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
@@ -98,7 +106,50 @@ def decode_rows(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     An embedding bag reads only the k chosen rows per token: N·k·d_in work instead of the dense
     product's N·d_sae·d_in, with gradients to both the values and W_dec.
     """
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+    vals = vals.to(W_dec.dtype)
+    if _decode_by_kernel(vals, W_dec):
+        rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+        return PairDecode.apply(vals, W_dec, rows, idx.flatten(), _bag_rows(idx))
+    return _bag_rows(idx)(vals, W_dec)
+
+
+def _bag_rows(idx: Tensor) -> Any:
+    return lambda vals, W: F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
+
+
+def _decode_by_kernel(vals: Tensor, W: Tensor) -> bool:
+    """Whether to differentiate a decode by `PairDecode`: under autograd, where the kernels run."""
+    return torch.is_grad_enabled() and (vals.requires_grad or W.requires_grad) and kernels.ready(W)
+
+
+class PairDecode(torch.autograd.Function):
+    """(vals, W, rows, cols, bag) -> bag(vals, W), an embedding bag: x̂[rows[p]] = Σ_p
+    vals[p]·W[cols[p]] (vals of any shape, flattened in the order of the pairs), with the
+    backward by the `pair_decode_grad` kernel (autograd's through `bag` where it cannot run):
+
+        ∂L/∂W[i] = Σ_{p: cols[p] = i} vals[p]·∂L/∂x̂[rows[p]]
+        ∂L/∂vals[p] = <∂L/∂x̂[rows[p]], W[cols[p]]>
+    """
+
+    @staticmethod
+    def forward(ctx: Any, vals: Tensor, W: Tensor, rows: Tensor, cols: Tensor, bag: Any) -> Tensor:
+        ctx.save_for_backward(vals, W, rows, cols)
+        ctx.bag = bag
+        return bag(vals, W)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
+        vals, W, rows, cols = ctx.saved_tensors
+        grad_W = torch.zeros_like(W)
+        grad_vals = W.new_empty(vals.numel())
+        args = (rows, cols, vals.reshape(-1), grad.to(W.dtype), W, grad_W, grad_vals)
+        args += (kernels.threads(),)
+        if not kernels.call("pair_decode_grad", *args)[0]:
+            with torch.enable_grad():
+                v, w = vals.detach().requires_grad_(), W.detach().requires_grad_()
+                grad_vals, grad_W = torch.autograd.grad(ctx.bag(v, w), [v, w], grad)
+        return grad_vals.view_as(vals), grad_W, None, None, None
 
 
 def addmm_reused(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -124,9 +175,14 @@ def decode_bags(vals: Tensor, rows: Tensor, cols: Tensor, n: int, W_dec: Tensor)
     embedding bag per token (of any size; an empty one decodes to 0), L0·n·d_in work."""
     counts = torch.bincount(rows, minlength=n)  # each token's bag size
     offsets = counts.cumsum(0) - counts  # where each bag starts
-    return F.embedding_bag(
-        cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype)
-    )
+    vals = vals.to(W_dec.dtype)
+
+    def bag(vals: Tensor, W: Tensor) -> Tensor:
+        return F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=vals)
+
+    if _decode_by_kernel(vals, W_dec):
+        return PairDecode.apply(vals, W_dec, rows, cols, bag)
+    return bag(vals, W_dec)
 
 
 class Dense(torch.autograd.Function):

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from sae.models.base import SAE, SAEOutput, random_directions, spread, sq_err
 from sae.models.config import SAEConfig
-from sae.models.rowtopk import topk_rows
+from sae.models.kernels import topk_rows
 from sae.models.sparse import Encoder, addmm_reused, decode_rows, scatter_dense
 
 AUX_DENSE = 8
