@@ -71,16 +71,16 @@ def call(name: str, *args: Tensor | int) -> tuple[bool, Any]:
     module = _module()
     if module is None:
         return False, None
-    arrays = [
-        (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).contiguous().numpy()
-        if isinstance(a, Tensor)
-        else a
-        for a in args
-    ]
     with _LOCK:  # blocking: every caller the same path, so the same bits
         try:
             import numba
 
+            arrays = [
+                (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).contiguous().numpy()
+                if isinstance(a, Tensor)
+                else a
+                for a in args
+            ]
             numba.set_num_threads(threads())
             return True, getattr(module, name)(*arrays)
         except Exception as e:  # a numba that cannot type or run it
@@ -136,5 +136,5 @@ def _module() -> Any:
 
 
 def _disable(error: Exception) -> None:
+    _STATE.update(module=None)  # first: a warning raised as an error (-W error) still disables
     warnings.warn(f"saeflow: CPU kernels fall back to torch: {error!r}", stacklevel=3)
-    _STATE.update(module=None)

@@ -88,7 +88,7 @@ class SparseGather(torch.autograd.Function):
         x = x.to(ctx.dtype)
         grad_Wt = x.new_zeros(ctx.d_sae, x.shape[1])  # ∂L/∂Wᵀ (d_sae, d_in)
         ran = (
-            kernels.ready(x)
+            _backward_by_kernel(x, g)
             and kernels.call("pair_weight_grad", rows, cols, g, x, grad_Wt, kernels.threads())[0]
         )
         if not ran:
@@ -122,6 +122,12 @@ def _decode_by_kernel(vals: Tensor, W: Tensor) -> bool:
     return torch.is_grad_enabled() and (vals.requires_grad or W.requires_grad) and kernels.ready(W)
 
 
+def _backward_by_kernel(*tensors: Tensor) -> bool:
+    """Whether a backward may take a kernel: where they run, and no graph is being built of the
+    gradients (`create_graph=True`, grad mode on in the backward: numpy views carry none)."""
+    return not torch.is_grad_enabled() and kernels.ready(*tensors)
+
+
 class PairDecode(torch.autograd.Function):
     """(vals, W, rows, cols, bag) -> bag(vals, W), an embedding bag: x̂[rows[p]] = Σ_p
     vals[p]·W[cols[p]] (vals of any shape, flattened in the order of the pairs), with the
@@ -141,11 +147,17 @@ class PairDecode(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
         vals, W, rows, cols = ctx.saved_tensors
-        grad_W = torch.zeros_like(W)
+        grad = grad.to(W.dtype)
+        grad_W = W.new_zeros(W.shape)  # contiguous: the kernel writes into it
         grad_vals = W.new_empty(vals.numel())
-        args = (rows, cols, vals.reshape(-1), grad.to(W.dtype), W, grad_W, grad_vals)
-        args += (kernels.threads(),)
-        if not kernels.call("pair_decode_grad", *args)[0]:
+        ran = (
+            _backward_by_kernel(W, grad)
+            and kernels.call(
+                "pair_decode_grad",
+                *(rows, cols, vals.reshape(-1), grad, W, grad_W, grad_vals, kernels.threads()),
+            )[0]
+        )
+        if not ran:
             with torch.enable_grad():
                 v, w = vals.detach().requires_grad_(), W.detach().requires_grad_()
                 grad_vals, grad_W = torch.autograd.grad(ctx.bag(v, w), [v, w], grad)

@@ -8,6 +8,7 @@ import torch
 from sae.models import kernels
 from sae.models.config import SAEConfig
 from sae.models.kernels import MIN_NUMEL, topk_rows
+from sae.models.registry import build_sae
 from sae.models.topk import TopKSAE
 
 N, M, K = 512, 1024, 16  # N·M >= MIN_NUMEL: the kernel's size
@@ -62,6 +63,7 @@ def test_the_kernel_gives_torch_topk_s_entries(calls: list[str]) -> None:
         (inf, K),  # ±inf; row 5 all -inf
         (torch.randn(N, M, generator=g), M // 2),  # the widest k it takes
         (torch.randn(N, M, generator=g), 1),
+        (torch.randn(N + 5, M, generator=g), K),  # a last block of 5 rows
         (torch.randn(N, M, generator=g).bfloat16(), K),  # autocast's z: many ties
         (-torch.rand(N, M, generator=g).bfloat16(), K),
         (signed_zeros, K),  # -0 and +0 tie
@@ -77,13 +79,19 @@ def test_the_kernel_gives_torch_topk_s_entries(calls: list[str]) -> None:
 def test_a_nan_falls_back_to_torch_topk(calls: list[str]) -> None:
     """torch.topk ranks NaN largest (a NaN pre-activation then reaches the loss, which fit
     reports); the kernel sees it and hands the matrix to torch.topk."""
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, nan in (
+        (torch.float32, 0x7FC0_0000),
+        (torch.bfloat16, 0x7FC0),
+        (torch.bfloat16, -64),
+    ):
         z = torch.randn(N, M, generator=torch.Generator().manual_seed(1), dtype=dtype)
-        z[7, 100] = float("nan")
+        bits = z.view(torch.int32 if dtype == torch.float32 else torch.int16)
+        bits[7, 100] = nan  # -64: 0xFFC0, a NaN with the sign set (x86's default NaN)
+        assert z[7, 100].isnan()
         v, i = topk_rows(z, K)
         assert 100 in i[7].tolist() and v[7].isnan().any()
         _same_set(z[:7], v[:7], i[:7], K)
-    assert calls == ["rows_topk"] * 2
+    assert calls == ["rows_topk"] * 3
 
 
 @pytest.mark.parametrize("case", ["small", "fp16", "grad", "wide k"])
@@ -137,11 +145,16 @@ def test_a_topk_step_is_the_same_without_the_kernels(
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_pair_kernels_give_torch_s_gradients(dtype: torch.dtype, calls: list[str]) -> None:
-    """The decoder's and the encoder's gradients over (token, latent) pairs in any order (a
-    ReLU step's, sorted by token with repeats of a latent) equal torch's embedding bag and
-    sparse product."""
+def test_the_pair_kernels_give_torch_s_gradients(
+    dtype: torch.dtype, kernel: bool, calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoder's and the encoder's gradients over (token, latent) pairs sorted by token,
+    any latent in any order and repeated (a ReLU step's), equal torch's embedding bag and the
+    dense product's, by the kernels and by their fallbacks."""
+    if not kernel:
+        monkeypatch.setitem(kernels._STATE, "module", None)
     from sae.models.sparse import PairDecode, SparseGather
 
     g = torch.Generator().manual_seed(5)
@@ -176,4 +189,52 @@ def test_the_pair_kernels_give_torch_s_gradients(dtype: torch.dtype, calls: list
     want = torch.autograd.grad(dense, [Wt, b], vals.detach())
     for a, b_ in zip(got, want, strict=True):
         torch.testing.assert_close(a, b_, **tol)
-    assert calls == ["pair_decode_grad", "pair_weight_grad"]
+    assert calls == (["pair_decode_grad", "pair_weight_grad"] if kernel else [])
+
+
+def test_more_parts_than_rows() -> None:
+    """The pair kernels split the gradient's rows into `parts` ranges; empty ones are fine."""
+    module = kernels._module()
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 2])
+    w, x = torch.tensor([1.0, 2.0, 3.0]), torch.arange(8.0).view(2, 4)
+    out = torch.zeros(3, 4)
+    module.pair_weight_grad(rows.numpy(), cols.numpy(), w.numpy(), x.numpy(), out.numpy(), 7)
+    want = torch.zeros(3, 4).index_add_(0, cols, w[:, None] * x[rows])
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk", "batchtopk", "matryoshka"])
+def test_every_sparse_step_is_the_same_without_the_kernels(
+    arch: str, calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each architecture's training step at the kernels' size (ReLU and JumpReLU made sparse by
+    their encoder bias) gives the same loss and gradients with the kernels as with torch's."""
+    sae = build_sae(
+        arch, 64, 1024, seed=0, **({"k": 8} if "top" in arch or arch == "matryoshka" else {})
+    )
+    sae.train()
+    if arch in ("relu", "jumprelu"):
+        with torch.no_grad():  # few latents fire: the sparse step
+            sae.b_enc.fill_(-0.5)
+            if arch == "jumprelu":
+                sae.threshold.fill_(1.5)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(6))
+    params = [p for p in sae.parameters() if p.requires_grad]
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = sae(x)
+        return out.loss.detach(), list(torch.autograd.grad(out.loss, params, allow_unused=True))
+
+    loss, grads = step()
+    assert "pair_decode_grad" in calls and "pair_weight_grad" in calls
+    monkeypatch.setitem(kernels._STATE, "module", None)
+    for name in ("tokens_trained",):
+        if hasattr(sae, name):
+            setattr(sae, name, 0)
+    ref_loss, ref_grads = step()
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
