@@ -111,9 +111,16 @@ _SUMS = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; NaN and inf k
 
 
 @numba.njit(parallel=True, nogil=True, boundscheck=False, fastmath=_SUMS, cache=True)
-def pair_weight_grad(rows: Any, cols: Any, w: Any, x: Any, out: Any, parts: int) -> None:
-    """out[cols[p]] += w[p]·x[rows[p]] for every pair p; out (m, d) zero on entry. Each of
-    `parts` tasks (one a thread) owns a range of out's rows."""
+def pair_grads(
+    rows: Any, cols: Any, w: Any, x: Any, out: Any, parts: int, W: Any = None, dots: Any = None
+) -> None:
+    """out[cols[p]] += w[p]·x[rows[p]] for every pair p (out (m, d) zero on entry), and where W
+    is given, dots[p] = <x[rows[p]], W[cols[p]]>. Each of `parts` tasks (one a thread) owns a
+    range of out's rows.
+
+    The encoder's weight gradient (w = ∂L/∂z at the pairs, x its input: out = ∂L/∂Wᵀ) and the
+    decoder's backward for x̂[r] = Σ_{p: rows[p] = r} w[p]·W[cols[p]] (x = ∂L/∂x̂: out = ∂L/∂W,
+    dots = ∂L/∂w)."""
     n_pairs = rows.shape[0]
     m, d = out.shape
     threads = parts  # numba.get_num_threads() here would keep numba from caching the kernel
@@ -123,29 +130,13 @@ def pair_weight_grad(rows: Any, cols: Any, w: Any, x: Any, out: Any, parts: int)
             i = cols[p]
             if lo <= i < hi:
                 v, r = w[p], rows[p]
-                for c in range(d):
-                    out[i, c] += v * x[r, c]
-
-
-@numba.njit(parallel=True, nogil=True, boundscheck=False, fastmath=_SUMS, cache=True)
-def pair_decode_grad(
-    rows: Any, cols: Any, vals: Any, grad: Any, W: Any, grad_W: Any, grad_vals: Any, parts: int
-) -> None:
-    """For x̂[r] = Σ_{p: rows[p] = r} vals[p]·W[cols[p]] and grad = ∂L/∂x̂ (n, d):
-    grad_W[cols[p]] += vals[p]·grad[rows[p]] (grad_W (m, d) zero on entry) and grad_vals[p] =
-    <grad[rows[p]], W[cols[p]]>. Each of `parts` tasks (one a thread) owns a range of W's rows."""
-    n_pairs = rows.shape[0]
-    m, d = W.shape
-    threads = parts
-    for t in numba.prange(threads):
-        lo, hi = t * m // threads, (t + 1) * m // threads
-        for p in range(n_pairs):
-            i = cols[p]
-            if lo <= i < hi:
-                v, r = vals[p], rows[p]
-                s = 0.0
-                for c in range(d):
-                    g = grad[r, c]
-                    s += g * W[i, c]
-                    grad_W[i, c] += v * g
-                grad_vals[p] = s
+                if W is None:  # resolved when compiled: two kernels
+                    for c in range(d):
+                        out[i, c] += v * x[r, c]
+                else:
+                    s = 0.0
+                    for c in range(d):
+                        g = x[r, c]
+                        s += g * W[i, c]
+                        out[i, c] += v * g
+                    dots[p] = s

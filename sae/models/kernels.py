@@ -10,13 +10,12 @@ At batch 4096, d_in 256, d_sae 2048, k 16 (a TopK step, fp32, this project's 2-c
   j mod k, so a trend along the latents does not lower t) is at most the k-th largest; one pass
   keeps the entries >= t (~3% of a row of pre-activations); the k largest of those by replacing
   the running minimum.
-- `pair_weight_grad` — Σ_p w_p·x[row_p] into row col_p of an (m, d) gradient, the encoder's
-  weight gradient from the firing (token, latent) pairs: 0.8 ms where a sparse COO product took
-  2.9.
-- `pair_decode_grad` — the decoder's gradients for x̂ = Σ_p v_p·W[col_p] at row_p (the
-  embedding bag's backward): 1.5 ms against autograd's 6.4.
+- `pair_grads` — Σ_p w_p·x[row_p] into row col_p of an (m, d) gradient over the (token,
+  latent) pairs that fired: the encoder's weight gradient (0.8 ms where a sparse COO product
+  took 2.9) and, with the dots <x[row_p], W[col_p]> alongside, the decoder's embedding-bag
+  backward (1.5 ms against autograd's 6.4).
 
-The pair kernels give each thread a range of the gradient's rows (no atomics, no per-thread
+`pair_grads` gives each thread a range of the gradient's rows (no atomics, no per-thread
 copies): every thread reads all pairs and adds its own.
 
 The results equal torch's: `topk_rows` the same values as `torch.topk(z, k, dim=-1,

@@ -89,7 +89,7 @@ class SparseGather(torch.autograd.Function):
         grad_Wt = x.new_zeros(ctx.d_sae, x.shape[1])  # ∂L/∂Wᵀ (d_sae, d_in)
         ran = (
             _backward_by_kernel(x, g)
-            and kernels.call("pair_weight_grad", rows, cols, g, x, grad_Wt, kernels.threads())[0]
+            and kernels.call("pair_grads", rows, cols, g, x, grad_Wt, kernels.threads())[0]
         )
         if not ran:
             G_t = torch.sparse_coo_tensor(
@@ -131,7 +131,7 @@ def _backward_by_kernel(*tensors: Tensor) -> bool:
 class PairDecode(torch.autograd.Function):
     """(vals, W, rows, cols, bag) -> bag(vals, W), an embedding bag: x̂[rows[p]] = Σ_p
     vals[p]·W[cols[p]] (vals of any shape, flattened in the order of the pairs), with the
-    backward by the `pair_decode_grad` kernel (autograd's through `bag` where it cannot run):
+    backward by the `pair_grads` kernel (autograd's through `bag` where it cannot run):
 
         ∂L/∂W[i] = Σ_{p: cols[p] = i} vals[p]·∂L/∂x̂[rows[p]]
         ∂L/∂vals[p] = <∂L/∂x̂[rows[p]], W[cols[p]]>
@@ -153,8 +153,8 @@ class PairDecode(torch.autograd.Function):
         ran = (
             _backward_by_kernel(W, grad)
             and kernels.call(
-                "pair_decode_grad",
-                *(rows, cols, vals.reshape(-1), grad, W, grad_W, grad_vals, kernels.threads()),
+                "pair_grads",
+                *(rows, cols, vals.reshape(-1), grad, grad_W, kernels.threads(), W, grad_vals),
             )[0]
         )
         if not ran:
