@@ -100,26 +100,31 @@ class SparseGather(torch.autograd.Function):
         return None, grad_Wt.T, grad_b, None, None, None
 
 
-def decode_rows(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+def decode_rows(vals: Tensor, idx: Tensor, W_dec: Tensor, rows: Tensor | None = None) -> Tensor:
     """Σ_j vals[n, j]·W_dec[idx[n, j]]: (N, k), (N, k), (d_sae, d_in) -> (N, d_in), in fp32.
 
     An embedding bag reads only the k chosen rows per token: N·k·d_in work instead of the dense
-    product's N·d_sae·d_in, with gradients to both the values and W_dec.
+    product's N·d_sae·d_in, with gradients to both the values and W_dec. `rows`, each pair's
+    token (arange(N) repeated k times), where the caller has it.
     """
-    vals = vals.to(W_dec.dtype)
-    if _decode_by_kernel(vals, W_dec):
-        rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
-        return PairDecode.apply(vals, W_dec, rows, idx.flatten(), _bag_rows(idx))
-    return _bag_rows(idx)(vals, W_dec)
+
+    def pairs() -> tuple[Tensor, Tensor]:
+        n, k = idx.shape
+        at = torch.arange(n, device=idx.device).repeat_interleave(k) if rows is None else rows
+        return at, idx.flatten()
+
+    return _decode(
+        vals, W_dec, lambda v, W: F.embedding_bag(idx, W, per_sample_weights=v, mode="sum"), pairs
+    )
 
 
-def _bag_rows(idx: Tensor) -> Any:
-    return lambda vals, W: F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
-
-
-def _decode_by_kernel(vals: Tensor, W: Tensor) -> bool:
-    """Whether to differentiate a decode by `PairDecode`: under autograd, where the kernels run."""
-    return torch.is_grad_enabled() and (vals.requires_grad or W.requires_grad) and kernels.ready(W)
+def _decode(vals: Tensor, W: Tensor, bag: Any, pairs: Any) -> Tensor:
+    """bag(vals, W) (an embedding bag, vals cast to W's dtype), differentiated by `PairDecode`
+    under autograd where the kernels run (`pairs()` -> its (rows, cols), only then)."""
+    vals = vals.to(W.dtype)
+    if torch.is_grad_enabled() and (vals.requires_grad or W.requires_grad) and kernels.ready(W):
+        return PairDecode.apply(vals, W, *pairs(), bag)
+    return bag(vals, W)
 
 
 def _backward_by_kernel(*tensors: Tensor) -> bool:
@@ -187,14 +192,11 @@ def decode_bags(vals: Tensor, rows: Tensor, cols: Tensor, n: int, W_dec: Tensor)
     embedding bag per token (of any size; an empty one decodes to 0), L0·n·d_in work."""
     counts = torch.bincount(rows, minlength=n)  # each token's bag size
     offsets = counts.cumsum(0) - counts  # where each bag starts
-    vals = vals.to(W_dec.dtype)
 
-    def bag(vals: Tensor, W: Tensor) -> Tensor:
-        return F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=vals)
+    def bag(v: Tensor, W: Tensor) -> Tensor:
+        return F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=v)
 
-    if _decode_by_kernel(vals, W_dec):
-        return PairDecode.apply(vals, W_dec, rows, cols, bag)
-    return bag(vals, W_dec)
+    return _decode(vals, W_dec, bag, lambda: (rows, cols))
 
 
 class Dense(torch.autograd.Function):

@@ -90,7 +90,7 @@ class TopKSAE(SAE):
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k_train)
         vals = encoder(rows, idx.flatten(), top.flatten()).view_as(idx)  # with gradients
         vals = vals.relu() if self.training else self._above(vals)  # θ: at inference only
-        x_hat = decode_rows(vals, idx, self.W_dec) + self.b_dec  # (N, d_in)
+        x_hat = decode_rows(vals, idx, self.W_dec, rows) + self.b_dec  # (N, d_in)
         err = sq_err(x, x_hat)  # (N,)
         fvu = err.sum() / spread(x).clamp_min(1e-12)
         if not self.training:
@@ -180,7 +180,7 @@ class TopKSAE(SAE):
             idx = cols[picked.indices]  # (N, aux_k) latent ids
             rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_k)
             vals = encoder(rows, idx.flatten(), picked.values.flatten()).view_as(idx).relu()
-            e_hat = decode_rows(vals, idx, self.W_dec)
+            e_hat = decode_rows(vals, idx, self.W_dec, rows)
         return sq_err(e, e_hat).sum() / spread(e).clamp_min(1e-12)
 
     @torch.no_grad()
