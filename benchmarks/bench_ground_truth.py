@@ -26,6 +26,8 @@ and the MCC, and on hard data the F1 of the 64 parents alone
     .venv/bin/python benchmarks/bench_ground_truth.py --samples 1000000 --data flat offset
     .venv/bin/python benchmarks/bench_ground_truth.py --write   # all, ~1 h (peers: dev extras)
     .venv/bin/python benchmarks/bench_ground_truth.py --speed 3 --samples 1000000 --write
+    .venv/bin/python benchmarks/bench_ground_truth.py --only saeflow-matryoshka --data hard \
+        --set sae.matryoshka_fractions=[0.25,1.0] --set train.lr=0.006   # an ablation
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from benchmd import cpu, write_section
 from omegaconf import OmegaConf
 
@@ -91,6 +94,24 @@ def group_defaults(arch: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k != "arch"}
 
 
+OVERRIDES: dict[str, dict[str, Any]] = {"sae": {}, "train": {}}
+"""`--set sae.KEY=VALUE` / `train.KEY=VALUE`: applied to every saeflow contender of the run, after
+its own values (an ablation; `--write` refuses them, the tables show the defaults)."""
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`--set` items -> {"sae": {...}, "train": {...}}, each value parsed as YAML (1.5, [0.25,
+    1.0], true, auto) and checked by SAEConfig / FitConfig when a contender is built."""
+    out: dict[str, dict[str, Any]] = {"sae": {}, "train": {}}
+    for item in items:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot or section not in out or not name:
+            raise SystemExit(f"--set {item!r}: expected sae.KEY=VALUE or train.KEY=VALUE")
+        out[section][name] = yaml.safe_load(value)
+    return out
+
+
 def saeflow(
     arch: str, fit_kw: dict | None = None, **hparams: Any
 ) -> Callable[[list[torch.Tensor]], Trained]:
@@ -98,9 +119,11 @@ def saeflow(
     `fit_kw` and `hparams`, the sizes, fp32 unless `fit_kw` names a dtype."""
 
     def train(batches: list[torch.Tensor]) -> Trained:
-        sae = build_sae(arch, D_IN, D_SAE, seed=0, **(group_defaults(arch) | hparams))
+        values = group_defaults(arch) | hparams | OVERRIDES["sae"]
+        sae = build_sae(arch, D_IN, D_SAE, seed=0, **values)
         n = len(batches) * BATCH
-        cfg = FitConfig(tokens=n, batch_size=BATCH, **({"dtype": "fp32"} | (fit_kw or {})))
+        fit_values = {"dtype": "fp32"} | (fit_kw or {}) | OVERRIDES["train"]
+        cfg = FitConfig(tokens=n, batch_size=BATCH, **fit_values)
         t0 = time.perf_counter()
         sae = fit(sae, iter(batches), cfg)
         seconds = time.perf_counter() - t0
@@ -218,8 +241,21 @@ def main() -> None:
     ap.add_argument(
         "--speed", type=int, default=0, metavar="ROUNDS", help="time SPEED's contenders only"
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a value of every saeflow contender (sae.* or train.*), e.g. "
+        "--set sae.k_train_factor=1.5 --set train.lr_decay_frac=0.4",
+    )
     args = ap.parse_args()
+    OVERRIDES.update(parse_set(args.set))
+    if args.set and args.write:
+        raise SystemExit("--write records saeflow's defaults: run --set without --write")
     torch.set_num_threads(args.threads)
+    if args.set:
+        print(f"saeflow contenders with {OVERRIDES}", flush=True)
     if args.speed:
         truth = DATA[args.data[0]]
         batches = list(itertools.islice(truth.batches(BATCH, seed=1), args.samples // BATCH))
