@@ -32,8 +32,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     child (the child's latent learns parent + child, the parent's latent stops firing there);
     the prefix losses penalise that, since the parent's own prefix then misses it. The model
     used for evaluation and inference is the whole dictionary: x̂ = x̂_G; AuxK and the
-    unit-norm decoder are TopK's, as are k' = round(`k_train_factor`·k) and θ with "token" (θ 0
-    at k' = k); with "batch", θ is BatchTopK's.
+    decoder's norm (`unit_decoder`) are TopK's, as are k' = round(`k_train_factor`·k) and θ
+    with "token" (θ 0 at k' = k); with "batch", θ is BatchTopK's.
     """
 
     arch = "matryoshka"

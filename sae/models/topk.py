@@ -17,20 +17,21 @@ AUX_DENSE = 8
 
 
 class TopKSAE(SAE):
-    """TopK SAE: the k largest latents per token, unit-norm decoder rows, AuxK on dead latents.
+    """TopK SAE: the k largest latents per token, AuxK on dead latents.
 
         z    = (x − b_dec) @ W_enc + b_enc                   (N, d_sae) pre-activations
         f    = TopK_k'(z)·1[z > θ]                           keep the k' largest z, zero the rest
-        x̂    = f @ W_dec + b_dec                             (N, d_in), ‖W_dec,i‖ = 1
+        x̂    = f @ W_dec + b_dec                             (N, d_in)
         loss = Σ_N ‖x − x̂‖² / Σ_N ‖x − x̄‖²  +  aux_coeff·aux     (batch FVU + AuxK)
         e    = x − x̂ (no gradient);  ê = ReLU(TopK_aux_k(z over dead latents)) @ W_dec
         aux  = Σ_N ‖e − ê‖² / Σ_N ‖e − ē‖²                   (0 if none is dead, or in eval)
 
     Both terms are normalised MSEs as in OpenAI's reference code (`normalized_mse`), so
     `aux_coeff` = 1/32 weighs them as in the paper. A latent is dead once it has not fired for
-    `dead_tokens` training tokens; AuxK uses min(aux_k, #dead) of them. The decoder is kept on the
-    unit sphere by the trainer's hooks: `before_step` removes each row's gradient component
-    parallel to the row, `after_step` renormalises the rows.
+    `dead_tokens` training tokens; AuxK uses min(aux_k, #dead) of them. The decoder rows start
+    at norm 1; with `unit_decoder` (Gao et al.'s choice, off by default since 2026-12-07: see
+    `SAEConfig.unit_decoder`) the trainer's hooks keep them there: `before_step` removes each
+    row's gradient component parallel to the row, `after_step` renormalises the rows.
 
     θ = 0 (the default) keeps every positive one of the k. With `k_train_factor` = r > 1,
     training keeps each token's top k' = round(r·k) (z, f, the loss and AuxK above read k'),
@@ -46,8 +47,8 @@ class TopKSAE(SAE):
     """
 
     arch = "topk"
-    hparams = ("k", "k_train_factor", "aux_k", "aux_coeff", "dead_tokens")
-    saved_before: ClassVar[dict[str, Any]] = {"k_train_factor": 1.0}
+    hparams = ("k", "k_train_factor", "aux_k", "aux_coeff", "dead_tokens", "unit_decoder")
+    saved_before: ClassVar[dict[str, Any]] = {"k_train_factor": 1.0, "unit_decoder": True}
     train_attrs = ("tokens_trained",)  # AuxK waits for dead_tokens of training
     optional_tensors = ("threshold",)  # files from before θ: 0, no threshold, as they were
 
@@ -55,6 +56,7 @@ class TopKSAE(SAE):
         super().__init__(d_in, cfg)
         self.k, self.aux_coeff, self.dead_tokens = cfg.k, float(cfg.aux_coeff), cfg.dead_tokens
         self.k_train_factor = float(cfg.k_train_factor)
+        self.unit_decoder = cfg.unit_decoder
         self.k_train = cfg.k_train  # k': the top k' per token trained
         self.aux_k = d_in // 2 if cfg.aux_k is None else cfg.aux_k
         self.tokens_trained = 0  # training tokens seen by forward; no latent is dead before
@@ -185,12 +187,14 @@ class TopKSAE(SAE):
 
     @torch.no_grad()
     def before_step(self) -> None:
-        """Remove from each decoder row's gradient its component along the (unit) row."""
+        """`unit_decoder`: remove from each decoder row's gradient its component along the
+        (unit) row."""
         g = self.W_dec.grad
-        if g is not None:
+        if self.unit_decoder and g is not None:
             g.sub_((g * self.W_dec).sum(-1, keepdim=True) * self.W_dec)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Renormalise the decoder rows to unit norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        """`unit_decoder`: renormalise the decoder rows to unit norm."""
+        if self.unit_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))

@@ -50,8 +50,10 @@ def test_forward_shapes_and_consistency(arch: str) -> None:
     torch.testing.assert_close(out.mse, ((x - out.x_hat) ** 2).sum(-1).mean() / D_IN)
 
 
-def test_topk_exactly_k_nonzeros_and_unit_decoder_after_step() -> None:
-    sae = make("topk")
+@pytest.mark.parametrize("unit", [True, False])
+def test_topk_exactly_k_nonzeros_and_decoder_norms_after_step(unit: bool) -> None:
+    """`unit_decoder`: the rows stay at norm 1; by default (False) Adam moves their norms."""
+    sae = make("topk", unit_decoder=unit)
     with torch.no_grad():
         sae.b_enc.fill_(100.0)  # every pre-activation positive: TopK keeps exactly k
     x = data()
@@ -59,7 +61,11 @@ def test_topk_exactly_k_nonzeros_and_unit_decoder_after_step() -> None:
     sae.train()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     train_step(sae, opt, x, 1.0, grad_clip=1.0, bf16=False)
-    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    norms = sae.W_dec.norm(dim=-1)
+    if unit:
+        torch.testing.assert_close(norms, torch.ones(D_SAE))
+    else:
+        assert (norms - 1).abs().max() > 1e-3
 
 
 def test_topk_keeps_top_k_then_relu() -> None:
@@ -72,11 +78,18 @@ def test_topk_keeps_top_k_then_relu() -> None:
 
 
 def test_topk_before_step_removes_parallel_gradient() -> None:
-    sae = make("topk").train()
+    sae = make("topk", unit_decoder=True).train()
     sae(data()).loss.backward()
     sae.before_step()
     along = (sae.W_dec.grad * sae.W_dec).sum(-1)  # rows are unit: the parallel component
     assert along.abs().max() < 1e-6
+    free = make("topk").train()  # unit_decoder False: the hooks change nothing
+    free(data()).loss.backward()
+    grad, w = free.W_dec.grad.clone(), free.W_dec.detach().clone()
+    free.before_step()
+    free.after_step()
+    assert torch.equal(free.W_dec.grad, grad) and torch.equal(free.W_dec, w)
+    assert (grad * w).sum(-1).abs().max() > 1e-4  # there was a parallel component to keep
 
 
 def test_topk_auxk_trains_dead_latents_only() -> None:
@@ -271,7 +284,8 @@ def test_config_rebuilds() -> None:
     sae = build_sae("topk", 8, 16, k=2)
     cfg = sae.config()
     assert cfg == {"arch": "topk", "d_in": 8, "d_sae": 16, "k": 2, "k_train_factor": 1.0,
-                   "aux_k": 4, "aux_coeff": 1 / 32, "dead_tokens": 200_000}  # fmt: skip
+                   "aux_k": 4, "aux_coeff": 1 / 32, "dead_tokens": 200_000,
+                   "unit_decoder": False}  # fmt: skip
     arch, d_in, d_sae = cfg.pop("arch"), cfg.pop("d_in"), cfg.pop("d_sae")
     assert build_sae(arch, d_in, d_sae, **cfg).config() == sae.config()
 
