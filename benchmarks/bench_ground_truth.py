@@ -33,6 +33,8 @@ and the MCC, and on hard data the F1 of the 64 parents alone
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import gc
 import itertools
@@ -56,7 +58,8 @@ from bench_peers import BATCH, D_IN, D_SAE, Trained, train_saelens, train_sparsi
 
 from sae.activations.ground_truth import DEAD_SAMPLES, GroundTruth, score  # noqa: E402
 from sae.hardware import resolve_dtype  # noqa: E402
-from sae.models.registry import build_sae  # noqa: E402
+from sae.models.config import SAEConfig  # noqa: E402
+from sae.models.registry import build_sae, hparam_names  # noqa: E402
 from sae.training.fit import FitConfig, fit  # noqa: E402
 
 START, END = "<!-- bench_ground_truth:start -->", "<!-- bench_ground_truth:end -->"
@@ -95,8 +98,9 @@ def group_defaults(arch: str) -> dict[str, Any]:
 
 
 OVERRIDES: dict[str, dict[str, Any]] = {"sae": {}, "train": {}}
-"""`--set sae.KEY=VALUE` / `train.KEY=VALUE`: applied to every saeflow contender of the run, after
-its own values (an ablation; `--write` refuses them, the tables show the defaults)."""
+"""`--set sae.KEY=VALUE` / `train.KEY=VALUE`: applied to every saeflow contender of the run
+whose architecture reads the key, after its own values (an ablation; `--write` refuses them,
+the tables show the defaults)."""
 
 
 def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -108,7 +112,14 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
         section, dot, name = key.partition(".")
         if not eq or not dot or section not in out or not name:
             raise SystemExit(f"--set {item!r}: expected sae.KEY=VALUE or train.KEY=VALUE")
-        out[section][name] = yaml.safe_load(value)
+        known = SAEConfig if section == "sae" else FitConfig
+        if name not in {f.name for f in dataclasses.fields(known)}:
+            raise SystemExit(f"--set {item!r}: {section}.{name} is not a field of {known.__name__}")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        out[section][name] = parsed
     return out
 
 
@@ -119,7 +130,9 @@ def saeflow(
     `fit_kw` and `hparams`, the sizes, fp32 unless `fit_kw` names a dtype."""
 
     def train(batches: list[torch.Tensor]) -> Trained:
-        values = group_defaults(arch) | hparams | OVERRIDES["sae"]
+        reads = {*hparam_names(arch), "target_l0"}
+        values = group_defaults(arch) | hparams
+        values |= {k: v for k, v in OVERRIDES["sae"].items() if k in reads}
         sae = build_sae(arch, D_IN, D_SAE, seed=0, **values)
         n = len(batches) * BATCH
         fit_values = {"dtype": "fp32"} | (fit_kw or {}) | OVERRIDES["train"]

@@ -212,7 +212,7 @@ class SAE(nn.Module):
         x·(s·W_enc) [− (b_dec/s)·(s·W_enc)], so W_enc ← s·W_enc and b_dec ← b_dec/s give the same
         pre-activations, hence the same f, and b_enc is unchanged. The reconstruction in raw units
         is x̂'/s = f @ (W_dec/s) + b_dec/s, so W_dec ← W_dec/s. Decoder rows then have norm 1/s
-        (topk): fold only when training is over.
+        (with `unit_decoder`): fold only when training is over.
         """
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"scale must be a finite positive number, got {s}")

@@ -23,7 +23,7 @@ class BatchTopKSAE(TopKSAE):
         z    = ReLU((x − b_dec) @ W_enc + b_enc)                 (N, d_sae)
         f    = BatchTopK_{k·N}(z)     training: keep the k·N largest z of the whole batch
         f    = z·1[z > θ]             eval:     one threshold θ for every latent and token
-        x̂    = f @ W_dec + b_dec                                 (N, d_in), ‖W_dec,i‖ = 1
+        x̂    = f @ W_dec + b_dec                                 (N, d_in)
         loss = Σ_N ‖x − x̂‖² / Σ_N ‖x − x̄‖²  +  aux_coeff·aux   (batch FVU + AuxK, as TopK)
         θ    ← β·θ + (1 − β)·min{f > 0}   after each training batch (θ = 0: the first minimum)
 

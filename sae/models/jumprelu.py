@@ -19,7 +19,7 @@ class JumpReLUSAE(Centred, SAE):
 
         z    = ReLU((x − c) @ W_enc + b_enc)                  (N, d_sae)   c fixed (`Centred`)
         f    = z·H(z − θ)                                     θ = `threshold` (d_sae,) >= 0
-        x̂    = f @ W_dec + b_dec                              (N, d_in), ‖W_dec,i‖ = 1
+        x̂    = f @ W_dec + b_dec                              (N, d_in)
         loss = mean_N ‖x − x̂‖² + sparsity_scale·(λ·aux + κ·T/2·(aux/T − 1)²)
         aux  = mean_N Σ_i H(z_i − θ_i)                        the L0, before λ = `l1_coeff`
     κ = `l0_stiffness` is 0 but late in a run the trainer steers to T = `target_l0`
@@ -45,8 +45,10 @@ class JumpReLUSAE(Centred, SAE):
     along each row removed, rows renormalised): unit rows make f and θ comparable across
     latents, but the L0 does not see decoder norms, so the constraint only takes freedom away
     (known-answer data, target L0 16: F1 0.631 → 0.702 flat, 0.680 → 0.739 hierarchical
-    without it). λ keeps the name `l1_coeff`, so one config key (and the
-    trainer's `target_l0` controller) works for relu and jumprelu alike.
+    without it). Free rows let a latent's scale drift, so the kernel's width ε (absolute, below)
+    is no longer the same relative width for every latent; the scores above include that. λ
+    keeps the name `l1_coeff`, so one config key (and the trainer's `target_l0` controller)
+    works for relu and jumprelu alike.
 
     Training on CPU takes the sparse step (`sae.models.sparse`, as relu) where fewer than
     `SPARSE_BELOW` of the (token, latent) pairs have z > θ − ε/2: only those have a gradient

@@ -128,11 +128,11 @@ def train_step(
     out.loss.backward()
     if world > 1:
         _average_gradients(sae, world)
-    sae.before_step()  # topk: drop the gradient component along each decoder row
+    sae.before_step()  # unit_decoder: drop the gradient component along each decoder row
     if grad_clip > 0:
         _clip(sae, grad_clip)
     opt.step()
-    sae.after_step()  # topk: back onto the unit sphere
+    sae.after_step()  # unit_decoder: back onto the unit sphere
     return out
 
 
@@ -449,6 +449,9 @@ class _Trainer:
             saved = state.values.get(key)
             if key == "fit":
                 saved = _comparable(state.values[key], self.sae)
+            if key == "sae":  # a state from before a hyper-parameter: the value it trained with
+                added = type(self.sae).saved_before
+                saved = {k: v for k, v in added.items() if k in self.config} | saved
             if json.loads(json.dumps(value)) != saved:
                 raise CheckpointError(
                     f"the trainer state of step {state.step} was saved with {key}="

@@ -105,7 +105,8 @@ def test_runs_trained_before_a_default_changed_keep_their_keys() -> None:
     old, _ = load([*TINY, "sae.centre=false", "train.scale=norm"])
     new, _ = load(TINY)
     sae = {k: v for k, v in dataclasses.asdict(old.sae).items()
-           if k not in (*ADDED["sae"], "matryoshka_topk", "k_train_factor")}  # fmt: skip
+           if k not in (*ADDED["sae"], "matryoshka_topk", "k_train_factor",
+                        "unit_decoder")}  # fmt: skip
     train = {k: v for k, v in dataclasses.asdict(old.train).items()
              if k not in (*ADDED["train"], *UNKEYED, "processes")}  # fmt: skip
     spec = {"cache": "c", "hook": old.hook, "sae": sae, "train": train,
@@ -117,7 +118,8 @@ def test_runs_trained_before_a_default_changed_keep_their_keys() -> None:
 def test_runs_from_before_an_arch_hparam_was_added_keep_their_keys() -> None:
     """sae.matryoshka_topk (the code's BatchTopK before, "token" now by default): a matryoshka
     run at "batch" keeps the key it had without the field; other archs never key it. The same
-    for sae.k_train_factor (1 before) in the top-k family."""
+    for sae.k_train_factor (1 before) in the top-k family, and sae.unit_decoder (true before,
+    false now by default) in the top-k family and jumprelu."""
     import dataclasses
     import hashlib
     import json
@@ -127,7 +129,7 @@ def test_runs_from_before_an_arch_hparam_was_added_keep_their_keys() -> None:
 
     def before(c) -> str:  # the key as computed before the field existed
         sae = {k: v for k, v in dataclasses.asdict(c.sae).items()
-               if k not in ("matryoshka_topk", "k_train_factor")
+               if k not in ("matryoshka_topk", "k_train_factor", "unit_decoder")
                and (k not in ADDED["sae"] or k == "centre")}  # fmt: skip
         train = {k: v for k, v in dataclasses.asdict(c.train).items()
                  if k not in (*ADDED["train"], *UNKEYED, "processes")}  # fmt: skip
@@ -135,16 +137,19 @@ def test_runs_from_before_an_arch_hparam_was_added_keep_their_keys() -> None:
                 "exclude_special": c.cache.exclude_special}  # fmt: skip
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
-    old, _ = load([*TINY, "sae=matryoshka", "sae.matryoshka_topk=batch", "train.scale=norm"])
-    new, _ = load([*TINY, "sae=matryoshka", "train.scale=norm"])
-    other, _ = load([*TINY, "sae=batchtopk", "train.scale=norm"])
+    unit = "sae.unit_decoder=true"  # as the top-k family and jumprelu trained before the field
+    old, _ = load([*TINY, "sae=matryoshka", "sae.matryoshka_topk=batch", unit, "train.scale=norm"])
+    new, _ = load([*TINY, "sae=matryoshka", unit, "train.scale=norm"])
+    other, _ = load([*TINY, "sae=batchtopk", unit, "train.scale=norm"])
     assert run_key(old, "c") == before(old) != run_key(new, "c")
     assert run_key(other, "c") == before(other)
-    for arch in ("topk", "relu"):  # topk at the decay it had (its default moved 0.2 → 0.3)
-        was, _ = load([*TINY, f"sae={arch}", "train.scale=norm", "train.lr_decay_frac=0.2"])
+    for arch, hp in (("topk", [unit]), ("relu", [])):  # topk at its decay then (0.2; now 0.3)
+        was, _ = load([*TINY, f"sae={arch}", *hp, "train.scale=norm", "train.lr_decay_frac=0.2"])
         assert run_key(was, "c") == before(was)
-    wider, _ = load([*TINY, "sae=topk", "sae.k_train_factor=1.5", "train.scale=norm"])
+    wider, _ = load([*TINY, "sae=topk", "sae.k_train_factor=1.5", unit, "train.scale=norm"])
     assert run_key(wider, "c") != before(wider)
+    free, _ = load([*TINY, "sae=topk", "train.scale=norm", "train.lr_decay_frac=0.2"])
+    assert run_key(free, "c") != before(free)  # today's default trains otherwise: a key of its own
 
 
 def test_lr_decay_none_is_the_archs_default_and_keyed_as_its_value() -> None:

@@ -129,6 +129,21 @@ def test_a_state_from_before_the_stiffness_and_none_decay_resumes(
         fit(build_sae(arch, D, D_SAE, **hp), stream(skip=25), cfg(lr_decay_frac=0.2), resume=state)
 
 
+def test_a_state_from_before_unit_decoder_resumes_only_with_unit_rows(tmp_path: Path) -> None:
+    """A topk trainer state saved before `sae.unit_decoder` (rows held at norm 1 then) has no
+    such key: it resumes at unit_decoder true, the run it was, and not at today's false."""
+    hp = HP["topk"] | {"unit_decoder": True}
+    fit(build_sae("topk", D, D_SAE, seed=0, **hp), stream(), cfg(), checkpoint=tmp_path)
+    state = checkpoint.load(tmp_path)
+    assert state is not None and state.values["sae"]["unit_decoder"] is True
+    del state.values["sae"]["unit_decoder"]  # as written before the field
+    with pytest.raises(CheckpointError, match=r"'unit_decoder': False"):
+        fit(build_sae("topk", D, D_SAE, **HP["topk"]), stream(skip=25), cfg(), resume=state)
+    sae = fit(build_sae("topk", D, D_SAE, **hp), stream(skip=25), cfg(), resume=state)
+    norms = sae.W_dec.norm(dim=-1)  # 1/s each: the input scale s is folded in at the end
+    torch.testing.assert_close(norms, norms[:1].expand(D_SAE))
+
+
 def test_unreadable_or_missing_state(tmp_path: Path) -> None:
     assert checkpoint.load(tmp_path / "none") is None
     fit(build_sae("relu", D, D_SAE, seed=0), stream(), cfg(), checkpoint=tmp_path)
