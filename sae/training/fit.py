@@ -449,9 +449,8 @@ class _Trainer:
             saved = state.values.get(key)
             if key == "fit":
                 saved = _comparable(state.values[key], self.sae)
-            if key == "sae":  # a state from before a hyper-parameter: the value it trained with
-                added = type(self.sae).saved_before
-                saved = {k: v for k, v in added.items() if k in self.config} | saved
+            if key == "sae":  # a state from before a hyper-parameter: the value it trained with,
+                saved = type(self.sae).saved_before | saved  # as load_sae fills in a cfg.json
             if json.loads(json.dumps(value)) != saved:
                 raise CheckpointError(
                     f"the trainer state of step {state.step} was saved with {key}="
