@@ -21,7 +21,9 @@ them (see its docstring). Scores on 16,384 held-out samples: FVU, L0, MMCS, dead
 active there; `dead 262k`: on 262,144 held-out samples, which sees latents that fire once in
 ~100k), and for each true feature matched to a distinct latent the firing precision/recall/F1
 and the MCC, and on hard data the F1 of the 64 parents alone
-(absorption into children shows there; `ground_truth.score`); samples/s over the training call.
+(absorption into children shows there; `ground_truth.score`); samples/s over the training call;
+for the rows steered to L0 16, how their L0 got there (`settling`: the issue-16 target is the
+end within 5%, no swing past ±30% after the first 20% of the steps).
 
     .venv/bin/python benchmarks/bench_ground_truth.py --samples 1000000 --data flat offset
     .venv/bin/python benchmarks/bench_ground_truth.py --write   # all, ~1 h (peers: dev extras)
@@ -137,12 +139,39 @@ def saeflow(
         n = len(batches) * BATCH
         fit_values = {"dtype": "fp32"} | (fit_kw or {}) | OVERRIDES["train"]
         cfg = FitConfig(tokens=n, batch_size=BATCH, **fit_values)
+        trace: list[tuple[int, float]] = []
         t0 = time.perf_counter()
-        sae = fit(sae, iter(batches), cfg)
+        sae = fit(sae, iter(batches), cfg, lambda step, m: trace.append((step, m["l0"])))
         seconds = time.perf_counter() - t0
+        if values.get("target_l0") is not None:
+            STEERING.append((float(values["target_l0"]), cfg.steps, trace))
         return Trained(seconds, lambda x: (sae.encode(x), sae(x).x_hat), sae.W_dec.detach())
 
     return train
+
+
+STEERING: list[tuple[float, int, list[tuple[int, float]]]] = []
+"""A steered contender's (target_l0, steps, [(step, L0) every `log_every` steps]), appended by
+its training; `main` empties it before each contender."""
+
+
+def settling(target: float, steps: int, trace: list[tuple[int, float]]) -> dict[str, float]:
+    """How a steered run's L0 reached its target: `end` (the last L0's error, a fraction of the
+    target), `inside` (the fraction of the steps after which every logged L0 is within ±30% of
+    it), and `swing`: after the first 20% of the steps, the largest move back away from the
+    target, as a ratio (|ln(L0_t / T)| above its least value since 20%, as exp(·) − 1), so a
+    monotone approach scores 0 and an overshoot or a rebound its size (L0 117 → 135 at a
+    target of 16: 15%; 15.0 → 13.9 after 16.0: 7%). In log units because the controller
+    steers ln L0 and the band is relative."""
+    near = [abs(l0 / target - 1) <= 0.3 for _, l0 in trace]
+    inside = next((s for i, (s, _) in enumerate(trace) if all(near[i:])), steps)
+    err = [(s, abs(math.log(max(l0, 1e-3) / target))) for s, l0 in trace]
+    swing, least = 0.0, math.inf
+    for s, e in err:
+        if s >= 0.2 * steps:
+            least = min(least, e)
+            swing = max(swing, e - least)
+    return {"end": trace[-1][1] / target - 1, "inside": inside / steps, "swing": math.expm1(swing)}
 
 
 CONTENDERS: dict[str, Callable[[list[torch.Tensor]], Trained]] = {
@@ -178,7 +207,11 @@ def available(name: str) -> bool:
     return True
 
 
-def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str:
+def report(
+    results: dict[str, dict[str, dict[str, float]]],
+    samples: int,
+    steered: dict[str, dict[str, dict[str, float]]],
+) -> str:
     lines = [
         START,
         "## Known features: every architecture and the peers on ground-truth data",
@@ -205,6 +238,24 @@ def report(results: dict[str, dict[str, dict[str, float]]], samples: int) -> str
                 f"{r['mcc']:.3f} | "
                 f"{r['samples/s']:,.0f} |"
             )
+    if any(steered.values()):
+        lines += [
+            "",
+            "L0 steering (`sae.target_l0`, the steered rows above): `end`, the last logged L0's "
+            "error; `inside`, the fraction of the steps after which every logged L0 (every 10 "
+            "steps) stays within ±30% of the target; `swing`, after the first 20% of the steps, "
+            "the largest move back away from the target, as a ratio (0 for a monotone approach; "
+            "an overshoot or a rebound counts its size: L0 117 → 135 at a target of 16 is 15%).",
+            "",
+            "| data | contender | target | end | inside from | swing after 20% |",
+            "|---|---|---|---|---|---|",
+        ]
+        for data, by in steered.items():
+            for name, r in by.items():
+                lines.append(
+                    f"| {data} | {name} | {r['target']:g} | {r['end']:+.1%} | "
+                    f"{r['inside']:.0%} | {r['swing']:.1%} |"
+                )
     return "\n".join([*lines, "", END])
 
 
@@ -279,18 +330,23 @@ def main() -> None:
         return
     names = [n for n in (args.only or CONTENDERS) if available(n)]
     results: dict[str, dict[str, dict[str, float]]] = {}
+    steered: dict[str, dict[str, dict[str, float]]] = {}
     for data in args.data:
         truth = DATA[data]
         batches = list(itertools.islice(truth.batches(BATCH, seed=1), args.samples // BATCH))
         samples = len(batches) * BATCH
-        results[data] = {}
+        results[data], steered[data] = {}, {}
         for name in names:
             gc.collect()
+            STEERING.clear()
             t = CONTENDERS[name](batches)
+            for target, steps, trace in STEERING:
+                steered[data][name] = {"target": target, **settling(target, steps, trace)}
+                print(data, name, "steering", steered[data][name], flush=True)
             r = score(truth, lambda x, t=t: t.encode_decode(x), t.W_dec.float())
             results[data][name] = r | {"samples/s": samples / t.seconds}
             print(data, name, {k: round(v, 4) for k, v in results[data][name].items()}, flush=True)
-    text = report(results, samples)
+    text = report(results, samples, steered)
     print(text)
     if args.write:
         write_section(text, START, END)
