@@ -140,10 +140,12 @@ def saeflow(
         fit_values = {"dtype": "fp32"} | (fit_kw or {}) | OVERRIDES["train"]
         cfg = FitConfig(tokens=n, batch_size=BATCH, **fit_values)
         trace: list[tuple[int, float]] = []
+        steered = values.get("target_l0") is not None  # only these log: the rest time as before
+        on_step = (lambda step, m: trace.append((step, m["l0"]))) if steered else None
         t0 = time.perf_counter()
-        sae = fit(sae, iter(batches), cfg, lambda step, m: trace.append((step, m["l0"])))
+        sae = fit(sae, iter(batches), cfg, on_step)
         seconds = time.perf_counter() - t0
-        if values.get("target_l0") is not None:
+        if steered:
             STEERING.append((float(values["target_l0"]), cfg.steps, trace))
         return Trained(seconds, lambda x: (sae.encode(x), sae(x).x_hat), sae.W_dec.detach())
 
@@ -161,8 +163,10 @@ def settling(target: float, steps: int, trace: list[tuple[int, float]]) -> dict[
     it), and `swing`: after the first 20% of the steps, the largest move back away from the
     target, as a ratio (|ln(L0_t / T)| above its least value since 20%, as exp(·) − 1), so a
     monotone approach scores 0 and an overshoot or a rebound its size (L0 117 → 135 at a
-    target of 16: 15%; 15.0 → 13.9 after 16.0: 7%). In log units because the controller
-    steers ln L0 and the band is relative."""
+    target of 16: 15%; 16.0 → 13.9: 15%); a rebound under way at 20% counts from there. In log
+    units because the controller steers ln L0 and the band is relative. NaN without a trace."""
+    if not trace or not steps:
+        return dict.fromkeys(("end", "inside", "swing"), math.nan)
     near = [abs(l0 / target - 1) <= 0.3 for _, l0 in trace]
     inside = next((s for i, (s, _) in enumerate(trace) if all(near[i:])), steps)
     err = [(s, abs(math.log(max(l0, 1e-3) / target))) for s, l0 in trace]
@@ -242,10 +246,11 @@ def report(
         lines += [
             "",
             "L0 steering (`sae.target_l0`, the steered rows above): `end`, the last logged L0's "
-            "error; `inside`, the fraction of the steps after which every logged L0 (every 10 "
-            "steps) stays within ±30% of the target; `swing`, after the first 20% of the steps, "
-            "the largest move back away from the target, as a ratio (0 for a monotone approach; "
-            "an overshoot or a rebound counts its size: L0 117 → 135 at a target of 16 is 15%).",
+            "error; `inside`, the fraction of the steps after which every logged L0 (every "
+            f"{FitConfig.log_every} steps) stays within ±30% of the target; `swing`, after the "
+            "first 20% of the steps, the largest move back away from the target, as a ratio (0 "
+            "for a monotone approach; an overshoot or a rebound counts its size: L0 117 → 135 at "
+            "a target of 16 is 15%).",
             "",
             "| data | contender | target | end | inside from | swing after 20% |",
             "|---|---|---|---|---|---|",
@@ -269,6 +274,7 @@ def speed(batches: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
     for i in range(rounds):
         for name in names:
             gc.collect()
+            STEERING.clear()
             t = CONTENDERS[name](batches)
             rates[name].append(len(batches) * BATCH / t.seconds)
             print(f"round {i + 1} {name} {rates[name][-1]:,.0f} samples/s", flush=True)
