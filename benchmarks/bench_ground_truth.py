@@ -211,6 +211,13 @@ def available(name: str) -> bool:
     return True
 
 
+def table_rows(
+    by_data: dict[str, dict[str, dict[str, float]]], cells: Callable[[dict[str, float]], str]
+) -> list[str]:
+    """One markdown row per (data set, contender): `| data | contender | cells(scores) |`."""
+    return [f"| {d} | {n} | {cells(r)} |" for d, by in by_data.items() for n, r in by.items()]
+
+
 def report(
     results: dict[str, dict[str, dict[str, float]]],
     samples: int,
@@ -232,16 +239,15 @@ def report(
         "| F1 parents | MCC | samples/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for data, by in results.items():
-        for name, r in by.items():
-            lines.append(
-                f"| {data} | {name} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['mmcs']:.3f} | "
-                f"{r['dead']:.3f} | {r['dead_long']:.3f} | "
-                f"{r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
-                f"{'–' if math.isnan(r['f1_parents']) else format(r['f1_parents'], '.3f')} | "
-                f"{r['mcc']:.3f} | "
-                f"{r['samples/s']:,.0f} |"
-            )
+    lines += table_rows(
+        results,
+        lambda r: (
+            f"{r['fvu']:.3f} | {r['l0']:.1f} | {r['mmcs']:.3f} | {r['dead']:.3f} | "
+            f"{r['dead_long']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+            f"{'–' if math.isnan(r['f1_parents']) else format(r['f1_parents'], '.3f')} | "
+            f"{r['mcc']:.3f} | {r['samples/s']:,.0f}"
+        ),
+    )
     if any(steered.values()):
         lines += [
             "",
@@ -255,12 +261,10 @@ def report(
             "| data | contender | target | end | inside from | swing after 20% |",
             "|---|---|---|---|---|---|",
         ]
-        for data, by in steered.items():
-            for name, r in by.items():
-                lines.append(
-                    f"| {data} | {name} | {r['target']:g} | {r['end']:+.1%} | "
-                    f"{r['inside']:.0%} | {r['swing']:.1%} |"
-                )
+        lines += table_rows(
+            steered,
+            lambda r: f"{r['target']:g} | {r['end']:+.1%} | {r['inside']:.0%} | {r['swing']:.1%}",
+        )
     return "\n".join([*lines, "", END])
 
 
