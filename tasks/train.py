@@ -87,9 +87,16 @@ ADDED = {
 """Fields no config could set before (they were fixed in the code): at the value they had then
 (`FORMER`, else their default) they are left out of the key, so earlier runs, which trained
 with those values, keep their keys."""
-FORMER = {"centre": False, "scale": "norm", "l0_max_step": 0.05, "l0_stiffness": 0.0}
+FORMER = {
+    "centre": False,
+    "scale": "norm",
+    "l0_max_step": 0.05,
+    "l0_stiffness": 0.0,
+    "l0_stiffness_from": 0.6,
+}
 """Fields of `ADDED` whose value before them is not their default: the value they were added
-with, or (l0_stiffness) the one the code had before the field."""
+with, or (l0_stiffness) the one the code had before the field, or (l0_stiffness_from) their
+default before it moved (runs at 0.6, the default until 2026-12-07, keep their keys)."""
 
 
 def _since_saved(values: dict[str, Any], arch: str) -> dict[str, Any]:

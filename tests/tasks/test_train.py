@@ -185,6 +185,11 @@ def test_stiffness_is_keyed_only_where_it_acts() -> None:
     steered = ("sae=jumprelu", "sae.target_l0=20")
     assert key(*steered) != key(*steered, "train.l0_stiffness=0")
     assert key(*steered) != key(*steered, "train.l0_stiffness_from=0.8")  # where κ acts from
+    # 0.6, the default until 2026-12-07, is FORMER: such runs keep the key they had (the field
+    # left out of it); today's 0.3 trains otherwise and is keyed
+    assert key(*steered) != key(*steered, "train.l0_stiffness_from=0.6")
+    with_former = key(*steered, "train.l0_stiffness_from=0.6")
+    assert with_former != key(*steered, "train.l0_stiffness_from=0.8")
     at_zero = (*steered, "train.l0_stiffness=0")  # κ 0: from changes nothing, nor the key
     assert key(*at_zero) == key(*at_zero, "train.l0_stiffness_from=0.8")
 
