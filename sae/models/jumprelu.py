@@ -22,9 +22,10 @@ class JumpReLUSAE(Centred, SAE):
         x̂    = f @ W_dec + b_dec                              (N, d_in)
         loss = mean_N ‖x − x̂‖² + sparsity_scale·(λ·aux + κ·T/2·(aux/T − 1)²)
         aux  = mean_N Σ_i H(z_i − θ_i)                        the L0, before λ = `l1_coeff`
-    κ = `l0_stiffness` is 0 but late in a run the trainer steers to T = `target_l0`
-    (`FitConfig.l0_stiffness`). Under torchrun each rank prices its own slice's L0 (the config
-    refuses several processes with a target, so only library use can meet that).
+    κ = `l0_stiffness` is 0 but, after `FitConfig.l0_stiffness_from` of a run, the trainer sets
+    it to steer to T = `target_l0` (`FitConfig.l0_stiffness`). Under torchrun each rank prices
+    its own slice's L0 (the config refuses several processes with a target, so only library use
+    can meet that).
 
     H has no useful gradient, so θ learns through straight-through estimators with the rectangle
     kernel K(u) = 1[|u| < 1/2] of bandwidth ε:

@@ -87,7 +87,8 @@ class FitConfig:
     16: 14.4 at the end, 17.0 on the hierarchical set). Measured 2026-12-07, target 16, final
     L0: known-answer flat data (held-out samples) 14.4 at κ 0 (λ alone, as before), 16.04 at 5,
     16.00 at 20; the default study (training tokens) 16.08 / 16.64 / 16.23 (EV 0.970 / 0.972 /
-    0.971): there λ alone had landed already."""
+    0.971): there λ alone had landed already (all with the price from 60% of the steps, stop
+    29)."""
     l0_stiffness_from: float = 0.3
     """`sae.target_l0` with jumprelu: the fraction of the steps after which `l0_stiffness`
     acts. From the start it pins L0 to the target while the encoder is still forming (known-
@@ -95,8 +96,9 @@ class FitConfig:
     on 2026-12-07 (stop 34; decoder rows free, target 16, one run each): L0 within ±30% of the
     target from 35% → 33% of the steps on flat known-answer data, 64% → 37% on the hierarchical
     data, 62% → 35% on the default study, F1 0.702 → 0.705 and 0.739 → 0.737, MMCS 0.992 →
-    0.990 and 0.976 → 0.974, default study EV 0.971 → 0.971 with 56.6% → 58.3% dead (from 0.2:
-    hierarchical F1 0.732, MMCS 0.968)."""
+    0.990 and 0.976 → 0.974, latents silent on 262k held-out samples 17% → 18% and 6% → 10%,
+    default study EV 0.971 → 0.971 with 56.6% → 58.3% dead (from 0.2: hierarchical F1 0.732,
+    MMCS 0.968). Runs at 0.6 keep their run keys (`tasks.train.FORMER`)."""
 
     def __post_init__(self) -> None:
         positive("train", tokens=self.tokens, batch_size=self.batch_size)

@@ -174,7 +174,8 @@ def test_stiffness_is_keyed_only_where_it_acts() -> None:
     jumprelu's runs without a target keep their keys; the default κ gets a key of its own
     (κ 0, the code before the field, is `FORMER`: left out of the key)."""
     from flows.config import load
-    from tasks.train import run_key
+    from sae.training.config import FitConfig
+    from tasks.train import ADDED, _unless_default, run_key
 
     def key(*over: str) -> str:
         c, _ = load([*TINY, *over])
@@ -188,8 +189,10 @@ def test_stiffness_is_keyed_only_where_it_acts() -> None:
     # 0.6, the default until 2026-12-07, is FORMER: such runs keep the key they had (the field
     # left out of it); today's 0.3 trains otherwise and is keyed
     assert key(*steered) != key(*steered, "train.l0_stiffness_from=0.6")
-    with_former = key(*steered, "train.l0_stiffness_from=0.6")
-    assert with_former != key(*steered, "train.l0_stiffness_from=0.8")
+    assert _unless_default({"l0_stiffness_from": 0.6}, FitConfig, ADDED["train"]) == {}
+    assert _unless_default({"l0_stiffness_from": 0.3}, FitConfig, ADDED["train"]) == {
+        "l0_stiffness_from": 0.3
+    }
     at_zero = (*steered, "train.l0_stiffness=0")  # κ 0: from changes nothing, nor the key
     assert key(*at_zero) == key(*at_zero, "train.l0_stiffness_from=0.8")
 
