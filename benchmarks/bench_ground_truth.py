@@ -145,16 +145,12 @@ def saeflow(
         t0 = time.perf_counter()
         sae = fit(sae, iter(batches), cfg, on_step)
         seconds = time.perf_counter() - t0
-        if steered:
-            STEERING.append((float(values["target_l0"]), cfg.steps, trace))
-        return Trained(seconds, lambda x: (sae.encode(x), sae(x).x_hat), sae.W_dec.detach())
+        steering = (float(values["target_l0"]), cfg.steps, trace) if steered else None
+        return Trained(
+            seconds, lambda x: (sae.encode(x), sae(x).x_hat), sae.W_dec.detach(), steering
+        )
 
     return train
-
-
-STEERING: list[tuple[float, int, list[tuple[int, float]]]] = []
-"""A steered contender's (target_l0, steps, [(step, L0) every `log_every` steps]), appended by
-its training; `main` empties it before each contender."""
 
 
 def settling(target: float, steps: int, trace: list[tuple[int, float]]) -> dict[str, float]:
@@ -278,7 +274,6 @@ def speed(batches: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
     for i in range(rounds):
         for name in names:
             gc.collect()
-            STEERING.clear()
             t = CONTENDERS[name](batches)
             rates[name].append(len(batches) * BATCH / t.seconds)
             print(f"round {i + 1} {name} {rates[name][-1]:,.0f} samples/s", flush=True)
@@ -348,10 +343,9 @@ def main() -> None:
         results[data], steered[data] = {}, {}
         for name in names:
             gc.collect()
-            STEERING.clear()
             t = CONTENDERS[name](batches)
-            for target, steps, trace in STEERING:
-                steered[data][name] = {"target": target, **settling(target, steps, trace)}
+            if t.steering is not None:
+                steered[data][name] = {"target": t.steering[0], **settling(*t.steering)}
                 print(data, name, "steering", steered[data][name], flush=True)
             r = score(truth, lambda x, t=t: t.encode_decode(x), t.W_dec.float())
             results[data][name] = r | {"samples/s": samples / t.seconds}

@@ -73,6 +73,8 @@ class Trained:
     encode_decode: EncodeDecode
     W_dec: Tensor
     """(d_sae, d_in): row i is latent i's decoder direction."""
+    steering: tuple[float, int, list[tuple[int, float]]] | None = None
+    """A run steered to an L0: (target_l0, steps, [(step, L0) every `log_every` steps])."""
 
 
 # --- the contenders ---------------------------------------------------------------------------
