@@ -7,6 +7,9 @@ Data sets (d_in 256, 1024 true features, ~16 on per sample, a_j ~ U(0, 1)):
     offset     flat + a constant vector of norm 10 (≈4× the signal's norm), as residual streams
     hard       Zipf frequencies (exponent 1), 64 parents with 4 children each (a child fires
                only with its parent), correlated firing (30% shared factors), offset 10, noise
+    tree       hard, but each child fires on 40% of its parent's firings (`child_rate`; on hard
+               5–20%, from the children's Zipf ranks): the nesting that makes an SAE absorb a
+               parent into its children (Chanin et al. 2024); ~22 features on per sample
 
 Contenders train ONE pass over the same pre-generated batches of 4096 (d_sae 2048, fp32; the
 `-auto` rows in saeflow's default dtype: bf16 autocast where the CPU has native bf16 matmuls;
@@ -20,7 +23,7 @@ Peers (`saelens`, `sparsify-k16`) come from bench_peers.py and run only where th
 them (see its docstring). Scores on 16,384 held-out samples: FVU, L0, MMCS, dead latents (never
 active there; `dead 262k`: on 262,144 held-out samples, which sees latents that fire once in
 ~100k), and for each true feature matched to a distinct latent the firing precision/recall/F1
-and the MCC, and on hard data the F1 of the 64 parents alone
+and the MCC, and on hard and tree data the F1 of the 64 parents alone
 (absorption into children shows there; `ground_truth.score`); samples/s over the training call;
 for the rows steered to L0 16, how their L0 got there (`settling`: the issue-16 target is the
 end within 5%, no swing past ±30% after the first 20% of the steps).
@@ -89,6 +92,7 @@ DATA = {
         noise=0.5,
     ),
 }
+DATA["tree"] = dataclasses.replace(DATA["hard"], child_rate=0.4)
 
 
 def group_defaults(arch: str) -> dict[str, Any]:

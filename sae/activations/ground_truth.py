@@ -40,6 +40,13 @@ class GroundTruth:
     """Features with children (the first ones, the most frequent under zipf)."""
     children: int = 0
     """Children per parent; a child fires only with its parent, on a fraction of its firings."""
+    child_rate: float | None = None
+    """P(child on | parent on), the same for every child (None: from the child's own zipf rank,
+    at most 1/2; with `correlation` a child's share moves with the factors it shares with its
+    parent). A child that fires on a large share of its parent's firings is what makes an SAE
+    absorb the parent into the child (Chanin et al. 2024, "A is for Absorption"); zipf ranks
+    alone give the benchmark's `hard` children shares of 5–20%. `active` then counts the
+    children at their zipf rates, not at these (the mean number on moves)."""
     correlation: float = 0.0
     """Weight in [0, 1) of 8 shared Gaussian factors in each feature's firing propensity."""
     offset: float = 0.0
@@ -52,6 +59,8 @@ class GroundTruth:
     def __post_init__(self) -> None:
         if not self.parents * (1 + self.children) <= self.n_features:
             raise ValueError("parents·(1 + children) must fit in n_features")
+        if self.child_rate is not None and not 0 < self.child_rate <= 1:
+            raise ValueError(f"child_rate must be in (0, 1], got {self.child_rate}")
         g = torch.Generator().manual_seed(self.seed)
         self.features = unit_rows(self.n_features, self.d_in, self.seed)  # (n, d)
         p = (torch.arange(self.n_features) + 1.0) ** -self.zipf
@@ -62,7 +71,10 @@ class GroundTruth:
         self.p = self.p.clamp(max=0.5)
         # a child's marginal must stay below its parent's: p(child) = p(parent)·q(child)
         has = self.parent >= 0
-        self.p[has] = torch.minimum(self.p[has], 0.5 * self.p[self.parent[has]])
+        if self.child_rate is None:
+            self.p[has] = torch.minimum(self.p[has], 0.5 * self.p[self.parent[has]])
+        else:
+            self.p[has] = self.child_rate * self.p[self.parent[has]]
         self.q = torch.where(has, self.p / self.p[self.parent.clamp(min=0)], self.p)
         loadings = torch.randn(self.n_features, 8, generator=g)
         self.loadings = loadings / loadings.norm(dim=-1, keepdim=True)  # shared part: variance 1

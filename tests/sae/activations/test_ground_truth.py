@@ -28,6 +28,20 @@ def test_frequencies_hierarchy_and_offset() -> None:
     torch.testing.assert_close(x - a @ t.features, t.mean.expand_as(x), atol=1e-4, rtol=0)
 
 
+def test_child_rate_sets_each_childs_share_of_its_parents_firings() -> None:
+    t = GroundTruth(d_in=32, n_features=64, active=6, zipf=1.0, parents=4, children=3,
+                    child_rate=0.4)  # fmt: skip
+    _, a = t.sample(40_000, torch.Generator().manual_seed(0))
+    on = a > 0
+    kids = (t.parent >= 0).nonzero().flatten()
+    share = on[:, kids].sum(0) / on[:, t.parent[kids]].sum(0)
+    torch.testing.assert_close(share, torch.full_like(share, 0.4), atol=0.03, rtol=0)
+    assert share.mean().item() == pytest.approx(0.4, abs=0.01)
+    assert not (on[:, kids] & ~on[:, t.parent[kids]]).any()
+    with pytest.raises(ValueError, match="child_rate must be in"):
+        GroundTruth(parents=4, children=3, child_rate=0.0)
+
+
 def test_a_perfect_dictionary_scores_perfectly() -> None:
     t = GroundTruth(d_in=32, n_features=24, active=4, zipf=0.5, offset=3.0)
     q, _ = torch.linalg.qr(torch.randn(32, 24, generator=torch.Generator().manual_seed(0)))
