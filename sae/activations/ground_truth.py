@@ -33,7 +33,7 @@ class GroundTruth:
     n_features: int = 1024
     """True features (directions)."""
     active: float = 16.0
-    """Features on per sample, on average."""
+    """Features on per sample, on average, before the 0.5 clamp and `child_rate` (hard: 13.6)."""
     zipf: float = 0.0
     """Firing probabilities ∝ rank^−zipf (0: all equal)."""
     parents: int = 0
@@ -41,7 +41,8 @@ class GroundTruth:
     children: int = 0
     """Children per parent; a child fires only with its parent, on a fraction of its firings."""
     child_rate: float | None = None
-    """P(child on | parent on), the same for every child (None: from the child's own zipf rank,
+    """P(child on | parent on), the same for every child; with `correlation` each child's share
+    spreads around it (tree: 0.20–0.58, mean 0.39) (None: from the child's own zipf rank,
     at most 1/2; with `correlation` a child's share moves with the factors it shares with its
     parent). A child that fires on a large share of its parent's firings is what makes an SAE
     absorb the parent into the child (Chanin et al. 2024, "A is for Absorption"); zipf ranks
