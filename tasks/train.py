@@ -96,7 +96,7 @@ FORMER = {
 }
 """Fields of `ADDED` whose value before them is not their default: the value they were added
 with, or (l0_stiffness) the one the code had before the field, or (l0_stiffness_from) their
-default before it moved (runs at 0.6, the default until 2026-12-07, keep their keys)."""
+default before it moved (runs at 0.6, the default from stop 29 to stop 33, keep their keys)."""
 
 
 def _since_saved(values: dict[str, Any], arch: str) -> dict[str, Any]:

@@ -33,7 +33,8 @@ class GroundTruth:
     n_features: int = 1024
     """True features (directions)."""
     active: float = 16.0
-    """Features on per sample, on average, before the 0.5 clamp and `child_rate` (hard: 13.6)."""
+    """Features on per sample, on average, before the clamp of each rate at 0.5 and the children's
+    caps (their rates at most half their parents', or `child_rate` of them)."""
     zipf: float = 0.0
     """Firing probabilities ∝ rank^−zipf (0: all equal)."""
     parents: int = 0
@@ -41,13 +42,12 @@ class GroundTruth:
     children: int = 0
     """Children per parent; a child fires only with its parent, on a fraction of its firings."""
     child_rate: float | None = None
-    """P(child on | parent on), the same for every child; with `correlation` each child's share
-    spreads around it (tree: 0.20–0.58, mean 0.39) (None: from the child's own zipf rank,
-    at most 1/2; with `correlation` a child's share moves with the factors it shares with its
-    parent). A child that fires on a large share of its parent's firings is what makes an SAE
-    absorb the parent into the child (Chanin et al. 2024, "A is for Absorption"); zipf ranks
-    alone give the benchmark's `hard` children shares of 5–20%. `active` then counts the
-    children at their zipf rates, not at these (the mean number on moves)."""
+    """Each child's firing rate as a fraction of its parent's, the same for every child: P(child
+    on | parent on) without `correlation`; with it each child's share moves with the factors it
+    shares with its parent and spreads around this value. None: the child's own zipf rate, at
+    most half its parent's. A child that fires on a large share of its parent's firings is what
+    makes an SAE absorb the parent into the child (Chanin et al. 2024, "A is for Absorption").
+    `active` counts the children at their zipf rates, not at these (the mean number on moves)."""
     correlation: float = 0.0
     """Weight in [0, 1) of 8 shared Gaussian factors in each feature's firing propensity."""
     offset: float = 0.0
@@ -59,7 +59,10 @@ class GroundTruth:
 
     def __post_init__(self) -> None:
         if not self.parents * (1 + self.children) <= self.n_features:
-            raise ValueError("parents·(1 + children) must fit in n_features")
+            raise ValueError(
+                f"parents·(1 + children) = {self.parents}·(1 + {self.children}) features must fit "
+                f"in n_features = {self.n_features}"
+            )
         if self.child_rate is not None and not 0 < self.child_rate <= 1:
             raise ValueError(f"child_rate must be in (0, 1], got {self.child_rate}")
         g = torch.Generator().manual_seed(self.seed)

@@ -186,8 +186,8 @@ def test_stiffness_is_keyed_only_where_it_acts() -> None:
     steered = ("sae=jumprelu", "sae.target_l0=20")
     assert key(*steered) != key(*steered, "train.l0_stiffness=0")
     assert key(*steered) != key(*steered, "train.l0_stiffness_from=0.8")  # where κ acts from
-    # 0.6, the default until 2026-12-07, is FORMER: such runs keep the key they had (the field
-    # left out of it); today's 0.3 trains otherwise and is keyed
+    # 0.6, the default from stop 29 to stop 33, is FORMER: such runs keep the key they had
+    # (the field left out of it); today's 0.3 trains otherwise and is keyed
     assert key(*steered) != key(*steered, "train.l0_stiffness_from=0.6")
     assert _unless_default({"l0_stiffness_from": 0.6}, FitConfig, ADDED["train"]) == {}
     assert _unless_default({"l0_stiffness_from": 0.3}, FitConfig, ADDED["train"]) == {
@@ -195,6 +195,28 @@ def test_stiffness_is_keyed_only_where_it_acts() -> None:
     }
     at_zero = (*steered, "train.l0_stiffness=0")  # κ 0: from changes nothing, nor the key
     assert key(*at_zero) == key(*at_zero, "train.l0_stiffness_from=0.8")
+
+
+def test_older_codes_keys_are_found_by_naming_the_values_they_trained_with() -> None:
+    """The keys the code of earlier stops computed for these settings (run there, 2026-12-08):
+    stop 33's (2923f8b) steered jumprelu, the code before the L0 price (21d44a4^), whose
+    jumprelu had κ 0 and unit decoder rows, and topk's before free rows and before its decay
+    moved. README's resume recipe names these overrides."""
+    from flows.config import load
+    from tasks.train import run_key
+
+    def key(*over: str) -> str:
+        c, _ = load([*TINY, *over])
+        return run_key(c, "c")
+
+    steered = ("sae=jumprelu", "sae.target_l0=20")
+    assert key(*steered, "train.l0_stiffness_from=0.6") == "df13cbe86a077a17"  # stop 33
+    before_price = (*steered, "train.l0_stiffness=0", "sae.unit_decoder=true")
+    assert key(*before_price) == "090992a65783211f"
+    assert key("sae.target_l0=20") == "69727be3c592d4fc"  # relu: the same key throughout
+    unit = ("sae=topk", "sae.unit_decoder=true")  # before free rows (b950700^)
+    assert key(*unit) == "788a23bcd7247eea"
+    assert key(*unit, "train.lr_decay_frac=0.2") == "c9023986fd0c3546"  # before 0.3 (d08f6ab^)
 
 
 def test_lr_warmup_is_checked_against_the_archs_decay() -> None:

@@ -142,5 +142,5 @@ def test_on_nested_features_the_prefixes_keep_the_parents_topk_absorbs() -> None
         return s["f1_parents"]
 
     parents = {arch: parents_f1(arch) for arch in ("topk", "matryoshka")}
-    assert parents["topk"] < 0.5, parents
+    assert parents["topk"] < 0.5 and parents["matryoshka"] > 0.45, parents  # absolute floors
     assert parents["matryoshka"] > parents["topk"] + 0.05, parents  # measured 0.630 vs 0.393

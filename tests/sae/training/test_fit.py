@@ -300,9 +300,10 @@ def test_controller_sets_the_stiffness_after_its_fraction_of_the_steps() -> None
     x = torch.randn(64, 8)
     jump = build_sae("jumprelu", 8, 16, seed=0, target_l0=4.0)
     felt: list[float] = []  # κ during each of the 8 steps, as the SAE's loss saw it
-    cfg = FitConfig(tokens=64 * 8, batch_size=64, l0_stiffness=4.0, log_every=1)
+    cfg = FitConfig(
+        tokens=64 * 8, batch_size=64, l0_stiffness=4.0, l0_stiffness_from=0.3, log_every=1
+    )
     jump = fit(jump, iter([x] * 8), cfg, lambda s, m: felt.append(jump.l0_stiffness))
-    assert cfg.l0_stiffness_from == 0.3  # the default
     assert felt == [0.0] * 2 + [4.0] * 6  # on after round(0.3·8) = 2 steps
     assert jump.l0_stiffness == 0.0
 
