@@ -33,6 +33,8 @@ end within 5%, no swing past ±30% after the first 20% of the steps).
     .venv/bin/python benchmarks/bench_ground_truth.py --samples 1000000 --data flat offset
     .venv/bin/python benchmarks/bench_ground_truth.py --write   # all, ~65 min (peers: dev extras)
     .venv/bin/python benchmarks/bench_ground_truth.py --speed 3 --samples 1000000 --write
+    .venv/bin/python benchmarks/bench_ground_truth.py --only saeflow-relu --data offset \
+        --dead-samples 4194304   # which latents stay silent on 4M held-out samples
     .venv/bin/python benchmarks/bench_ground_truth.py --only saeflow-matryoshka --data hard \
         --set sae.matryoshka_fractions=[0.25,1.0] --set train.lr=0.006   # an ablation
 """
@@ -317,6 +319,14 @@ def main() -> None:
         "--speed", type=int, default=0, metavar="ROUNDS", help="time SPEED's contenders only"
     )
     ap.add_argument(
+        "--dead-samples",
+        type=int,
+        default=DEAD_SAMPLES,
+        metavar="N",
+        help=f"held-out samples a latent must stay silent on to count in `dead_long` (default "
+        f"{DEAD_SAMPLES:,}; Anthropic counts a feature dead after 10^7 tokens)",
+    )
+    ap.add_argument(
         "--set",
         action="append",
         default=[],
@@ -328,6 +338,8 @@ def main() -> None:
     OVERRIDES.update(parse_set(args.set))
     if args.set and args.write:
         raise SystemExit("--write records saeflow's defaults: run --set without --write")
+    if args.dead_samples != DEAD_SAMPLES and args.write:
+        raise SystemExit(f"--write's table counts `{DEAD}`: run --dead-samples without --write")
     torch.set_num_threads(args.threads)
     if args.set:
         print(f"saeflow contenders with {OVERRIDES}", flush=True)
@@ -353,7 +365,9 @@ def main() -> None:
             if t.steering is not None:
                 steered[data][name] = {"target": t.steering[0], **settling(*t.steering)}
                 print(data, name, "steering", steered[data][name], flush=True)
-            r = score(truth, lambda x, t=t: t.encode_decode(x), t.W_dec.float())
+            r = score(
+                truth, lambda x, t=t: t.encode_decode(x), t.W_dec.float(), dead_n=args.dead_samples
+            )
             results[data][name] = r | {"samples/s": samples / t.seconds}
             print(data, name, {k: round(v, 4) for k, v in results[data][name].items()}, flush=True)
     text = report(results, samples, steered)
