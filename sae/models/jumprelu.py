@@ -13,6 +13,10 @@ from sae.models.config import SAEConfig
 from sae.models.sparse import Dense, Encoder, addmm_reused, decode_bags, firing
 from sae.models.topk import TopKSAE
 
+PRE_ACT_STRIDE = 8
+"""The pre-activation loss is estimated on every 8th token of a batch: an unbiased mean (the
+loader shuffles rows) at an eighth of its GEMM."""
+
 
 class JumpReLUSAE(Centred, SAE):
     """JumpReLU SAE, as trained for Gemma Scope: a learnt threshold per latent, an L0 penalty.
@@ -20,8 +24,13 @@ class JumpReLUSAE(Centred, SAE):
         z    = ReLU((x − c) @ W_enc + b_enc)                  (N, d_sae)   c fixed (`Centred`)
         f    = z·H(z − θ)                                     θ = `threshold` (d_sae,) >= 0
         x̂    = f @ W_dec + b_dec                              (N, d_in)
-        loss = mean_N ‖x − x̂‖² + sparsity_scale·(λ·aux + κ·T/2·(aux/T − 1)²)
+        loss = mean_N ‖x − x̂‖² + sparsity_scale·(λ·aux + κ·T/2·(aux/T − 1)²) + ρ·P
         aux  = mean_N Σ_i H(z_i − θ_i)                        the L0, before λ = `l1_coeff`
+        P    = mean_N Σ_i ReLU(θ_i − z_i)·‖W_dec,i‖           ρ = `pre_act_coeff` (training)
+    P, Anthropic's pre-activation loss, pulls each latent's pre-activation up toward θ on the
+    tokens where it does not fire, to the encoder only (θ and the norms as constants), so a
+    latent that never fires is drawn back instead of staying dead; it is estimated on every
+    `PRE_ACT_STRIDE`-th token (`PreAct`: one GEMM on those rows, the step's z reused).
     κ = `l0_stiffness` is 0 but, after `FitConfig.l0_stiffness_from` of a run, the trainer sets
     it to steer to T = `target_l0` (`FitConfig.l0_stiffness`). Under torchrun each rank prices
     its own slice's L0 (the config refuses several processes with a target, so only library use
@@ -63,8 +72,8 @@ class JumpReLUSAE(Centred, SAE):
     """
 
     arch = "jumprelu"
-    hparams = ("l1_coeff", "bandwidth", "init_threshold", "centre", "unit_decoder")
-    saved_before: ClassVar[dict[str, Any]] = {"unit_decoder": True}
+    hparams = ("l1_coeff", "bandwidth", "init_threshold", "centre", "unit_decoder", "pre_act_coeff")
+    saved_before: ClassVar[dict[str, Any]] = {"unit_decoder": True, "pre_act_coeff": 0.0}
     train_attrs = ("l1_coeff",)  # target_l0 steers l1_coeff
     l0_stiffness = 0.0  # κ of the loss above: set by the trainer's L0 controller, 0 otherwise
 
@@ -73,6 +82,7 @@ class JumpReLUSAE(Centred, SAE):
         self.l1_coeff, self.bandwidth = float(cfg.l1_coeff), float(cfg.bandwidth)
         self.init_threshold = float(cfg.init_threshold)
         self.unit_decoder = cfg.unit_decoder
+        self.pre_act_coeff = float(cfg.pre_act_coeff)
         theta = torch.full((cfg.d_sae,), self.init_threshold * math.sqrt(d_in))
         self.threshold = nn.Parameter(theta)
         with torch.no_grad():
@@ -83,6 +93,21 @@ class JumpReLUSAE(Centred, SAE):
         """f = z·H(z − θ), z = ReLU(x @ W_enc + b_enc): (N, d_in) -> (N, d_sae)."""
         z = torch.addmm(self.b_enc, x - self.c, self.W_enc).relu()
         return z * (z > self.threshold)
+
+    def _pre_act(self, x_c: Tensor, z: Tensor) -> Tensor:
+        """`pre_act_coeff`·mean over every `PRE_ACT_STRIDE`-th token of
+        Σ_i ReLU(θ_i − z_i)·‖W_dec,i‖ (θ and the norms without gradient); 0 where the
+        coefficient is 0."""
+        if self.pre_act_coeff == 0:
+            return z.new_zeros((), dtype=torch.float32)
+        norms = self.W_dec.detach().norm(dim=-1)
+        rows = slice(None, None, PRE_ACT_STRIDE)
+        return (
+            PreAct.apply(
+                x_c[rows], self.W_enc, self.b_enc, z.detach()[rows], self.threshold.detach(), norms
+            )
+            * self.pre_act_coeff
+        )
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
         # z before the ReLU: θ >= 0 makes z·H(z − θ) the same, and the straight-through kernel
@@ -106,6 +131,8 @@ class JumpReLUSAE(Centred, SAE):
                 self._record_firing(f)
         recon = sq_err(x, x_hat).mean()  # mean_N ‖x − x̂‖²
         loss = recon + (self.l1_coeff * sparsity_scale) * aux
+        if self.training:
+            loss = loss + self._pre_act(x_c, z)
         if self.l0_stiffness > 0:  # target_l0: a price that follows this batch's own L0
             t = self.target_l0
             if t is None:
@@ -135,6 +162,28 @@ class JumpReLUSAE(Centred, SAE):
         included, in L0."""
         TopKSAE.after_step(self)
         self.threshold.clamp_(min=0)
+
+
+class PreAct(torch.autograd.Function):
+    """(x_c, W, b, z, θ, norms) -> mean_N Σ_i ReLU(θ_i − z_i)·norms_i for z = x_c @ W + b computed
+    by the caller without autograd; backward to W and b only, in W's dtype:
+        G = −(1/N)·1[z < θ]·norms,   ∂L/∂W = x_cᵀ·G,   ∂L/∂b = Σ_N G
+    (one GEMM of N·d_in·d_sae, where autograd would redo the forward product too)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x_c: Tensor, W: Tensor, b: Tensor, z: Tensor, theta: Tensor, norms: Tensor
+    ) -> Tensor:
+        gap = (theta - z.float()).clamp_min(0)  # (N, d_sae), fp32
+        ctx.save_for_backward(x_c, z, theta, norms)
+        return (gap @ norms).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, None, None, None]:
+        x_c, z, theta, norms = ctx.saved_tensors
+        g = (z.float() < theta) * (norms * (-grad / z.shape[0]))  # (N, d_sae), fp32
+        g = g.to(x_c.dtype)
+        return None, (x_c.T @ g).to(theta.dtype), g.sum(0).to(theta.dtype), None, None, None
 
 
 def _rectangle(u: Tensor) -> Tensor:

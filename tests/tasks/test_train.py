@@ -106,7 +106,7 @@ def test_runs_trained_before_a_default_changed_keep_their_keys() -> None:
     new, _ = load(TINY)
     sae = {k: v for k, v in dataclasses.asdict(old.sae).items()
            if k not in (*ADDED["sae"], "matryoshka_topk", "k_train_factor",
-                        "unit_decoder")}  # fmt: skip
+                        "unit_decoder", "pre_act_coeff")}  # fmt: skip
     train = {k: v for k, v in dataclasses.asdict(old.train).items()
              if k not in (*ADDED["train"], *UNKEYED, "processes")}  # fmt: skip
     spec = {"cache": "c", "hook": old.hook, "sae": sae, "train": train,
@@ -129,7 +129,7 @@ def test_runs_from_before_an_arch_hparam_was_added_keep_their_keys() -> None:
 
     def before(c) -> str:  # the key as computed before the field existed
         sae = {k: v for k, v in dataclasses.asdict(c.sae).items()
-               if k not in ("matryoshka_topk", "k_train_factor", "unit_decoder")
+               if k not in ("matryoshka_topk", "k_train_factor", "unit_decoder", "pre_act_coeff")
                and (k not in ADDED["sae"] or k == "centre")}  # fmt: skip
         train = {k: v for k, v in dataclasses.asdict(c.train).items()
                  if k not in (*ADDED["train"], *UNKEYED, "processes")}  # fmt: skip
@@ -209,7 +209,7 @@ def test_older_codes_keys_are_found_by_naming_the_values_they_trained_with() -> 
         c, _ = load([*TINY, *over])
         return run_key(c, "c")
 
-    steered = ("sae=jumprelu", "sae.target_l0=20")
+    steered = ("sae=jumprelu", "sae.target_l0=20", "sae.pre_act_coeff=0")  # 0: before stop 36
     assert key(*steered, "train.l0_stiffness_from=0.6") == "df13cbe86a077a17"  # stop 33
     before_price = (*steered, "train.l0_stiffness=0", "sae.unit_decoder=true")
     assert key(*before_price) == "090992a65783211f"

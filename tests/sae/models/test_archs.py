@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from sae.models.base import SAE
 from sae.models.batchtopk import BatchTopKSAE, batch_topk
 from sae.models.config import SAEConfig
-from sae.models.jumprelu import JumpReLUSAE, JumpStep
+from sae.models.jumprelu import PRE_ACT_STRIDE, JumpReLUSAE, JumpStep
 from sae.models.registry import ARCHS, build, build_sae, hparam_names, load_sae
 from sae.training.fit import FitConfig, fit, train_step
 
@@ -248,8 +248,10 @@ def test_batchtopk_gradients_match_the_dense_formula() -> None:
 
 def make_jumprelu(**hp) -> JumpReLUSAE:
     """A JumpReLU SAE whose thresholds sit among its pre-activations on data(): every latent
-    has tokens within the kernel's reach, on both sides of θ."""
-    sae = build_sae("jumprelu", D_IN, D_SAE, seed=0, **({"l1_coeff": 2.0, "bandwidth": 0.1} | hp))
+    has tokens within the kernel's reach, on both sides of θ. The pre-activation loss is off
+    unless asked for (its own tests below)."""
+    hp = {"l1_coeff": 2.0, "bandwidth": 0.1, "pre_act_coeff": 0.0} | hp
+    sae = build_sae("jumprelu", D_IN, D_SAE, seed=0, **hp)
     assert isinstance(sae, JumpReLUSAE)
     with torch.no_grad():
         sae.b_enc.fill_(2.0)  # z > 0 on (nearly) every token
@@ -288,6 +290,52 @@ def test_jumprelu_stiffness_prices_the_batchs_l0_against_the_target() -> None:
         (out.loss - plain.loss).backward()  # the same recon and λ terms cancel: κ's alone
         grad = sign * sae.threshold.grad  # descent: θ up (fewer latents) above T, down below
         assert (grad >= 0).all() and (grad > 0).sum() > D_SAE // 2, target
+
+
+def test_jumprelu_pre_act_loss_is_the_formula_on_every_eighth_token() -> None:
+    """pre_act_coeff·mean over every PRE_ACT_STRIDE-th token of Σ_i ReLU(θ_i − z_i)·‖W_dec,i‖:
+    its value, and gradients (to W_enc and b_enc alone) equal autograd's of that formula."""
+    x = data(64, seed=1).double()  # no z exactly at θ (make_jumprelu's θ: medians on data())
+    sae = make_jumprelu().double().train()
+    plain = sae(x)
+    sae.pre_act_coeff = 0.01
+    out = sae(x)
+    z = (x - sae.c) @ sae.W_enc + sae.b_enc
+    gap = (sae.threshold.detach() - z[::PRE_ACT_STRIDE]).relu()
+    term = 0.01 * (gap * sae.W_dec.detach().norm(dim=-1)).sum(-1).mean()
+    assert term > 0
+    torch.testing.assert_close(out.loss, plain.loss + term)
+    (out.loss - plain.loss).backward()
+    fast = {name: p.grad for name, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    z = (x - sae.c) @ sae.W_enc + sae.b_enc
+    gap = (sae.threshold.detach() - z[::PRE_ACT_STRIDE]).relu()
+    (0.01 * (gap * sae.W_dec.detach().norm(dim=-1)).sum(-1).mean()).backward()
+    want = {name: p.grad for name, p in sae.named_parameters() if p.grad is not None}
+    assert set(want) == {"W_enc", "b_enc"}
+    assert set(fast) == set(want) or all(fast[n].abs().sum() == 0 for n in set(fast) - set(want))
+    for name in want:
+        torch.testing.assert_close(fast[name], want[name], rtol=1e-9, atol=1e-12)
+
+
+def test_jumprelu_pre_act_loss_revives_a_latent_that_never_fires() -> None:
+    """A latent whose pre-activation sits far below its threshold on every token stays silent
+    when trained without the pre-activation loss, and fires again with it."""
+    x = data(256)
+
+    def trained(coeff: float) -> JumpReLUSAE:
+        sae = make_jumprelu(pre_act_coeff=coeff, l1_coeff=0.0)
+        with torch.no_grad():
+            sae.b_enc[0] = -20.0  # latent 0: z far below θ everywhere
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        for _ in range(200):
+            opt.zero_grad()
+            sae.train()(x).loss.backward()
+            opt.step()
+        return sae
+
+    assert (trained(0.0).eval()(x).f[:, 0] > 0).sum() == 0
+    assert (trained(1.0).eval()(x).f[:, 0] > 0).sum() > 0
 
 
 def test_jumprelu_gradients_are_the_straight_through_estimator() -> None:
@@ -365,6 +413,21 @@ def test_jumprelu_save_load_round_trip(tmp_path) -> None:
     loaded = load_sae(tmp_path / "ckpt")
     assert isinstance(loaded, JumpReLUSAE) and loaded.config() == sae.config()
     assert torch.equal(loaded.threshold, sae.threshold)
+    x = data()
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+
+
+def test_a_jumprelu_saved_before_the_pre_activation_loss_loads_without_it(tmp_path) -> None:
+    """cfg.json files written before `pre_act_coeff` were trained without the loss: they load
+    with 0, where a new SAE has the default."""
+    sae = make_jumprelu(pre_act_coeff=1e-3).eval()
+    sae.save(tmp_path / "j")
+    path = tmp_path / "j" / "cfg.json"
+    cfg = json.loads(path.read_text())
+    del cfg["pre_act_coeff"]
+    path.write_text(json.dumps(cfg))
+    loaded = load_sae(tmp_path / "j")
+    assert isinstance(loaded, JumpReLUSAE) and loaded.pre_act_coeff == 0.0
     x = data()
     assert torch.equal(loaded.encode(x), sae.encode(x))
 
@@ -516,7 +579,7 @@ def test_registry_lists_every_architecture() -> None:
                                          "dead_tokens", "unit_decoder",
                                          "threshold_beta"]  # fmt: skip
     assert hparam_names("jumprelu") == ["l1_coeff", "bandwidth", "init_threshold", "centre",
-                                        "unit_decoder"]  # fmt: skip
+                                        "unit_decoder", "pre_act_coeff"]  # fmt: skip
     for arch in ARCHS:
         sae = build_sae(arch, 8, 16, **({"k": 2} if "k" in hparam_names(arch) else {}))
         cfg = sae.config()

@@ -83,11 +83,11 @@ def test_relu_sparse_step_equals_the_dense_step_and_the_formula(
 
 def test_jumprelu_sparse_step_equals_the_dense_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """JumpReLU's sparse step (the pairs with z > θ − ε/2: those firing and those in the
-    kernel's reach below θ) gives the dense step's loss (with the L0 price κ on), aux, L0, x̂,
-    f, firing counters and gradients, θ's included; both sides of θ hold kernel pairs."""
-    sae = build_sae(
-        "jumprelu", D_IN, D_SAE, seed=0, l1_coeff=0.3, bandwidth=0.05, target_l0=3
-    ).double()
+    kernel's reach below θ) gives the dense step's loss (with the L0 price κ and the
+    pre-activation loss on), aux, L0, x̂, f, firing counters and gradients, θ's included; both
+    sides of θ hold kernel pairs."""
+    hp = {"l1_coeff": 0.3, "bandwidth": 0.05, "target_l0": 3, "pre_act_coeff": 0.05}
+    sae = build_sae("jumprelu", D_IN, D_SAE, seed=0, **hp).double()
     assert isinstance(sae, JumpReLUSAE)
     x = data()
     with torch.no_grad():
