@@ -72,7 +72,13 @@ from sae.models.registry import build_sae, hparam_names  # noqa: E402
 from sae.training.fit import FitConfig, fit  # noqa: E402
 
 START, END = "<!-- bench_ground_truth:start -->", "<!-- bench_ground_truth:end -->"
-DEAD = f"dead {DEAD_SAMPLES // 1000}k"  # the dead_long column, as BENCHMARKS names it
+
+
+def dead_column(n: int) -> str:
+    """The dead_long column's name for a count on n held-out samples ("dead 262k")."""
+    return f"dead {n // 1000}k"
+
+
 SPEED_START = "<!-- bench_ground_truth_speed:start -->"
 SPEED_END = "<!-- bench_ground_truth_speed:end -->"
 SPEED = {  # --speed: saeflow contender -> the peer it is timed against
@@ -226,6 +232,7 @@ def report(
     results: dict[str, dict[str, dict[str, float]]],
     samples: int,
     steered: dict[str, dict[str, dict[str, float]]],
+    dead_n: int = DEAD_SAMPLES,
 ) -> str:
     lines = [
         START,
@@ -236,11 +243,11 @@ def report(
         f"{torch.get_num_threads()} threads. One pass over {samples:,} samples per data set "
         f"(batches of {BATCH}), d_sae {D_SAE}, fp32 (`-auto`: saeflow's default `dtype=auto`, "
         f"here {resolve_dtype('auto', torch.device('cpu'))}); scores on 16,384 held-out samples "
-        f"(`{DEAD}`: latents never active on {DEAD_SAMPLES:,} held-out samples, those 16,384 "
-        "first).",
+        f"(`{dead_column(dead_n)}`: latents never active on {dead_n:,} held-out samples, those "
+        "16,384 first).",
         "",
-        f"| data | contender | FVU | L0 | MMCS | dead | {DEAD} | precision | recall | F1 "
-        "| F1 parents | MCC | samples/s |",
+        f"| data | contender | FVU | L0 | MMCS | dead | {dead_column(dead_n)} | precision "
+        "| recall | F1 | F1 parents | MCC | samples/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += table_rows(
@@ -339,7 +346,12 @@ def main() -> None:
     if args.set and args.write:
         raise SystemExit("--write records saeflow's defaults: run --set without --write")
     if args.dead_samples != DEAD_SAMPLES and args.write:
-        raise SystemExit(f"--write's table counts `{DEAD}`: run --dead-samples without --write")
+        raise SystemExit(
+            f"--write's table counts `{dead_column(DEAD_SAMPLES)}`: run --dead-samples without "
+            "--write"
+        )
+    if args.dead_samples < 16_384:
+        raise SystemExit(f"--dead-samples {args.dead_samples}: at least the 16,384 scored")
     torch.set_num_threads(args.threads)
     if args.set:
         print(f"saeflow contenders with {OVERRIDES}", flush=True)
@@ -370,7 +382,7 @@ def main() -> None:
             )
             results[data][name] = r | {"samples/s": samples / t.seconds}
             print(data, name, {k: round(v, 4) for k, v in results[data][name].items()}, flush=True)
-    text = report(results, samples, steered)
+    text = report(results, samples, steered, args.dead_samples)
     print(text)
     if args.write:
         write_section(text, START, END)

@@ -93,17 +93,18 @@ class SAEConfig:
     norms weigh its L1 and are never constrained."""
     pre_act_coeff: float = 1e-3
     """jumprelu: weight of Anthropic's pre-activation loss (Circuits Updates, January 2025;
-    SAELens's `pre_act_loss_coefficient`), mean_N Σ_i ReLU(θ_i − z_i)·‖W_dec,i‖, which pulls
-    every latent's pre-activation toward its threshold where it does not fire, so latents that
-    never fire are drawn back (θ and the norms get no gradient from it; 0 = off). Measured
-    2026-12-08 on the default study (real activations, d_sae 1024) at 0 / 1e-3 / 3e-3: λ 0.2:
-    dead 54% / 16% / 1.3% of latents, EV 0.978 / 0.978 / 0.977 at L0 18.4 / 19.2 / 21.3;
-    steered to L0 16: dead 58% / 19% / 0.9%, EV 0.971 / 0.969 / 0.967; known-answer data
-    (2M samples, steered to L0 16) F1 hard 0.737 / 0.738 / 0.728, tree 0.666 / 0.662 / 0.640,
-    latents silent on 262k held-out samples 10–20% / 0.15–0.4% / 0. 1e-3 by default: the dead
-    latents fall by two thirds at no known-answer cost; 3e-3 leaves almost none, at a cost.
-    SAELens applies it to dead latents only; here that left 41–45% dead at 1e-3..1e-2 (a latent
-    that fires once in the 200k-token window is not dead, yet silent on held-out tokens)."""
+    SAELens's `pre_act_loss_coefficient`), mean_N Σ_i ReLU(θ_i − h_i)·‖W_dec,i‖ for h the
+    pre-activations before the ReLU, which pulls every latent's h toward its threshold where it
+    does not fire, so latents that never fire are drawn back (θ and the norms get no gradient
+    from it; 0 = off). Measured 2026-12-08 at 0 / 1e-3 / 3e-3: on the default study (real
+    activations, d_sae 1024) at λ 0.2 dead 54% / 16% / 1.3% of latents, EV 0.978 / 0.978 /
+    0.977 at L0 18.4 / 19.2 / 21.3; steered to L0 16 dead 58% / 19% / 0.9%, EV 0.971 / 0.969 /
+    0.967; on known-answer data (2M samples, steered to L0 16) F1 hard 0.737 / 0.738 / 0.728,
+    tree 0.666 / 0.662 / 0.640, latents silent on 262k held-out samples 10–20% / 0.15–0.4% / 0.
+    1e-3 by default: the dead latents fall by two thirds, the known-answer scores within one
+    run's spread; 3e-3 leaves almost none, at a cost. SAELens applies it to dead latents only;
+    here that left 41–45% dead at 1e-3..1e-2 (a latent that fires once in the 200k-token window
+    is not dead, yet silent on held-out tokens)."""
     threshold_beta: float = 0.9
     """batchtopk, and topk / matryoshka with `k_train_factor` > 1: β of the running average that
     sets the inference threshold θ (a horizon of about 1/(1 − β) batches)."""

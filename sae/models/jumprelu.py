@@ -14,8 +14,9 @@ from sae.models.sparse import Dense, Encoder, addmm_reused, decode_bags, firing
 from sae.models.topk import TopKSAE
 
 PRE_ACT_STRIDE = 8
-"""The pre-activation loss is estimated on every 8th token of a batch: an unbiased mean (the
-loader shuffles rows) at an eighth of its GEMM."""
+"""The pre-activation loss is estimated on every 8th token of a batch, at an eighth of its GEMM:
+an unbiased mean where rows come shuffled, as the tasks' loader gives them (library `fit` on
+batches of whole sequences in order would always sample the same positions)."""
 
 
 class JumpReLUSAE(Centred, SAE):
@@ -26,11 +27,14 @@ class JumpReLUSAE(Centred, SAE):
         x̂    = f @ W_dec + b_dec                              (N, d_in)
         loss = mean_N ‖x − x̂‖² + sparsity_scale·(λ·aux + κ·T/2·(aux/T − 1)²) + ρ·P
         aux  = mean_N Σ_i H(z_i − θ_i)                        the L0, before λ = `l1_coeff`
-        P    = mean_N Σ_i ReLU(θ_i − z_i)·‖W_dec,i‖           ρ = `pre_act_coeff` (training)
-    P, Anthropic's pre-activation loss, pulls each latent's pre-activation up toward θ on the
+        P    = mean_N Σ_i ReLU(θ_i − h_i)·‖W_dec,i‖           ρ = `pre_act_coeff` (training)
+        h    = (x − c) @ W_enc + b_enc                        z before its ReLU
+    P, Anthropic's pre-activation loss, pulls each latent's pre-activation h up toward θ on the
     tokens where it does not fire, to the encoder only (θ and the norms as constants), so a
-    latent that never fires is drawn back instead of staying dead; it is estimated on every
-    `PRE_ACT_STRIDE`-th token (`PreAct`: one GEMM on those rows, the step's z reused).
+    latent that never fires (h < 0 everywhere: z, after the ReLU, would give it no gradient) is
+    drawn back instead of staying dead; it is estimated on every `PRE_ACT_STRIDE`-th token
+    (`PreAct`: one GEMM on those rows, the step's h reused; no gradient to an input x that
+    needs one).
     κ = `l0_stiffness` is 0 but, after `FitConfig.l0_stiffness_from` of a run, the trainer sets
     it to steer to T = `target_l0` (`FitConfig.l0_stiffness`). Under torchrun each rank prices
     its own slice's L0 (the config refuses several processes with a target, so only library use
@@ -39,7 +43,7 @@ class JumpReLUSAE(Centred, SAE):
     H has no useful gradient, so θ learns through straight-through estimators with the rectangle
     kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
         ∂f/∂θ := −(θ/ε)·K((z − θ)/ε),   ∂H/∂θ := −(1/ε)·K((z − θ)/ε),   ∂f/∂z = H,   ∂H/∂z = 0.
-    The L0 thus moves θ only; the encoder learns from the reconstruction alone (as in the paper).
+    The L0 thus moves θ only; the encoder learns from the reconstruction (as in the paper) and P.
     θ is an fp32 parameter, compared and differentiated in fp32 under bf16 autocast too (a bf16 θ,
     8 significant bits, would swallow Adam's steps), and clamped at 0 after each step.
 
@@ -62,7 +66,8 @@ class JumpReLUSAE(Centred, SAE):
 
     Training on CPU takes the sparse step (`sae.models.sparse`, as relu) where fewer than
     `SPARSE_BELOW` of the (token, latent) pairs have z > θ − ε/2: only those have a gradient
-    (∂L/∂z needs H, ∂L/∂θ the kernel), so only those are decoded and differentiated.
+    from the reconstruction and the L0 (∂L/∂z needs H, ∂L/∂θ the kernel), so only those are
+    decoded and differentiated (P's gradient, dense on its sampled rows, is `PreAct`'s).
 
     Units: inputs are scaled to E‖x‖ = √d_in (the trainer does that); `bandwidth` and
     `init_threshold` are in the paper's units, where E‖x‖² = 1, and are multiplied by √d_in here.
@@ -94,20 +99,14 @@ class JumpReLUSAE(Centred, SAE):
         z = torch.addmm(self.b_enc, x - self.c, self.W_enc).relu()
         return z * (z > self.threshold)
 
-    def _pre_act(self, x_c: Tensor, z: Tensor) -> Tensor:
-        """`pre_act_coeff`·mean over every `PRE_ACT_STRIDE`-th token of
-        Σ_i ReLU(θ_i − z_i)·‖W_dec,i‖ (θ and the norms without gradient); 0 where the
-        coefficient is 0."""
-        if self.pre_act_coeff == 0:
-            return z.new_zeros((), dtype=torch.float32)
+    def _pre_act(self, x_c: Tensor, h: Tensor) -> Tensor:
+        """ρ·P: `pre_act_coeff`·mean over every `PRE_ACT_STRIDE`-th token of
+        Σ_i ReLU(θ_i − h_i)·‖W_dec,i‖ for h the pre-activations before the ReLU (θ and the
+        norms without gradient)."""
         norms = self.W_dec.detach().norm(dim=-1)
         rows = slice(None, None, PRE_ACT_STRIDE)
-        return (
-            PreAct.apply(
-                x_c[rows], self.W_enc, self.b_enc, z.detach()[rows], self.threshold.detach(), norms
-            )
-            * self.pre_act_coeff
-        )
+        p = PreAct.apply(x_c[rows], self.W_enc, self.b_enc, h.detach()[rows], self.threshold, norms)
+        return self.pre_act_coeff * p
 
     def forward(self, x: Tensor, sparsity_scale: float = 1.0) -> SAEOutput:
         # z before the ReLU: θ >= 0 makes z·H(z − θ) the same, and the straight-through kernel
@@ -131,7 +130,7 @@ class JumpReLUSAE(Centred, SAE):
                 self._record_firing(f)
         recon = sq_err(x, x_hat).mean()  # mean_N ‖x − x̂‖²
         loss = recon + (self.l1_coeff * sparsity_scale) * aux
-        if self.training:
+        if self.training and self.pre_act_coeff:
             loss = loss + self._pre_act(x_c, z)
         if self.l0_stiffness > 0:  # target_l0: a price that follows this batch's own L0
             t = self.target_l0
@@ -165,25 +164,29 @@ class JumpReLUSAE(Centred, SAE):
 
 
 class PreAct(torch.autograd.Function):
-    """(x_c, W, b, z, θ, norms) -> mean_N Σ_i ReLU(θ_i − z_i)·norms_i for z = x_c @ W + b computed
-    by the caller without autograd; backward to W and b only, in W's dtype:
-        G = −(1/N)·1[z < θ]·norms,   ∂L/∂W = x_cᵀ·G,   ∂L/∂b = Σ_N G
+    """(x_c, W, b, h, θ, norms) -> mean_N Σ_i ReLU(θ_i − h_i)·norms_i for h = x_c @ W + b
+    computed by the caller without autograd, the value in fp32 at least; backward to W and b
+    only, the GEMM in h's dtype (bf16 under autocast, as the encoder's own), the gradients in W's:
+        G = −(1/N)·1[h < θ]·norms,   ∂L/∂W = x_cᵀ·G,   ∂L/∂b = Σ_N G
     (one GEMM of N·d_in·d_sae, where autograd would redo the forward product too)."""
 
     @staticmethod
     def forward(
-        ctx: Any, x_c: Tensor, W: Tensor, b: Tensor, z: Tensor, theta: Tensor, norms: Tensor
+        ctx: Any, x_c: Tensor, W: Tensor, b: Tensor, h: Tensor, theta: Tensor, norms: Tensor
     ) -> Tensor:
-        gap = (theta - z.float()).clamp_min(0)  # (N, d_sae), fp32
-        ctx.save_for_backward(x_c, z, theta, norms)
-        return (gap @ norms).mean()
+        wide = torch.promote_types(h.dtype, theta.dtype)  # fp32 at least: θ is
+        theta, norms = theta.detach().to(wide), norms.to(wide)
+        gap = (theta - h.to(wide)).clamp_min(0)  # (N, d_sae); no matmul, for autocast
+        ctx.save_for_backward(x_c, h, theta, norms)
+        ctx.w_dtype = W.dtype
+        return (gap * norms).sum(-1).mean()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, None, None, None]:
-        x_c, z, theta, norms = ctx.saved_tensors
-        g = (z.float() < theta) * (norms * (-grad / z.shape[0]))  # (N, d_sae), fp32
-        g = g.to(x_c.dtype)
-        return None, (x_c.T @ g).to(theta.dtype), g.sum(0).to(theta.dtype), None, None, None
+        x_c, h, theta, norms = ctx.saved_tensors
+        g = (h.to(theta.dtype) < theta) * (norms * (-grad.to(theta.dtype) / h.shape[0]))
+        grad_w = (x_c.to(h.dtype).T @ g.to(h.dtype)).to(ctx.w_dtype)
+        return None, grad_w, g.sum(0).to(ctx.w_dtype), None, None, None
 
 
 def _rectangle(u: Tensor) -> Tensor:

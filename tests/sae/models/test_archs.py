@@ -292,41 +292,72 @@ def test_jumprelu_stiffness_prices_the_batchs_l0_against_the_target() -> None:
         assert (grad >= 0).all() and (grad > 0).sum() > D_SAE // 2, target
 
 
+def _pre_act_term(sae: JumpReLUSAE, x: torch.Tensor, rho: float) -> torch.Tensor:
+    """ρ·mean over every PRE_ACT_STRIDE-th token of Σ_i ReLU(θ_i − h_i)·‖W_dec,i‖, h before
+    the ReLU, by autograd."""
+    h = (x - sae.c) @ sae.W_enc + sae.b_enc
+    gap = (sae.threshold.detach() - h[::PRE_ACT_STRIDE]).relu()
+    return rho * (gap * sae.W_dec.detach().norm(dim=-1)).sum(-1).mean()
+
+
 def test_jumprelu_pre_act_loss_is_the_formula_on_every_eighth_token() -> None:
-    """pre_act_coeff·mean over every PRE_ACT_STRIDE-th token of Σ_i ReLU(θ_i − z_i)·‖W_dec,i‖:
-    its value, and gradients (to W_enc and b_enc alone) equal autograd's of that formula."""
-    x = data(64, seed=1).double()  # no z exactly at θ (make_jumprelu's θ: medians on data())
+    """The loss gains ρ·P on the pre-activations before the ReLU (on many of these z < 0, where
+    a ReLU'd z would give another value and no gradient); value and gradients (to W_enc and
+    b_enc alone: W_dec and θ get none from it) equal autograd's of the formula."""
+    x = data(64, seed=1).double()  # no h exactly at θ (make_jumprelu's θ: medians on data())
     sae = make_jumprelu().double().train()
+    with torch.no_grad():
+        sae.b_enc.sub_(3.0)
+    h = (x - sae.c) @ sae.W_enc + sae.b_enc
+    assert (h < 0).float().mean() > 0.2
     plain = sae(x)
     sae.pre_act_coeff = 0.01
     out = sae(x)
-    z = (x - sae.c) @ sae.W_enc + sae.b_enc
-    gap = (sae.threshold.detach() - z[::PRE_ACT_STRIDE]).relu()
-    term = 0.01 * (gap * sae.W_dec.detach().norm(dim=-1)).sum(-1).mean()
-    assert term > 0
+    term = _pre_act_term(sae, x, 0.01)
+    relud = 0.01 * ((sae.threshold - h[::PRE_ACT_STRIDE].relu()).relu()
+                    * sae.W_dec.norm(dim=-1)).sum(-1).mean()  # fmt: skip
+    assert term > relud + 0.01  # the ReLU'd formula would be another loss
     torch.testing.assert_close(out.loss, plain.loss + term)
     (out.loss - plain.loss).backward()
-    fast = {name: p.grad for name, p in sae.named_parameters() if p.grad is not None}
+    fast = {name: p.grad.clone() for name, p in sae.named_parameters()}
     sae.zero_grad()
-    z = (x - sae.c) @ sae.W_enc + sae.b_enc
-    gap = (sae.threshold.detach() - z[::PRE_ACT_STRIDE]).relu()
-    (0.01 * (gap * sae.W_dec.detach().norm(dim=-1)).sum(-1).mean()).backward()
-    want = {name: p.grad for name, p in sae.named_parameters() if p.grad is not None}
-    assert set(want) == {"W_enc", "b_enc"}
-    assert set(fast) == set(want) or all(fast[n].abs().sum() == 0 for n in set(fast) - set(want))
-    for name in want:
-        torch.testing.assert_close(fast[name], want[name], rtol=1e-9, atol=1e-12)
+    _pre_act_term(sae, x, 0.01).backward()
+    assert fast["W_dec"].abs().max() < 1e-9 and fast["threshold"].abs().max() < 1e-9
+    for name in ("W_enc", "b_enc"):
+        torch.testing.assert_close(fast[name], sae.get_parameter(name).grad, rtol=1e-9, atol=1e-12)
+
+
+def test_jumprelu_pre_act_loss_under_bf16_autocast() -> None:
+    """Under CPU bf16 autocast (train.dtype=bf16): the value as in fp32 (to bf16's precision of
+    h), the gradients in the parameters' fp32 and close to the fp32 ones."""
+    x = data(64, seed=1)
+    sae = make_jumprelu(pre_act_coeff=0.01).train()
+    want = _pre_act_term(sae, x, 0.01)
+    want.backward()
+    grads = {n: sae.get_parameter(n).grad.clone() for n in ("W_enc", "b_enc")}
+    sae.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.addmm(sae.b_enc, x - sae.c, sae.W_enc)
+        assert h.dtype == torch.bfloat16
+        got = sae._pre_act(x - sae.c, h.detach())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.detach(), rtol=2e-2, atol=0)
+    got.backward()
+    for name, g in grads.items():
+        p = sae.get_parameter(name)
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, g, rtol=3e-2, atol=3e-2 * g.abs().max().item())
 
 
 def test_jumprelu_pre_act_loss_revives_a_latent_that_never_fires() -> None:
     """A latent whose pre-activation sits far below its threshold on every token stays silent
-    when trained without the pre-activation loss, and fires again with it."""
+    when trained without the pre-activation loss, and fires again at the default ρ."""
     x = data(256)
 
     def trained(coeff: float) -> JumpReLUSAE:
         sae = make_jumprelu(pre_act_coeff=coeff, l1_coeff=0.0)
         with torch.no_grad():
-            sae.b_enc[0] = -20.0  # latent 0: z far below θ everywhere
+            sae.b_enc[0] = -20.0  # latent 0: h far below θ everywhere
         opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
         for _ in range(200):
             opt.zero_grad()
@@ -335,7 +366,7 @@ def test_jumprelu_pre_act_loss_revives_a_latent_that_never_fires() -> None:
         return sae
 
     assert (trained(0.0).eval()(x).f[:, 0] > 0).sum() == 0
-    assert (trained(1.0).eval()(x).f[:, 0] > 0).sum() > 0
+    assert (trained(SAEConfig().pre_act_coeff).eval()(x).f[:, 0] > 0).sum() > 0
 
 
 def test_jumprelu_gradients_are_the_straight_through_estimator() -> None:
