@@ -97,8 +97,8 @@ class SAEConfig:
     pre-activations before the ReLU, which pulls every latent's h toward its threshold where it
     does not fire, so latents that never fire are drawn back (θ and the norms get no gradient
     from it; 0 = off). Measured 2026-12-08 at 0 / 1e-3 / 3e-3: on the default study (real
-    activations, d_sae 1024) at λ 0.2 dead 54% / 16% / 1.3% of latents, EV 0.978 / 0.978 /
-    0.977 at L0 18.4 / 19.2 / 21.3; steered to L0 16 dead 58% / 19% / 0.9%, EV 0.971 / 0.969 /
+    activations, d_sae 1024) at λ 0.2 dead 54% / 16% / 1.3% of latents, EV 0.978 / 0.979 /
+    0.977 at L0 18.4 / 19.5 / 21.3; steered to L0 16 dead 58% / 17% / 0.9%, EV 0.971 / 0.969 /
     0.967; on known-answer data (2M samples, steered to L0 16) F1 hard 0.737 / 0.738 / 0.728,
     tree 0.666 / 0.662 / 0.640, latents silent on 262k held-out samples 10–20% / 0.15–0.4% / 0.
     1e-3 by default: the dead latents fall by two thirds, the known-answer scores within one
