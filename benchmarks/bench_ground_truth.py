@@ -65,7 +65,12 @@ sys.path.insert(0, str(ROOT))  # the peers venv does not install saeflow
 
 from bench_peers import BATCH, D_IN, D_SAE, Trained, train_saelens, train_sparsify  # noqa: E402
 
-from sae.activations.ground_truth import DEAD_SAMPLES, GroundTruth, score  # noqa: E402
+from sae.activations.ground_truth import (  # noqa: E402
+    DEAD_SAMPLES,
+    SCORE_SAMPLES,
+    GroundTruth,
+    score,
+)
 from sae.hardware import resolve_dtype  # noqa: E402
 from sae.models.config import SAEConfig  # noqa: E402
 from sae.models.registry import build_sae, hparam_names  # noqa: E402
@@ -242,9 +247,10 @@ def report(
         f"{datetime.date.today()} · {cpu()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. One pass over {samples:,} samples per data set "
         f"(batches of {BATCH}), d_sae {D_SAE}, fp32 (`-auto`: saeflow's default `dtype=auto`, "
-        f"here {resolve_dtype('auto', torch.device('cpu'))}); scores on 16,384 held-out samples "
+        f"here {resolve_dtype('auto', torch.device('cpu'))}); scores on {SCORE_SAMPLES:,} held-out "
+        "samples "
         f"(`{dead_column(dead_n)}`: latents never active on {dead_n:,} held-out samples, those "
-        "16,384 first).",
+        f"{SCORE_SAMPLES:,} first).",
         "",
         f"| data | contender | FVU | L0 | MMCS | dead | {dead_column(dead_n)} | precision "
         "| recall | F1 | F1 parents | MCC | samples/s |",
@@ -350,8 +356,10 @@ def main() -> None:
             f"--write's table counts `{dead_column(DEAD_SAMPLES)}`: run --dead-samples without "
             "--write"
         )
-    if args.dead_samples < 16_384:
-        raise SystemExit(f"--dead-samples {args.dead_samples}: at least the 16,384 scored")
+    if args.dead_samples < SCORE_SAMPLES:
+        raise SystemExit(
+            f"--dead-samples {args.dead_samples}: at least the {SCORE_SAMPLES:,} scored"
+        )
     torch.set_num_threads(args.threads)
     if args.set:
         print(f"saeflow contenders with {OVERRIDES}", flush=True)

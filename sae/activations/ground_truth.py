@@ -127,6 +127,8 @@ def match(features: Tensor, W_dec: Tensor) -> Tensor:
     return out
 
 
+SCORE_SAMPLES = 16_384
+"""`score`'s held-out samples by default."""
 DEAD_SAMPLES = 262_144
 """`score`'s `dead_long` window: held-out samples a latent must stay silent on to count as dead."""
 
@@ -136,7 +138,7 @@ def score(
     truth: GroundTruth,
     encode_decode: Callable[[Tensor], tuple[Tensor, Tensor]],
     W_dec: Tensor,
-    n: int = 16384,
+    n: int = SCORE_SAMPLES,
     seed: int = 99,
     dead_n: int = DEAD_SAMPLES,
 ) -> dict[str, float]:

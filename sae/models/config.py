@@ -149,8 +149,8 @@ class SAEConfig:
             )
         if self.aux_k is not None and not (isinstance(self.aux_k, int) and self.aux_k > 0):
             raise ValueError(f"sae.aux_k must be a positive int or None, got {self.aux_k!r}")
-        non_negative("sae", l1_coeff=self.l1_coeff, aux_coeff=self.aux_coeff)
-        non_negative("sae", pre_act_coeff=self.pre_act_coeff)
+        coeffs = {"l1_coeff": self.l1_coeff, "aux_coeff": self.aux_coeff}
+        non_negative("sae", **coeffs, pre_act_coeff=self.pre_act_coeff)
         if not isinstance(self.unit_decoder, bool):
             raise ValueError(f"sae.unit_decoder must be true or false, got {self.unit_decoder!r}")
         if not 0 <= self.threshold_beta < 1:  # 1 would never move θ
